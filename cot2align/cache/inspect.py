@@ -1,0 +1,169 @@
+"""`cache info` (what is in a cache, how big, how fast it was made) and `cache verify` (is it intact)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from cot2align.cache.format import TEXT_FIELDS, VIEWS
+from cot2align.cache.writer import CacheError, check_format, read_manifest
+
+
+def _stored_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def cache_info(path: str | Path) -> dict:
+    """Manifest summary, rows per view, bytes per row by array, compression ratios, throughput."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise CacheError(f"{path}: no cache here (zarr.json not found)")
+    check_format(manifest, path)
+    root = zarr.open_group(str(path), mode="r")
+    arrays = {}
+    total_rows = 0
+    for view in VIEWS:
+        g = root[view]
+        rows = int(g["input_ids"].shape[0])
+        total_rows += rows
+        for name in sorted(g.array_keys()):
+            arr = g[name]
+            if name in ("offsets", "prompt_len"):
+                continue
+            raw = int(np.prod(arr.shape)) * arr.dtype.itemsize
+            stored = _stored_bytes(path / view / name)
+            entry = arrays.setdefault(name, {"raw_bytes": 0, "stored_bytes": 0})
+            entry["raw_bytes"] += raw
+            entry["stored_bytes"] += stored
+    for entry in arrays.values():
+        entry["bytes_per_row"] = entry["stored_bytes"] / max(total_rows, 1)
+        entry["ratio"] = entry["raw_bytes"] / max(entry["stored_bytes"], 1)
+    hidden_bf16 = 2 * manifest["teacher"]["hidden_size"]
+    per_row_total = sum(e["bytes_per_row"] for e in arrays.values())
+    return {
+        "path": str(path),
+        "status": manifest.get("status"),
+        "teacher": manifest["teacher"],
+        "tokenizer": manifest["tokenizer"]["name_or_path"],
+        "data": {k: manifest["data"].get(k) for k in ("name", "split", "path", "hub", "n_examples", "n_cot_examples",
+                                                      "truncated")},
+        "examples_done": manifest.get("progress", {}).get("examples_done"),
+        "rows": {view: int(root[view]["input_ids"].shape[0]) for view in VIEWS},
+        "topk": manifest["store"]["topk"],
+        "hidden_codec": manifest["store"].get("hidden_codec"),
+        "arrays": arrays,
+        "bytes_per_row": per_row_total,
+        "bytes_per_row_vs_bf16_hidden": per_row_total / hidden_bf16,
+        "total_bytes": _stored_bytes(path),
+        "pass": manifest.get("pass", {}),
+    }
+
+
+def format_info(info: dict) -> str:
+    t, d, p = info["teacher"], info["data"], info["pass"]
+    lines = [
+        f"cache        {info['path']}  ({info['status']})",
+        f"teacher      {t['name_or_path']}  {t['model_type']}  D={t['hidden_size']}  V={t['vocab_size']}  "
+        f"layers={t['num_layers']}  dtype={t['dtype']}  embeddings={t['embed_kind']}  exact_logits={t['exact_logits']}",
+        f"data         {d['name']} [{d['split']}]  {d['n_examples']} examples, {d['n_cot_examples']} with CoT  "
+        f"({d.get('path') or d.get('hub')})",
+        f"truncated    prompts {d['truncated']['prompt']}  responses {d['truncated']['response']}",
+        f"rows         std {info['rows']['std']:,}  cot {info['rows']['cot']:,}   top-k {info['topk']}  "
+        f"hidden codec {info['hidden_codec']}",
+        "array            bytes/row    ratio",
+    ]
+    for name, e in sorted(info["arrays"].items()):
+        lines.append(f"  {name:<14} {e['bytes_per_row']:>10.1f}   {e['ratio']:>5.2f}x")
+    lines.append(f"  {'total':<14} {info['bytes_per_row']:>10.1f}   = {info['bytes_per_row_vs_bf16_hidden']:.3f} x "
+                 f"the bf16 hidden state   ({info['total_bytes'] / 2**20:.1f} MiB on disk)")
+    if p:
+        lines.append(f"pass         {p.get('seconds', 0):.1f} s on {p.get('device')}: {p.get('tokens_per_s', 0):,.0f} "
+                     f"teacher tokens/s, {p.get('rows_per_s', 0):,.0f} rows/s, {p.get('examples_per_s', 0):,.1f} examples/s")
+    return "\n".join(lines)
+
+
+def verify_cache(path: str | Path, log=None) -> list[str]:
+    """Read every chunk (crc32c-checked) and check offsets, shapes, dtypes and the manifest.
+
+    Returns a list of problems (empty = intact); the first names the array and chunk.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return [f"{path}: no cache here (zarr.json not found)"]
+    try:
+        check_format(manifest, path)
+    except CacheError as e:
+        return [str(e)]
+    problems: list[str] = []
+    if manifest.get("status") != "complete":
+        problems.append(f"{path}: status is '{manifest.get('status')}', not complete")
+    root = zarr.open_group(str(path), mode="r")
+    n = manifest["data"]["n_examples"]
+    D, V, k = manifest["teacher"]["hidden_size"], manifest["teacher"]["vocab_size"], manifest["store"]["topk"]
+
+    def read_all(arr, label: str):
+        """Read chunk by chunk so a failure names the chunk."""
+        chunk = arr.chunks[0]
+        parts = []
+        for c, start in enumerate(range(0, arr.shape[0], chunk)):
+            try:
+                parts.append(arr[start:start + chunk])
+            except Exception as e:  # checksum mismatch, truncated file, codec error
+                raise CacheError(f"{label}: chunk {c} (rows {start}..{min(start + chunk, arr.shape[0]) - 1}) "
+                                 f"unreadable: {type(e).__name__}: {e}") from None
+        return np.concatenate(parts) if parts else arr[:]
+
+    try:
+        for name in TEXT_FIELDS:
+            arr = root["examples"][name]
+            if arr.shape != (n,):
+                problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")
+            read_all(arr, f"examples/{name}")
+        for view in VIEWS:
+            g = root[view]
+            offsets = read_all(g["offsets"], f"{view}/offsets")
+            prompt_len = read_all(g["prompt_len"], f"{view}/prompt_len")
+            if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+                problems.append(f"{view}/offsets: not a non-decreasing [n+1] array starting at 0")
+                continue
+            T = int(offsets[-1])
+            expected = {"input_ids": ((T,), "int32"), "target_ids": ((T,), "int32"),
+                        "topk_logprobs": ((T, k), "float16"), "tail_logprob": ((T,), "float32")}
+            expected["hidden"] = ((T, D), manifest["store"]["dtypes"]["hidden"])
+            expected["topk_ids"] = ((T, k), manifest["store"]["dtypes"]["topk_ids"])
+            if manifest["teacher"]["embed_kind"] == "stored":
+                expected["embeds"] = ((T, D), "uint16")
+            for name, (shape, dtype) in expected.items():
+                if name not in g:
+                    problems.append(f"{view}/{name}: missing")
+                    continue
+                arr = g[name]
+                if tuple(arr.shape) != shape:
+                    problems.append(f"{view}/{name}: shape {tuple(arr.shape)}, expected {shape}")
+                if np.dtype(arr.dtype).name != dtype:
+                    problems.append(f"{view}/{name}: dtype {arr.dtype}, expected {dtype}")
+            if problems:
+                continue
+            values = {name: read_all(g[name], f"{view}/{name}") for name in g.array_keys()
+                      if name not in ("offsets", "prompt_len")}
+            ids, targets = values["input_ids"].astype(np.int64), values["target_ids"].astype(np.int64)
+            if T and (ids.min() < 0 or ids.max() >= V or targets.min() < 0 or targets.max() >= V):
+                problems.append(f"{view}/input_ids or target_ids: token id outside [0, {V})")
+            if T and (values["topk_ids"].astype(np.int64).max() >= V):
+                problems.append(f"{view}/topk_ids: token id outside [0, {V})")
+            # Within an example, the token a row predicts is the next row's input.
+            same_example = np.ones(max(T - 1, 0), dtype=bool)
+            same_example[offsets[1:-1][(offsets[1:-1] > 0) & (offsets[1:-1] < T)] - 1] = False
+            if T > 1 and np.any(targets[:-1][same_example] != ids[1:][same_example]):
+                problems.append(f"{view}: target_ids[t] != input_ids[t+1] inside an example")
+            if T and np.any(np.diff(values["topk_logprobs"].astype(np.float32), axis=1) > 1e-3):
+                problems.append(f"{view}/topk_logprobs: not sorted in descending order")
+            if np.any((prompt_len <= 0) & (np.diff(offsets) > 0)):
+                problems.append(f"{view}/prompt_len: zero prompt length for an example with rows")
+    except CacheError as e:
+        problems.insert(0, str(e))
+    return problems

@@ -1,0 +1,144 @@
+"""Read a teacher cache: `open_cache(path)` -> TeacherCache with random access per example.
+
+    cache = open_cache("cache/mistral_dolly")
+    len(cache)                        # examples
+    ex = cache[3]                     # {"id", "std": {...}, "cot": {...}} of numpy arrays
+    ex["std"]["hidden"]               # uint16 [rows, D] bf16 bits -> cache.hidden_tensor(ex["std"])
+    head = cache.head()               # {"embed_tokens", "lm_head"[, "lm_head_bias"]} torch tensors
+    cache.embedding_features(ex["std"], head)   # the embedding-layer feature of each row
+
+Row r of a view is teacher position t = prompt_len - 1 + r: its input token, the token it
+predicts (`target_ids`), the last hidden state there and the teacher's distribution of the next token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from cot2align.cache.format import TEXT_FIELDS, VIEWS
+from cot2align.cache.writer import CacheError, check_format, read_manifest
+
+PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob")
+
+
+class TeacherCache:
+    def __init__(self, path: str | Path, allow_incomplete: bool = False, check_tokenizer: bool = True):
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise CacheError(f"{self.path}: no cache here (zarr.json not found)")
+        check_format(manifest, self.path)
+        status = manifest.get("status")
+        if status != "complete" and not allow_incomplete:
+            raise CacheError(f"{self.path}: cache status is '{status}', not complete (still being written or "
+                             "interrupted; rerun cache-teacher to finish it)")
+        self.manifest = manifest
+        self.complete = status == "complete"
+        self._n = manifest["data"]["n_examples"] if self.complete else manifest.get("progress", {}).get("examples_done", 0)
+        self.group = zarr.open_group(str(self.path), mode="r")
+        self.views = {}
+        for view in VIEWS:
+            g = self.group[view]
+            self.views[view] = {
+                "offsets": g["offsets"][:],
+                "prompt_len": g["prompt_len"][:] if manifest["data"]["n_examples"] else np.zeros(0, np.int32),
+                "arrays": {name: g[name] for name in PER_ROW if name in g},
+            }
+        self._texts = None
+        if check_tokenizer:
+            from cot2align.modeling import tokenizer_hash
+
+            if tokenizer_hash(self.tokenizer()) != manifest["tokenizer"]["vocab_hash"]:
+                raise CacheError(f"{self.path}/teacher: tokenizer files do not match the manifest's vocab_hash")
+
+    # ------------------------------------------------------------------ basics
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest["teacher"]["hidden_size"]
+
+    @property
+    def embed_kind(self) -> str:
+        return self.manifest["teacher"]["embed_kind"]
+
+    def texts(self, i: int | None = None):
+        """All texts as {field: list} (i=None) or one example's texts as {field: str}."""
+        if self._texts is None:
+            ex = self.group["examples"]
+            n = self.manifest["data"]["n_examples"]
+            self._texts = {name: [str(x) for x in ex[name][:]] if n else [] for name in TEXT_FIELDS}
+        if i is None:
+            return self._texts
+        return {name: values[i] for name, values in self._texts.items()}
+
+    def rows(self, view: str) -> int:
+        return int(self.views[view]["offsets"][self._n])
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self._n <= i < self._n:
+            raise IndexError(f"example {i} out of range for a cache of {self._n}")
+        i = i % self._n
+        out = {"id": self.texts(i)["id"]}
+        for view in VIEWS:
+            out[view] = self.view(i, view)
+        return out
+
+    def view(self, i: int, view: str) -> dict:
+        v = self.views[view]
+        a, b = int(v["offsets"][i]), int(v["offsets"][i + 1])
+        out = {"prompt_len": int(v["prompt_len"][i]), "n_rows": b - a,
+               "prompt": self.texts(i)[f"prompt_{view}"], "response": self.texts(i)[f"response_{view}"]}
+        for name, arr in v["arrays"].items():
+            out[name] = arr[a:b] if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        return out
+
+    # ------------------------------------------------------------------ tensors
+
+    def hidden_tensor(self, view_data: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The stored last hidden states as a torch tensor (bf16 bits reinterpreted, or int8 dequantised)."""
+        hidden = view_data["hidden"]
+        if hidden.dtype == np.uint16:
+            return torch.from_numpy(hidden.view(np.int16).copy()).view(torch.bfloat16).to(dtype)
+        scale = torch.from_numpy(view_data["hidden_scale"].astype(np.float32))
+        return (torch.from_numpy(hidden.astype(np.float32)) * scale[:, None]).to(dtype)
+
+    def head(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The teacher's embedding table and LM head, stored once in teacher/head.safetensors."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self.path / "teacher" / "head.safetensors"), device=str(device))
+        if dtype is not None:
+            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        return tensors
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path / "teacher"))
+
+    def embedding_features(self, view_data: dict, head: dict, which: str = "input") -> torch.Tensor:
+        """Embedding-layer features of the rows: embed_tokens[input_ids] (or [target_ids] for
+        DSKD's keys), or the stored per-row `embeds` when the model's embedding is not a lookup."""
+        if which == "input" and self.embed_kind == "stored":
+            bits = torch.from_numpy(view_data["embeds"].view(np.int16).copy())
+            return bits.view(torch.bfloat16).to(head["embed_tokens"].dtype)
+        ids = view_data["input_ids" if which == "input" else "target_ids"]
+        return gather_embeddings(head["embed_tokens"], ids)
+
+
+def gather_embeddings(embed_tokens: torch.Tensor, ids) -> torch.Tensor:
+    """Rows of the stored embedding table for token ids (numpy or torch)."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int64) if not torch.is_tensor(ids) else ids, dtype=torch.long)
+    return embed_tokens[ids.to(embed_tokens.device)]
+
+
+def open_cache(path: str | Path, allow_incomplete: bool = False, check_tokenizer: bool = True) -> TeacherCache:
+    """Open a complete cache for reading (DESIGN §9)."""
+    return TeacherCache(path, allow_incomplete=allow_incomplete, check_tokenizer=check_tokenizer)

