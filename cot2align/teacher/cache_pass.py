@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -67,6 +69,12 @@ def _describe_difference(old: dict, new: dict, prefix: str = "") -> str:
     return "unknown difference"
 
 
+def _fault_point(name: str) -> None:
+    """Crash-test hook: COT2ALIGN_FAULT=<name> SIGKILLs this process at that point (tests only)."""
+    if os.environ.get("COT2ALIGN_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _BackgroundWriter(threading.Thread):
     """Receives batches of device tensors, assembles each block on the host, writes and commits it."""
 
@@ -115,7 +123,9 @@ class _BackgroundWriter(threading.Thread):
                     for view in VIEWS:
                         row0 = int(self.offsets[view][self.block_starts[block]])
                         self.writer.write_rows(view, row0, self.buffers[view])
+                        _fault_point(f"write:{block}:{view}")
                     self.write_seconds += time.perf_counter() - t0
+                    _fault_point(f"commit:{block}")
                     self.on_commit(block)
                     self.buffers = None
         except BaseException as e:  # surfaced to the main thread

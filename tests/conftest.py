@@ -1,0 +1,35 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tokenizers shipped in the package are unpacked here, never into the user's home during tests.
+os.environ.setdefault("COT2ALIGN_HOME", str(Path(__file__).parent / ".cot2align_home"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def write_cot_records(path: Path, n: int = 10, cot_every: int = 2) -> Path:
+    """A JSONL of real sample records; every `cot_every`-th gets a (hand-written) rationale,
+    including non-ASCII, code-like and numeric text."""
+    from cot2align.data import load_records
+
+    records, _ = load_records("sample", "train")
+    rationales = ["The dialogue is about a visit; #Person1# asks, so the summary names both people.",
+                  "Café prices: 3 × 4.50 € = 13.50 €, then `total += tip` 🙂 gives the answer.",
+                  "First, find the topic. Second, keep it short."]
+    with path.open("w") as f:
+        for i, r in enumerate(records[:n]):
+            rec = {k: r[k] for k in ("id", "instruction", "input", "output")}
+            if i % cot_every == 0:
+                rec["rationale"] = rationales[i % len(rationales)]
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture
+def cot_jsonl(tmp_path):
+    return write_cot_records(tmp_path / "cot.jsonl")
