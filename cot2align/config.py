@@ -54,12 +54,35 @@ TINY_PRESETS: dict[str, dict] = {
 }
 
 
+# Random-initialised models with the *real* configurations (and tokenizers) of the paper's
+# models: honest speed figures for benchmarks without any download. Never for quality.
+RANDOM_PRESETS: dict[str, dict] = {
+    "random:mistral-7b": {"model_type": "mistral", "tokenizer": "mistral", "family": "mistral",
+                          "config": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                         max_position_embeddings=32768, rope_theta=10000.0, sliding_window=4096,
+                                         rms_norm_eps=1e-5, tie_word_embeddings=False)},
+    "random:qwen2.5-7b": {"model_type": "qwen2", "tokenizer": "qwen2.5", "family": "qwen2.5",
+                          "config": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                         tie_word_embeddings=False)},
+    "random:tinyllama-1.1b": {"model_type": "llama", "tokenizer": "llama2", "family": "tinyllama",
+                              "config": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                             num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                                             max_position_embeddings=2048, rms_norm_eps=1e-5,
+                                             tie_word_embeddings=False)},
+}
+
+
 def model_family(name_or_path: str) -> str:
     """Short family name for default output paths: alias family, preset name, or the dir name."""
     if name_or_path in MODEL_ALIASES:
         return MODEL_ALIASES[name_or_path]["family"]
     if name_or_path in TINY_PRESETS:
         return name_or_path
+    if name_or_path in RANDOM_PRESETS:
+        return RANDOM_PRESETS[name_or_path]["family"]
     return Path(name_or_path.rstrip("/")).name.split("/")[-1].lower() or "model"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cot2align.config import MODEL_ALIASES, TINY_PRESETS, ConfigError
+from cot2align.config import MODEL_ALIASES, RANDOM_PRESETS, TINY_PRESETS, ConfigError
 
 
 def cot2align_home() -> Path:
@@ -59,14 +59,15 @@ def resolve_gguf(alias: str) -> Path:
 
 
 def is_known_model(name: str) -> bool:
-    return name in MODEL_ALIASES or name in TINY_PRESETS or Path(name).exists() or "/" in name
+    return name in MODEL_ALIASES or name in TINY_PRESETS or name in RANDOM_PRESETS or Path(name).exists() or "/" in name
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    if name_or_path in TINY_PRESETS:
-        return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(TINY_PRESETS[name_or_path]["tokenizer"]))
+    for presets in (TINY_PRESETS, RANDOM_PRESETS):
+        if name_or_path in presets:
+            return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(presets[name_or_path]["tokenizer"]))
     if name_or_path in MODEL_ALIASES:
         spec = MODEL_ALIASES[name_or_path]
         if "tokenizer" in spec:
@@ -82,7 +83,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def _unknown_model_message(name: str) -> str:
-    known = ", ".join(sorted(MODEL_ALIASES) + sorted(TINY_PRESETS))
+    known = ", ".join(sorted(MODEL_ALIASES) + sorted(TINY_PRESETS) + sorted(RANDOM_PRESETS))
     return f"--model {name}: not a local path, hub id (owner/name) or known alias ({known})"
 
 
@@ -106,6 +107,21 @@ def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
     return model
 
 
+def build_random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       device: str | torch.device = "cpu"):
+    """A random-initialised model with a real configuration (benchmarks only), built on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = RANDOM_PRESETS[preset]
+    config = AutoConfig.for_model(spec["model_type"], **spec["config"])
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False):
     """Load a causal LM in eval mode; LoRA adapters are merged into the base weights."""
@@ -113,6 +129,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
 
     if name_or_path in TINY_PRESETS:
         model = build_tiny_model(name_or_path, seed)
+    elif name_or_path in RANDOM_PRESETS:
+        return build_random_model(name_or_path, seed, dtype, device)
     elif name_or_path in MODEL_ALIASES and "gguf_package" in MODEL_ALIASES[name_or_path]:
         gguf = resolve_gguf(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

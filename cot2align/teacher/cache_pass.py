@@ -148,8 +148,11 @@ class _BackgroundWriter(threading.Thread):
                 continue
 
 
-def cache_teacher(cfg: CacheTeacherConfig, log=print) -> dict:
-    """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict."""
+def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
+    """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict.
+
+    `model` lets a caller (a benchmark, a notebook) pass the already-loaded teacher of `cfg.model`.
+    """
     cfg.validate()
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -195,8 +198,10 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print) -> dict:
 
     # 3. the teacher and the store -----------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
-                       trust_remote_code=cfg.trust_remote_code)
+    if model is None:
+        model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
+                           trust_remote_code=cfg.trust_remote_code)
+    device = next(model.parameters()).device
     weights = weights_fingerprint(model)
     probe_ids = sequences[0].views["std"].input_ids[:16]
     info = probe_head(model, probe_ids)
