@@ -1,0 +1,121 @@
+"""The KL family for teacher and student with the *same* vocabulary (DESIGN §5).
+
+With p = softmax(z / τ) for both models (τ = `temperature`, 2.0 in the reference scripts, no τ² factor),
+per response position:
+
+    forward          KL(p_t ‖ p_s)
+    reverse          KL(p_s ‖ p_t)
+    skewed_forward   KL(p_t ‖ λ p_t + (1−λ) p_s)          DistiLLM SKL, λ = 0.1
+    skewed_reverse   KL(p_s ‖ λ p_s + (1−λ) p_t)          DistiLLM SRKL, λ = 0.1
+    js               ½ KL(p_t ‖ m) + ½ KL(p_s ‖ m),  m = (p_t + p_s)/2
+    adaptive         AKL (Wu et al. 2024): teacher probs sorted ascending, gap = |p_t − p_s|, the "tail"
+                     is where the cumulative sorted teacher mass ≤ ½; weights g_head, g_tail of the gap:
+                     (g_head·FKL + g_tail·RKL) / (g_head + g_tail)
+
+averaged over the positions where `mask` is true. Everything is in log space and `-inf`-safe (a zero
+probability contributes 0, never NaN); computation in float32.
+
+The teacher is either full logits [..., V] or a `TopKTeacher` (top-k log-probs at τ = 1, their ids, and
+the log of the mass outside the top-k). The top-k form compares k + 1 buckets — the k tokens and one
+"rest of the vocabulary" bucket, on both sides — so no mass is silently renormalised away. With τ ≠ 1
+the teacher's tail bucket is tempered as if its mass were spread evenly over the V − k other tokens
+(exact for τ = 1; the DSKD/DistiLLM references use full logits). With k = V it equals the full form.
+Deliberate difference from DSKD's js_divergence: no +1e-9 inside the logs (log space instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+VARIANTS = ("forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive")
+
+
+@dataclass
+class TopKTeacher:
+    """A teacher distribution as stored in the cache: top-k log-probs (τ = 1), ids and tail log-mass."""
+
+    logprobs: torch.Tensor   # [..., k] float, descending
+    ids: torch.Tensor        # [..., k] long
+    tail: torch.Tensor       # [...]   log(1 − Σ top-k probs)
+    vocab_size: int
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 inputs stay float64, for gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p − log q) over the last dim, with 0·log 0 = 0 (and no NaN gradient there)."""
+    p = log_p.exp()
+    support = p > 0
+    diff = torch.where(support, log_p, 0.0) - torch.where(support, log_q, 0.0)
+    return (p * diff).sum(-1)
+
+
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, variant: str = "forward",
+               skew_lambda: float = 0.1, adaptive_alpha: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between two log-distributions over the same buckets [..., V] -> [...]."""
+    s, t = _f32(student_logp), _f32(teacher_logp)
+    if variant == "forward":
+        return _kl(t, s)
+    if variant == "reverse":
+        return _kl(s, t)
+    if variant == "skewed_forward":
+        mix = torch.logaddexp(t + math.log(skew_lambda), s + math.log1p(-skew_lambda))
+        return _kl(t, mix)
+    if variant == "skewed_reverse":
+        mix = torch.logaddexp(s + math.log(skew_lambda), t + math.log1p(-skew_lambda))
+        return _kl(s, mix)
+    if variant == "js":
+        mix = torch.logaddexp(t, s) - math.log(2.0)
+        return 0.5 * _kl(t, mix) + 0.5 * _kl(s, mix)
+    if variant == "adaptive":
+        p_t, p_s = t.exp(), s.exp()
+        sorted_t, order = p_t.sort(dim=-1)
+        gap = (sorted_t - p_s.gather(-1, order)).abs()
+        tail = (sorted_t.cumsum(-1) <= adaptive_alpha).to(gap.dtype)
+        g_head, g_tail = (gap * (1 - tail)).sum(-1), (gap * tail).sum(-1)
+        total = (g_head + g_tail).clamp_min(1e-12)
+        return (g_head / total) * _kl(t, s) + (g_tail / total) * _kl(s, t)
+    raise ValueError(f"kl variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+
+
+def topk_buckets(student_logits: torch.Tensor, teacher: TopKTeacher, temperature: float = 1.0):
+    """(student, teacher) log-probs over the k + 1 buckets: the teacher's top-k tokens, then the rest."""
+    s_logp = torch.log_softmax(_f32(student_logits) / temperature, dim=-1)
+    s_top = s_logp.gather(-1, teacher.ids)
+    s_rest = s_logp.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1, keepdim=True)
+    k = teacher.ids.shape[-1]
+    t_top = _f32(teacher.logprobs) / temperature
+    n_rest = teacher.vocab_size - k
+    if n_rest > 0:
+        # the rest bucket tempered as n_rest equal tokens: n·(mass/n)^(1/τ)
+        t_rest = (_f32(teacher.tail) - math.log(n_rest)) / temperature + math.log(n_rest)
+    else:
+        t_rest = torch.full_like(_f32(teacher.tail), float("-inf"))
+    t_logp = torch.log_softmax(torch.cat([t_top, t_rest[..., None]], dim=-1), dim=-1)
+    return torch.cat([s_top, s_rest], dim=-1), t_logp
+
+
+def kl_loss(student_logits: torch.Tensor, teacher, mask: torch.Tensor, variant: str = "forward",
+            temperature: float = 2.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5) -> torch.Tensor:
+    """Mean divergence over masked positions. student_logits [B,T,V]; teacher logits [B,T,V] or TopKTeacher."""
+    if variant not in VARIANTS:
+        raise ValueError(f"kl variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
+    v_s = student_logits.shape[-1]
+    v_t = teacher.vocab_size if isinstance(teacher, TopKTeacher) else teacher.shape[-1]
+    if v_s != v_t:
+        raise ValueError(f"kl: the student vocabulary ({v_s}) differs from the teacher's ({v_t}); KL needs one shared "
+                         "vocabulary — use uld, mined or dskd for models with different tokenizers")
+    if isinstance(teacher, TopKTeacher):
+        s_logp, t_logp = topk_buckets(student_logits, teacher, temperature)
+    else:
+        s_logp = torch.log_softmax(_f32(student_logits) / temperature, dim=-1)
+        t_logp = torch.log_softmax(_f32(teacher) / temperature, dim=-1)
+    per_position = divergence(s_logp, t_logp, variant, skew_lambda, adaptive_alpha)
+    mask = mask.bool()
+    return (per_position * mask).sum() / mask.sum().clamp_min(1)
