@@ -244,3 +244,13 @@ def test_default_out_is_family_and_data(tmp_path, monkeypatch):
     assert default_out(build_config(CacheTeacherConfig, model="mistral-7b", data="dolly")) == Path("cache/mistral_dolly")
     assert default_out(build_config(CacheTeacherConfig, model="tiny-qwen2", data="data/x_cot.jsonl")) == Path(
         "cache/tiny-qwen2_x_cot")
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    root = Path(__file__).parent.parent / "configs"
+    cfg = build_config(CacheTeacherConfig, root / "cache_tiny.yaml", topk=4)
+    assert cfg.model == "tiny-qwen2" and cfg.topk == 4 and cfg.max_length == 512
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny-llama\ntop_kk: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown setting 'top_kk'"):
+        build_config(CacheTeacherConfig, bad)
