@@ -102,5 +102,20 @@ def cache_verify_cmd(path):
     click.echo(f"OK {path}: every chunk read and checked")
 
 
+@main.command("quickstart")
+@click.option("--out", default="cache/quickstart", show_default=True, help="Where the cache goes.")
+@click.option("--limit", default=100, show_default=True, help="Records of the shipped sample to use.")
+def quickstart_cmd(out, limit):
+    """The embedded default: a tiny Qwen2 teacher -> teacher cache of the shipped sample -> its summary."""
+    from cot2align.cache.inspect import cache_info, format_info
+    from cot2align.teacher.cache_pass import cache_teacher
+
+    cfg = build_config(CacheTeacherConfig, model="tiny-qwen2", data="sample", out=out, limit=limit)
+    click.echo(f"$ cot2align cache-teacher --model tiny-qwen2 --data sample --limit {limit} --out {out}", err=True)
+    cache_teacher(cfg, log=lambda m: click.echo(m, err=True))
+    click.echo(f"$ cot2align cache info {out}", err=True)
+    click.echo(format_info(cache_info(out)))
+
+
 if __name__ == "__main__":
     main()

@@ -163,7 +163,7 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     if cfg.limit is not None:
         records = records[: cfg.limit]
         source = dict(source, sha256=_sha([source["sha256"], cfg.limit]))
-    tokenizer = load_tokenizer(cfg.model if cfg.adapter is None else cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     tok_hash = tokenizer_hash(tokenizer)
     hidden_codec = HIDDEN_CODEC_AUTO if cfg.hidden_codec == "auto" else cfg.hidden_codec
     fingerprint = _inputs_fingerprint(cfg, source, tok_hash, hidden_codec)
@@ -281,7 +281,8 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
         if background.error is not None:
             raise background.error
     except BaseException:
-        background.put(None) if background.error is None and background.is_alive() else None
+        if background.error is None and background.is_alive():
+            background.inbox.put(None)  # stop the writer; the uncommitted block is redone on resume
         raise
     finally:
         bar.close()
