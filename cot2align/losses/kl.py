@@ -26,21 +26,11 @@ Deliberate difference from DSKD's js_divergence: no +1e-9 inside the logs (log s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher  # noqa: F401  (TopKTeacher re-exported)
+
 VARIANTS = ("forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive")
-
-
-@dataclass
-class TopKTeacher:
-    """A teacher distribution as stored in the cache: top-k log-probs (τ = 1), ids and tail log-mass."""
-
-    logprobs: torch.Tensor   # [..., k] float, descending
-    ids: torch.Tensor        # [..., k] long
-    tail: torch.Tensor       # [...]   log(1 − Σ top-k probs)
-    vocab_size: int
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -103,14 +93,16 @@ def topk_buckets(student_logits: torch.Tensor, teacher: TopKTeacher, temperature
 
 def kl_loss(student_logits: torch.Tensor, teacher, mask: torch.Tensor, variant: str = "forward",
             temperature: float = 2.0, skew_lambda: float = 0.1, adaptive_alpha: float = 0.5) -> torch.Tensor:
-    """Mean divergence over masked positions. student_logits [B,T,V]; teacher logits [B,T,V] or TopKTeacher."""
+    """Mean divergence over masked positions. student_logits [B,T,V]; teacher: logits [B,T,V], HeadTeacher or TopKTeacher."""
     if variant not in VARIANTS:
         raise ValueError(f"kl variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
     v_s = student_logits.shape[-1]
-    v_t = teacher.vocab_size if isinstance(teacher, TopKTeacher) else teacher.shape[-1]
+    v_t = teacher.vocab_size if isinstance(teacher, (TopKTeacher, HeadTeacher)) else teacher.shape[-1]
     if v_s != v_t:
         raise ValueError(f"kl: the student vocabulary ({v_s}) differs from the teacher's ({v_t}); KL needs one shared "
                          "vocabulary — use uld, mined or dskd for models with different tokenizers")
+    if isinstance(teacher, HeadTeacher):
+        teacher = teacher.logits()
     if isinstance(teacher, TopKTeacher):
         s_logp, t_logp = topk_buckets(student_logits, teacher, temperature)
     else:
