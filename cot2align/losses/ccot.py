@@ -37,7 +37,7 @@ def _pad_to(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
 
 
 def ccot_loss(student: dict, teacher: dict, projector: torch.nn.Module, epsilon: float = 10.0, n_iters: int = 100,
-              grad: str = "envelope") -> tuple[torch.Tensor, dict]:
+              grad: str = "envelope", compile: bool = False) -> tuple[torch.Tensor, dict]:
     """Per-example L_CCoT [B] and a dict of per-term values for logging.
 
     student[view] = {"embed": [B,N_v,d], "last": [B,N_v,d], "mask": [B,N_v] bool}
@@ -60,7 +60,7 @@ def ccot_loss(student: dict, teacher: dict, projector: torch.nn.Module, epsilon:
     cost = torch.cat([_pad_to(_pad_to(c, n_max, 1), m_max, 2) for c in costs])          # [8B, N, M]
     row_mask = torch.cat([_pad_to(m, n_max) for m in s_masks])
     col_mask = torch.cat([_pad_to(m, m_max) for m in t_masks])
-    plan, value = sinkhorn(cost, row_mask, col_mask, epsilon, n_iters, grad)
+    plan, value = sinkhorn(cost, row_mask, col_mask, epsilon, n_iters, grad, compile)
     batch = student["std"]["mask"].shape[0]
     values = value.view(len(keys), batch)                                                 # [8, B]
     total = values.sum(0) / 4.0

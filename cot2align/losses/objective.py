@@ -38,6 +38,7 @@ class LossConfig:
     ot_epsilon: float = 10.0
     ot_iters: int = 100
     ot_grad: str = "envelope"
+    ot_compile: bool = False          # torch.compile the Sinkhorn loop (GPU; shapes padded to multiples of 64)
     vocab_chunk: int = 32768
 
 
@@ -214,7 +215,7 @@ def distillation_loss(method: str, alpha: float, student: dict[str, StudentView]
             teacher_feats[v] = {"embed": teacher[v].embed.to(dtype), "last": teacher[v].hidden.to(dtype),
                                 "mask": teacher[v].mask}
         per_example, ot_logs = ccot_loss(student_feats, teacher_feats, projectors["ot"], cfg.ot_epsilon, cfg.ot_iters,
-                                         cfg.ot_grad)
+                                         cfg.ot_grad, cfg.ot_compile)
         ccot = per_example.mean()
         logs.update(ot_logs)
         logs["ccot"] = ccot.detach()

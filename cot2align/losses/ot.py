@@ -48,6 +48,7 @@ def _sinkhorn_potentials(log_kernel: torch.Tensor, log_kernel_t: torch.Tensor, l
 
 
 _compiled_potentials = None
+_BUCKET = 64
 
 
 def _potentials_fn(compile: bool):
@@ -77,6 +78,15 @@ def sinkhorn(cost: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor,
         raise ValueError(f"grad: expected 'envelope' or 'unrolled', got {grad!r}")
     if cost.dim() != 3:
         raise ValueError(f"cost: expected [B, N, M], got shape {tuple(cost.shape)}")
+    if compile and (cost.shape[1] % _BUCKET or cost.shape[2] % _BUCKET):
+        # the compiled loop is specialised to its shape: pad N and M up to multiples of _BUCKET (padding is
+        # zero mass, so the plan is unchanged) so that varying batch shapes reuse a few compiled graphs
+        n, m = cost.shape[1], cost.shape[2]
+        pad_n, pad_m = -n % _BUCKET, -m % _BUCKET
+        plan, value = sinkhorn(torch.nn.functional.pad(cost, (0, pad_m, 0, pad_n)),
+                               torch.nn.functional.pad(row_mask.bool(), (0, pad_n)),
+                               torch.nn.functional.pad(col_mask.bool(), (0, pad_m)), epsilon, n_iters, grad, compile)
+        return plan[:, :n, :m], value
     row_mask, col_mask = row_mask.bool(), col_mask.bool()
     with torch.autocast(device_type=cost.device.type, enabled=False):
         cost32 = cost.float()
