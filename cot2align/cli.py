@@ -8,7 +8,7 @@ import sys
 import click
 
 from cot2align.cache.writer import CacheError
-from cot2align.config import CacheTeacherConfig, ConfigError, build_config
+from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.data.readers import DataError
 
 USER_ERRORS = (CacheError, ConfigError, DataError)
@@ -100,6 +100,59 @@ def cache_verify_cmd(path):
             click.echo(f"FAIL {p}", err=True)
         sys.exit(1)
     click.echo(f"OK {path}: every chunk read and checked")
+
+
+@main.command("distill")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
+@click.option("--cache", help="Teacher cache directory (from cache-teacher).")
+@click.option("--student", help="Student: alias, hub id or local path [default: the paper's student for the teacher].")
+@click.option("--method", type=click.Choice(["sft", "kl", "uld", "mined", "dskd"]))
+@click.option("--cot2align/--no-cot2align", default=None, help="Add the CoT view and the Cross-CoT OT loss [default: on].")
+@click.option("--alpha", type=float, help="Weight of the distillation terms: (1-a) CE + a (KD + CCoT).")
+@click.option("--out", help="Output directory [default: runs/<student>_<method>...].")
+@click.option("--data", help="--method sft without a cache: dataset alias or JSON/JSONL file.")
+@click.option("--split", type=click.Choice(["train", "dev", "test"]))
+@click.option("--data-root")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int, help="Stop after this many optimiser steps.")
+@click.option("--lr", type=float)
+@click.option("--projector-lr", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int)
+@click.option("--warmup-ratio", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--max-grad-norm", type=float)
+@click.option("--lora-rank", type=int, help="LoRA rank (0 or absent: full fine-tuning, unless the paper setting uses LoRA).")
+@click.option("--lora-alpha", type=int)
+@click.option("--lora-dropout", type=float)
+@click.option("--lora-targets", help="Comma-separated module names, or all-linear.")
+@click.option("--keep-adapter", is_flag=True, default=None, help="Save the LoRA adapter instead of merged weights.")
+@click.option("--kd-temperature", type=float)
+@click.option("--kl-variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]))
+@click.option("--ot-epsilon", type=float)
+@click.option("--ot-iters", type=int)
+@click.option("--ot-grad", type=click.Choice(["envelope", "unrolled"]))
+@click.option("--ot-compile", is_flag=True, default=None)
+@click.option("--teacher-dist", type=click.Choice(["exact", "topk"]))
+@click.option("--seed", type=int)
+@click.option("--max-length", type=int)
+@click.option("--device")
+@click.option("--num-workers", type=int)
+@click.option("--val-data")
+@click.option("--val-examples", type=int)
+@click.option("--val-max-new-tokens", type=int)
+@click.option("--save-every", type=int, help="Also checkpoint every N optimiser steps.")
+@click.option("--resume", is_flag=True, default=None)
+@click.option("--overwrite", is_flag=True, default=None)
+@click.option("--limit", type=int)
+@click.option("--trust-remote-code", is_flag=True, default=None)
+def distill_cmd(config_file, **flags):
+    """Train a student from a teacher cache (DSKD + CoT2Align by default)."""
+    from cot2align.train.distill import distill
+
+    cfg = build_config(DistillConfig, config_file, **flags)
+    summary = distill(cfg, log=lambda msg: click.echo(msg, err=True))
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 @main.command("quickstart")

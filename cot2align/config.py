@@ -133,6 +133,117 @@ class CacheTeacherConfig:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})")
 
 
+# The paper's settings (Table 4 and the authors' scripts), keyed by the teacher's family: the student a bare
+# `cot2align distill --cache ...` trains, and its hyperparameters. Fields left None in DistillConfig are
+# filled from here; anything given in a YAML file or a flag wins.
+PAPER_SETTINGS: dict[str, dict] = {
+    "mistral": dict(student="tinyllama-1.1b", setting="TinyLLaMA-1.1B <- Mistral-7B (paper Table 4)", lr=1e-3,
+                    epochs=10, batch_size=4, grad_accum=2, lora_rank=256, lora_alpha=8, lora_dropout=0.1, alpha=0.9,
+                    kl_variant="forward"),
+    "llama2": dict(student="tinyllama-1.1b", setting="TinyLLaMA-1.1B <- Llama2-7B (paper Table 4)", lr=1e-3, epochs=10,
+                   batch_size=4, grad_accum=2, lora_rank=256, lora_alpha=8, lora_dropout=0.1, alpha=0.6,
+                   kl_variant="forward"),
+    "qwen1.5": dict(student="gpt2-120m", setting="GPT2-120M <- Qwen1.5-1.8B (paper Table 4)", lr=5e-4, epochs=20,
+                    batch_size=4, grad_accum=2, lora_rank=None, alpha=0.5, kl_variant="skewed_reverse"),
+    "qwen2.5": dict(student="gpt2-1.5b", setting="GPT2-1.5B <- Qwen2.5-7B-Instruct (paper Table 4)", lr=1e-3,
+                    epochs=10, batch_size=4, grad_accum=2, lora_rank=256, lora_alpha=8, lora_dropout=0.1, alpha=0.9,
+                    kl_variant="forward"),
+    "tiny-qwen2": dict(student="tiny-gpt2", setting="tiny-gpt2 <- tiny-qwen2 (tests and quickstart)", lr=1e-3,
+                       epochs=2, batch_size=4, grad_accum=1, lora_rank=None, alpha=0.5, kl_variant="forward"),
+}
+
+
+@dataclass
+class DistillConfig:
+    """`cot2align distill`: train a student from a teacher cache (or, for --method sft, plain data)."""
+
+    cache: str | None = None
+    student: str | None = None         # default: the paper's student for the cache's teacher
+    method: str = "dskd"               # sft | kl | uld | mined | dskd
+    cot2align: bool = True             # add the CoT view and L_CCoT
+    alpha: float | None = None         # weight of the distillation terms, in [0, 1]
+    out: str | None = None             # default runs/<student>_<method>[_cot2align]_a<alpha>
+    data: str | None = None            # --method sft without a cache: a dataset name or JSON/JSONL file
+    split: str = "train"
+    data_root: str | None = None
+    epochs: int | None = None
+    max_steps: int | None = None       # stop after this many optimiser steps (smoke runs, tests)
+    lr: float | None = None
+    projector_lr: float = 1e-3
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    lora_rank: int | None = None       # None: full fine-tuning
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    lora_targets: str = "all-linear"
+    keep_adapter: bool = False
+    kd_temperature: float = 2.0
+    kl_variant: str | None = None
+    ot_epsilon: float = 10.0
+    ot_iters: int = 100
+    ot_grad: str = "envelope"
+    ot_compile: bool = False
+    teacher_dist: str = "exact"        # exact (hidden . lm_head^T) | topk (+ tail bucket)
+    seed: int = 10
+    max_length: int = 512              # student tokens
+    device: str | None = None
+    num_workers: int | None = None     # DataLoader workers (default 2 on GPU, 0 on CPU)
+    val_data: str | None = None        # default: the dev split of the cache's dataset, else held-out cache examples
+    val_examples: int = 50             # bounded validation subset (loss and greedy ROUGE-L)
+    val_max_new_tokens: int = 128
+    save_every: int = 0                # also checkpoint every N optimiser steps (0: each epoch only)
+    resume: bool = False
+    overwrite: bool = False
+    limit: int | None = None           # only the first N training examples
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        from cot2align.losses.kl import VARIANTS
+        from cot2align.losses.objective import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
+            raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
+        if self.kl_variant is not None and self.kl_variant not in VARIANTS:
+            raise ConfigError(f"kl_variant: expected one of {', '.join(VARIANTS)}, got {self.kl_variant!r}")
+        if self.teacher_dist not in ("exact", "topk"):
+            raise ConfigError(f"teacher_dist: expected exact or topk, got {self.teacher_dist!r}")
+        if self.ot_grad not in ("envelope", "unrolled"):
+            raise ConfigError(f"ot_grad: expected envelope or unrolled, got {self.ot_grad!r}")
+        if self.cache is None and (self.method != "sft" or self.cot2align):
+            if self.method == "sft" and self.data is not None:
+                return
+            raise ConfigError("cache: --cache is required (only --method sft --no-cot2align can train from --data)")
+        if self.cache is None and self.data is None:
+            raise ConfigError("data: --method sft needs --cache or --data")
+
+    def resolve(self, teacher_family: str | None) -> str | None:
+        """Fill unset fields from the paper's setting for this teacher; returns the setting's name."""
+        setting = PAPER_SETTINGS.get(teacher_family or "")
+        if self.student is None:
+            if setting is None:
+                raise ConfigError(f"student: the teacher family '{teacher_family}' has no paper setting; "
+                                  "pass --student")
+            self.student = setting["student"]
+        defaults = dict(epochs=3, lr=1e-4, batch_size=4, grad_accum=1, alpha=0.5, kl_variant="forward",
+                        lora_alpha=8, lora_dropout=0.1)
+        if setting is not None and setting["student"] == self.student:
+            defaults.update({k: v for k, v in setting.items() if k not in ("student", "setting")})
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                if name == "lora_rank":
+                    continue
+                setattr(self, name, value)
+        if self.lora_rank is None and setting is not None and setting["student"] == self.student:
+            self.lora_rank = setting.get("lora_rank")
+        self.validate()
+        return setting["setting"] if setting is not None and setting["student"] == self.student else None
+
+
 def build_config(cls, config_file: str | Path | None = None, **flags):
     """Defaults <- YAML file <- given flags (None = not given)."""
     names = {f.name for f in dataclasses.fields(cls)}

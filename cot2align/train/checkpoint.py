@@ -1,0 +1,122 @@
+"""Training checkpoints: everything needed to continue bit-for-bit, in safetensors, written atomically.
+
+A checkpoint is a directory `checkpoints/step-<N>/` holding
+  trainable.safetensors   the student's trainable parameters (all of them, or the LoRA adapter's)
+  projectors.safetensors  DSKD / OT projectors
+  optimizer.safetensors   AdamW state tensors; param groups and scalars in its metadata (JSON)
+  state.json              scheduler state, data position (epoch, batches done), step, best metric,
+                          Python/NumPy RNG states; torch RNG states are in rng.safetensors
+It is written to a hidden sibling directory and renamed into place, then `checkpoints/latest` (a text
+file, replaced atomically) points at it, so a crash at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], projectors: torch.nn.Module,
+                    optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / f"step-{step:08d}"
+    tmp = checkpoints / f".step-{step:08d}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()} or {"_empty": torch.zeros(0)},
+              str(tmp / "projectors.safetensors"))
+    tensors, meta = _optimizer_tensors(optimizer)
+    save_file(tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    full_state = dict(state, step=step, scheduler=scheduler.state_dict(), optimizer_meta=meta,
+                      python_rng=[py_state[0], list(py_state[1]), py_state[2]],
+                      numpy_rng=[np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])])
+    (tmp / "state.json").write_text(json.dumps(full_state))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_text(checkpoints / "latest", final.name)
+    for old in sorted(checkpoints.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.exists() else None
+
+
+def load_checkpoint(path: Path, model, projectors: torch.nn.Module, optimizer, scheduler, device) -> dict:
+    """Restore everything saved by save_checkpoint; returns the state dict (position, step, metrics)."""
+    trainable = load_file(str(path / "trainable.safetensors"), device=str(device))
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            named[name].copy_(value)
+    projector_state = load_file(str(path / "projectors.safetensors"), device=str(device))
+    projector_state.pop("_empty", None)
+    if projector_state:
+        projectors.load_state_dict(projector_state)
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+    tensors.pop("_empty", None)
+    _restore_optimizer(optimizer, tensors, state["optimizer_meta"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+    py = state["python_rng"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npr = state["numpy_rng"]
+    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]))
+    return state

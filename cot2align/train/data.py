@@ -1,0 +1,226 @@
+"""The student's side of the data: tokenising the cached texts once, streaming teacher rows, batching.
+
+Row alignment (DESIGN §4): for a view with prompt text p and response text r, the student sequence is
+
+    tokens_s(p, with the student's own BOS if it adds one) + tokens_s(r) + [EOS]
+
+exactly as the teacher's was built from the same (already truncated) texts, and the student's response
+positions are P_s − 1 … L_s − 2 — the positions whose next token is a response token, EOS included.
+If the teacher's response was cut (no EOS in the cache), the student gets no EOS either.
+
+Tokenisation runs once per (cache, student tokenizer, max_length) and is memoised next to the cache in
+`<cache>.students/` (the cache directory itself is never written), together with MinED's row alignment
+when that method needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cot2align.cache.format import VIEWS
+from cot2align.cache.writer import CacheError
+
+MEMO_VERSION = 1
+
+
+def student_view_ids(tokenizer, prompt: str, response: str, with_eos: bool, max_length: int) -> tuple[list[int], int]:
+    """(ids, prompt_len) of one view for the student; an over-long response keeps its beginning."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if with_eos else [])
+    if len(prompt_ids) >= max_length:
+        raise ValueError(f"the prompt alone is {len(prompt_ids)} student tokens, max_length is {max_length} (raise --max-length)")
+    return prompt_ids + response_ids[:max_length - len(prompt_ids)], len(prompt_ids)
+
+
+def memo_path(cache_path: str | Path, tokenizer_hash: str, max_length: int, mined: bool) -> Path:
+    cache_path = Path(cache_path)
+    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{mined}|{MEMO_VERSION}".encode()).hexdigest()[:16]
+    return cache_path.parent / f"{cache_path.name}.students" / f"{key}.npz"
+
+
+def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab_map=None, teacher_tokenizer=None,
+                   log=print) -> dict[str, np.ndarray]:
+    """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
+    a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
+    path = memo_path(cache.path, tokenizer_hash, max_length, vocab_map is not None)
+    manifest_key = np.frombuffer(hashlib.sha256(repr(cache.manifest.get("data")).encode()).digest(), dtype=np.uint8)
+    if path.exists():
+        with np.load(path) as stored:
+            if np.array_equal(stored["manifest_key"], manifest_key):
+                return dict(stored)
+    texts = cache.texts()
+    eos_teacher = cache.manifest["tokenizer"]["eos_id"]
+    if vocab_map is not None:
+        from cot2align.align.mined import aligned_teacher_rows
+        from cot2align.align.vocab import token_strings
+
+        student_strings, teacher_strings = token_strings(tokenizer), token_strings(teacher_tokenizer)
+    out: dict[str, np.ndarray] = {"manifest_key": manifest_key}
+    unencodable = 0
+    for view in VIEWS:
+        ids_all, offsets, prompt_lens, mined_rows, mined_offsets = [], [0], [], [], [0]
+        target_col = cache.group[view]["target_ids"] if cache.rows(view) else None
+        view_offsets = cache.views[view]["offsets"]
+        for i in range(len(cache)):
+            n_rows = int(view_offsets[i + 1] - view_offsets[i])
+            if n_rows == 0:
+                prompt_lens.append(0)
+                offsets.append(offsets[-1])
+                mined_offsets.append(mined_offsets[-1])
+                continue
+            last_target = int(target_col[int(view_offsets[i + 1]) - 1])
+            prompt, response = texts[f"prompt_{view}"][i], texts[f"response_{view}"][i]
+            try:
+                ids, prompt_len = student_view_ids(tokenizer, prompt, response, last_target == eos_teacher, max_length)
+            except ValueError as e:
+                raise CacheError(f"{cache.path}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if unk is not None and unk != tokenizer.eos_token_id and unk in ids[prompt_len:]:
+                unencodable += 1
+            ids_all.extend(ids)
+            offsets.append(len(ids_all))
+            prompt_lens.append(prompt_len)
+            if vocab_map is not None:
+                a, b = int(view_offsets[i]), int(view_offsets[i + 1])
+                teacher_inputs = cache.group[view]["input_ids"][a:b]
+                student_inputs = ids[prompt_len - 1:len(ids) - 1]
+                rows = aligned_teacher_rows(student_inputs, teacher_inputs, student_strings, teacher_strings,
+                                            vocab_map.tea2stu)
+                mined_rows.extend(rows.tolist())
+                mined_offsets.append(len(mined_rows))
+        out[f"{view}_ids"] = np.asarray(ids_all, dtype=np.int32)
+        out[f"{view}_offsets"] = np.asarray(offsets, dtype=np.int64)
+        out[f"{view}_prompt_len"] = np.asarray(prompt_lens, dtype=np.int32)
+        if vocab_map is not None:
+            out[f"{view}_mined_rows"] = np.asarray(mined_rows, dtype=np.int32)
+            out[f"{view}_mined_offsets"] = np.asarray(mined_offsets, dtype=np.int64)
+    if unencodable:
+        log(f"warning: the student tokenizer maps part of {unencodable} cached responses to its unknown token "
+            f"(id {tokenizer.unk_token_id}); those characters cannot be learned")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, path)
+    return out
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """One item per example: per view the student ids and, with a cache, the teacher's rows (numpy).
+
+    The cache is opened lazily in each DataLoader worker (zarr handles are not shared across processes).
+    """
+
+    def __init__(self, student: dict[str, np.ndarray], views: tuple[str, ...], indices: list[int],
+                 cache_path: str | None = None, teacher_arrays: tuple[str, ...] = ()):
+        self.student, self.views, self.indices = student, views, list(indices)
+        self.cache_path, self.teacher_arrays = cache_path, teacher_arrays
+        self._cache = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def length(self, k: int) -> int:
+        """Student tokens of item k over its views (for length bucketing)."""
+        i = self.indices[k]
+        return sum(int(self.student[f"{v}_offsets"][i + 1] - self.student[f"{v}_offsets"][i]) for v in self.views)
+
+    def _open(self):
+        if self._cache is None and self.cache_path is not None:
+            from cot2align.cache import open_cache
+
+            self._cache = open_cache(self.cache_path, check_tokenizer=False)
+        return self._cache
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.indices[k]
+        item = {"index": i}
+        cache = self._open() if self.teacher_arrays else None
+        for view in self.views:
+            a, b = self.student[f"{view}_offsets"][i], self.student[f"{view}_offsets"][i + 1]
+            entry = {"ids": self.student[f"{view}_ids"][a:b], "prompt_len": int(self.student[f"{view}_prompt_len"][i])}
+            if f"{view}_mined_rows" in self.student:
+                ma, mb = self.student[f"{view}_mined_offsets"][i], self.student[f"{view}_mined_offsets"][i + 1]
+                entry["mined_rows"] = self.student[f"{view}_mined_rows"][ma:mb]
+            if cache is not None:
+                teacher = cache.view(i, view)
+                entry["teacher"] = {name: teacher[name] for name in self.teacher_arrays if name in teacher}
+            item[view] = entry
+        return item
+
+
+def collate(items: list[dict], views: tuple[str, ...], pad_id: int) -> dict:
+    """Pad each view to the batch maximum: student [B, L] tensors and teacher rows [B, M, ...]."""
+    batch: dict = {"index": torch.tensor([it["index"] for it in items])}
+    for view in views:
+        entries = [it[view] for it in items]
+        length = max(max(len(e["ids"]) for e in entries), 2)
+        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+        attention = torch.zeros(len(items), length, dtype=torch.long)
+        response = torch.zeros(len(items), length, dtype=torch.bool)
+        mined = torch.full((len(items), length), -1, dtype=torch.long)
+        for b, e in enumerate(entries):
+            n = len(e["ids"])
+            ids[b, :n] = torch.from_numpy(e["ids"].astype(np.int64))
+            attention[b, :n] = 1
+            if n:
+                response[b, e["prompt_len"] - 1:n - 1] = True
+                if "mined_rows" in e:
+                    rows = torch.from_numpy(e["mined_rows"].astype(np.int64))[: n - e["prompt_len"]]
+                    mined[b, e["prompt_len"] - 1:e["prompt_len"] - 1 + len(rows)] = rows
+        out = {"input_ids": ids, "attention_mask": attention, "response_mask": response,
+               "target_ids": torch.cat([ids[:, 1:], torch.full((len(items), 1), pad_id)], dim=1), "mined_rows": mined}
+        if entries and "teacher" in entries[0]:
+            rows = max(max(len(e["teacher"]["input_ids"]) for e in entries), 1)
+            teacher = {"mask": torch.zeros(len(items), rows, dtype=torch.bool)}
+            for name in entries[0]["teacher"]:
+                sample = entries[0]["teacher"][name]
+                dtype = np.int64 if sample.dtype.kind in "iu" and name != "hidden" and name != "embeds" else sample.dtype
+                shape = (len(items), rows, *sample.shape[1:])
+                holder = np.zeros(shape, dtype=np.int16 if sample.dtype == np.uint16 else dtype)
+                for b, e in enumerate(entries):
+                    values = e["teacher"][name]
+                    holder[b, :len(values)] = values.view(np.int16) if values.dtype == np.uint16 else values.astype(dtype)
+                teacher[name] = torch.from_numpy(holder)
+            for b, e in enumerate(entries):
+                teacher["mask"][b, :len(e["teacher"]["input_ids"])] = True
+            out["teacher"] = teacher
+        batch[view] = out
+    return batch
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of similar length: shuffle (seed + epoch), sort within windows of 50 batches, shuffle the
+    batches. Under several ranks each takes every world-th batch (the batch count is cut to a multiple of
+    the world size so every rank runs the same number of steps)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, rank: int = 0, world: int = 1, window: int = 50):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.rank, self.world, self.window = rank, world, window
+        self.epoch = 0
+        self.skip = 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start:start + span], key=lambda k: self.lengths[k])
+            batches.extend(window[j:j + self.batch_size] for j in range(0, len(window), self.batch_size))
+        rng.shuffle(batches)
+        usable = (len(batches) // self.world) * self.world if self.world > 1 else len(batches)
+        return batches[:usable][self.rank::self.world]
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.skip:]
+
+    def __len__(self) -> int:
+        return max(len(self.batches(self.epoch)) - self.skip, 0)
+

@@ -1,0 +1,199 @@
+"""The trainer: cache-fed objective = online-teacher objective, row alignment, short runs, crash/resume, bad inputs.
+
+Tiny real architectures with real, different tokenizers: a tiny-llama teacher (Llama-2 tokenizer) and a
+tiny-mistral student (Mistral tokenizer); tiny-llama as its own student for same-vocabulary KL.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_cot_records
+from cot2align.cache import open_cache
+from cot2align.cache.writer import CacheError
+from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
+from cot2align.losses.objective import Heads, LossConfig, build_projectors, distillation_loss
+from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
+from cot2align.teacher.cache_pass import cache_teacher
+from cot2align.train.data import DistillDataset, collate, tokenize_cache
+from cot2align.train.distill import distill, student_view, teacher_views_from_batch
+from cot2align.train.online import online_teacher_view
+
+TEACHER, STUDENT = "tiny-llama", "tiny-mistral"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_cot_records(root / "data.jsonl", n=16, cot_every=1)
+    cfg = build_config(CacheTeacherConfig, model=TEACHER, data=str(data), out=str(root / "cache"), topk=8, batch_tokens=4096)
+    cache_teacher(cfg, log=lambda m: None)
+    return root / "cache"
+
+
+def _objective_both_ways(cache_path, student_name, method, cot2align):
+    cache = open_cache(cache_path)
+    student_tok = load_tokenizer(student_name)
+    torch.manual_seed(0)
+    student = load_model(student_name)
+    teacher = load_model(TEACHER)
+    teacher_tok = load_tokenizer(TEACHER)
+    vocab_map = None
+    if method == "mined":
+        from cot2align.align.vocab import vocab_map as build_map
+
+        vocab_map = build_map(cache.tokenizer(), student_tok)
+    ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, vocab_map,
+                         cache.tokenizer() if vocab_map is not None else None)
+    views = ("std", "cot") if cot2align else ("std",)
+    dataset = DistillDataset(ids, views, [0, 1, 2], str(cache.path), ("input_ids", "target_ids", "hidden", "embeds"))
+    batch = collate([dataset[k] for k in range(3)], views, student_tok.eos_token_id)
+    head = cache.head()
+    heads = Heads(student_embed_tokens=student.get_input_embeddings().weight, student_lm_head=student.get_output_embeddings().weight,
+                  teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"])
+    if vocab_map is not None:
+        heads.stu2tea, heads.tea2stu = torch.from_numpy(vocab_map.stu2tea), torch.from_numpy(vocab_map.tea2stu)
+    students = {v: student_view(student, batch[v], "cpu", True) for v in views}
+    cached = {v: teacher_views_from_batch(batch[v], heads, cache.embed_kind, "exact", cache.manifest["teacher"]["vocab_size"],
+                                          "cpu", torch.float32) for v in views}
+    texts = cache.texts()
+    online = {}
+    for v in views:
+        rows = [cache.view(i, v) for i in range(3)]
+        online[v] = online_teacher_view(teacher, teacher_tok, [texts[f"prompt_{v}"][i] for i in range(3)],
+                                        [texts[f"response_{v}"][i] for i in range(3)],
+                                        [int(r["target_ids"][-1]) == teacher_tok.eos_token_id for r in rows], "cpu",
+                                        mined_rows=batch[v]["mined_rows"])
+    torch.manual_seed(1)
+    projectors = build_projectors(method, cot2align, student.config.hidden_size, teacher.config.hidden_size)
+    results = []
+    for teachers in (cached, online):
+        loss, parts = distillation_loss(method, 0.5, students, teachers, heads, projectors, cot2align, LossConfig())
+        results.append((loss, parts))
+    return results, batch, cached, online, student_tok, teacher_tok
+
+
+@pytest.mark.parametrize("method,cot2align", [("dskd", True), ("dskd", False), ("uld", True), ("mined", True),
+                                              ("sft", True), ("kl", True)])
+def test_cache_fed_objective_equals_online_teacher(cache_dir, method, cot2align):
+    student_name = TEACHER if method == "kl" else STUDENT
+    (cached, online), batch, cached_views, online_views, _, _ = _objective_both_ways(cache_dir, student_name, method, cot2align)
+    torch.testing.assert_close(cached[0], online[0], rtol=1e-5, atol=1e-5)
+    for key in cached[1]:
+        torch.testing.assert_close(cached[1][key], online[1][key], rtol=1e-4, atol=1e-5)
+    for view in cached_views:     # the teacher tensors themselves
+        assert torch.equal(cached_views[view].mask, online_views[view].mask)
+        assert torch.equal(cached_views[view].target_ids[cached_views[view].mask], online_views[view].target_ids[online_views[view].mask])
+        # one bf16 rounding step apart at most (the cache pass batches differently: float32 noise can flip a rounding)
+        torch.testing.assert_close(cached_views[view].hidden, online_views[view].hidden, rtol=8e-3, atol=1e-4)
+
+
+def test_student_rows_cover_the_same_text_as_teacher_rows(cache_dir):
+    _, batch, cached_views, _, student_tok, teacher_tok = _objective_both_ways(cache_dir, STUDENT, "sft", True)
+    for view, teacher_view in cached_views.items():
+        for b in range(batch[view]["input_ids"].shape[0]):
+            student_targets = batch[view]["target_ids"][b][batch[view]["response_mask"][b]].tolist()
+            teacher_targets = teacher_view.target_ids[b][teacher_view.mask[b]].tolist()
+            assert student_targets[-1] == student_tok.eos_token_id and teacher_targets[-1] == teacher_tok.eos_token_id
+            assert student_tok.decode(student_targets[:-1]).strip() == teacher_tok.decode(teacher_targets[:-1]).strip()
+
+
+def _run(cache_dir, out, **kw):
+    settings = dict(cache=str(cache_dir), student=STUDENT, out=str(out), epochs=2, batch_size=4, val_examples=2,
+                    val_max_new_tokens=4, lr=3e-3)
+    settings.update(kw)
+    return distill(build_config(DistillConfig, **settings), log=lambda m: None, progress=False)
+
+
+def _train_losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] if "loss" in r else r["ce"] for r in rows if "ce" in r]
+
+
+@pytest.mark.parametrize("method", ["sft", "kl", "uld", "mined", "dskd"])
+def test_short_run_lowers_the_loss_and_output_loads(cache_dir, tmp_path, method):
+    student = TEACHER if method == "kl" else STUDENT
+    summary = _run(cache_dir, tmp_path / "run", method=method, student=student, epochs=3)
+    losses = _train_losses(tmp_path / "run")
+    assert summary["steps"] == len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run"))
+    tok = load_tokenizer(str(tmp_path / "run"))
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > 1
+    for name in ("config.yaml", "metrics.jsonl", "README.md", "summary.json"):
+        assert (tmp_path / "run" / name).exists()
+    if method != "sft":
+        assert (tmp_path / "run" / "loss_curve.png").exists()
+
+
+def _final_trainable(out):
+    path = Path(out) / "checkpoints" / (Path(out) / "checkpoints" / "latest").read_text().strip() / "trainable.safetensors"
+    return load_file(str(path))
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(cache_dir, tmp_path):
+    args = ["--cache", str(cache_dir), "--student", STUDENT, "--method", "dskd", "--epochs", "2", "--batch-size", "4",
+            "--val-examples", "2", "--val-max-new-tokens", "2", "--save-every", "2", "--lr", "3e-3"]
+    env = dict(os.environ)
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *args, "--out", str(reference)], check=True, env=env,
+                   capture_output=True)
+    crashed = tmp_path / "crashed"
+    killed = subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *args, "--out", str(crashed)],
+                            env=dict(env, COT2ALIGN_KILL_AT_STEP="3"), capture_output=True)
+    assert killed.returncode == -9
+    subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *args, "--out", str(crashed), "--resume"], check=True,
+                   env=env, capture_output=True)
+    a, b = _final_trainable(reference), _final_trainable(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_losses, crash_losses = _train_losses(reference), _train_losses(crashed)
+    assert ref_losses[-1] == crash_losses[-1]
+
+
+def test_bad_inputs(cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match="alpha"):
+        build_config(DistillConfig, cache=str(cache_dir), alpha=1.5)
+    with pytest.raises(ConfigError, match="shared vocabulary"):
+        _run(cache_dir, tmp_path / "kl", method="kl", student=STUDENT)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "something.txt").write_text("another run")
+    with pytest.raises(ConfigError, match="not empty"):
+        _run(cache_dir, busy, method="sft")
+    assert (busy / "something.txt").read_text() == "another run"
+    with pytest.raises(ConfigError, match="paper setting"):
+        distill(build_config(DistillConfig, cache=str(cache_dir), out=str(tmp_path / "x")), log=lambda m: None)
+    # a cache still being written, and one of another format version
+    writing = tmp_path / "writing"
+    import shutil
+
+    shutil.copytree(cache_dir, writing)
+    meta = json.loads((writing / "zarr.json").read_text())
+    meta["attributes"]["status"] = "writing"
+    (writing / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="not complete"):
+        _run(writing, tmp_path / "w", method="dskd")
+    meta["attributes"]["status"] = "complete"
+    meta["attributes"]["format_version"] = 99
+    (writing / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="format"):
+        _run(writing, tmp_path / "v", method="dskd")
+
+
+def test_sft_from_plain_data_without_a_cache(tmp_path):
+    data = write_cot_records(tmp_path / "plain.jsonl", n=8)
+    summary = distill(build_config(DistillConfig, method="sft", cot2align=False, data=str(data), student=STUDENT,
+                                   out=str(tmp_path / "sft"), epochs=1, batch_size=4, val_examples=2, val_max_new_tokens=2),
+                      log=lambda m: None, progress=False)
+    assert summary["steps"] == 2            # 8 records, batch 4, one epoch
+    assert (tmp_path / "sft" / "config.json").exists() and _train_losses(tmp_path / "sft")
