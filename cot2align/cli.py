@@ -155,6 +155,36 @@ def distill_cmd(config_file, **flags):
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
+def _list(value: str | None, cast=str) -> list:
+    return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command("sweep")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config shared by every run.")
+@click.option("--cache", required=True, help="Teacher cache directory.")
+@click.option("--student", help="Comma-separated students [default: the paper's student for the teacher].")
+@click.option("--method", default="dskd", show_default=True, help="Comma-separated methods.")
+@click.option("--alpha", required=True, help="Comma-separated alpha values, e.g. 0.1,0.5,0.9.")
+@click.option("--out", required=True, help="Directory for the runs and the results table.")
+@click.option("--cot2align/--no-cot2align", default=None)
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--seed", type=int)
+@click.option("--device")
+@click.option("--val-examples", type=int)
+@click.option("--val-max-new-tokens", type=int)
+@click.option("--overwrite", is_flag=True, default=None)
+def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
+    """Train students x methods x alpha from one cache; write one results table and a plot."""
+    from cot2align.train.sweep import sweep
+
+    rows = sweep(cache, _list(student) or [None], _list(method), _list(alpha, float), out, config_file,
+                 log=lambda msg: click.echo(msg, err=True), **flags)
+    click.echo(f"{len(rows)} runs; results in {out}/results.md")
+
+
 @main.command("quickstart")
 @click.option("--out", default="cache/quickstart", show_default=True, help="Where the cache goes.")
 @click.option("--limit", default=100, show_default=True, help="Records of the shipped sample to use.")

@@ -183,7 +183,8 @@ def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, device) 
 
 # ------------------------------------------------------------------------------------------ the run
 
-def distill(cfg: DistillConfig, log=print, progress: bool = True) -> dict:
+def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) -> dict:
+    """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once)."""
     from cot2align.cache import open_cache
     from cot2align.modeling import load_tokenizer, tokenizer_hash
 
@@ -196,7 +197,8 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True) -> dict:
         torch.cuda.set_device(device)
 
     # 1. config
-    cache = open_cache(cfg.cache) if cfg.cache else None
+    if cache is None and cfg.cache:
+        cache = open_cache(cfg.cache)
     teacher_name = cache.manifest["teacher"]["name_or_path"] if cache is not None else None
     setting = cfg.resolve(model_family(teacher_name) if teacher_name else None)
     if setting:
@@ -309,7 +311,7 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True) -> dict:
     vocab_t = cache.manifest["teacher"]["vocab_size"] if cache is not None else 0
     embed_kind = cache.embed_kind if cache is not None else "lookup"
     step, started = state["step"], time.perf_counter()
-    tokens_seen = 0
+    tokens_seen, data_wait = 0, 0.0
     stop = cfg.max_steps is not None and step >= cfg.max_steps
 
     # 6. epochs
@@ -321,7 +323,13 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True) -> dict:
         batch_no = sampler.skip
         bar = _progress(len(sampler), epoch, is_main and progress)
         window: list[dict] = []
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
             remaining_in_epoch = batches_per_epoch - batch_no
             window_size = min(cfg.grad_accum, (batch_no % cfg.grad_accum) + remaining_in_epoch)
             with autocast:
@@ -350,7 +358,9 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True) -> dict:
             step += 1
             record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                       **{k: float(np.mean([w[k] for w in window if k in w])) for k in window[0]},
-                      "tokens_per_s": tokens_seen / max(time.perf_counter() - started, 1e-9)}
+                      "tokens_per_s": tokens_seen / max(time.perf_counter() - started, 1e-9),
+                      "data_wait_share": data_wait / max(time.perf_counter() - started, 1e-9),
+                      "data_wait_s": data_wait, "elapsed_s": time.perf_counter() - started}
             window = []
             if is_main:
                 metrics_file.write(json.dumps(record) + "\n")
@@ -405,6 +415,9 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True) -> dict:
         if writer is not None:
             writer.close()
         _finalise(out, cfg, tokenizer, model, projectors, cache, summary, say)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -1,0 +1,75 @@
+"""`cot2align sweep`: the cross product students × methods × α from one cache, opened once and never written.
+
+Each run goes to DIR/<student>_<method>[_cot2align]_a<alpha>/; the results (best validation ROUGE-L, final
+validation loss, steps) land in DIR/results.md and DIR/results.csv, with a plot of validation ROUGE-L
+against α per method (DIR/rougeL_vs_alpha.png).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+from cot2align.config import DistillConfig, build_config, model_family
+
+
+def sweep(cache_path: str, students: list[str | None], methods: list[str], alphas: list[float], out: str,
+          config_file: str | None = None, log=print, **flags) -> list[dict]:
+    from cot2align.cache import open_cache
+    from cot2align.train.distill import distill
+
+    cache = open_cache(cache_path)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for student, method, alpha in itertools.product(students, methods, alphas):
+        cfg = build_config(DistillConfig, config_file, cache=cache_path, student=student, method=method, alpha=alpha, **flags)
+        cfg.resolve(model_family(cache.manifest["teacher"]["name_or_path"]))
+        cfg.out = str(out_dir / f"{model_family(cfg.student)}_{method}{'_cot2align' if cfg.cot2align else ''}_a{alpha}")
+        log(f"sweep: {cfg.student} {method}{' + CoT2Align' if cfg.cot2align else ''} alpha={alpha} -> {cfg.out}")
+        summary = distill(cfg, log=log, cache=cache)
+        final = summary["history"][-1] if summary["history"] else {}
+        rows.append({"student": cfg.student, "method": method, "cot2align": cfg.cot2align, "alpha": alpha,
+                     "best_val_rougeL": summary["best_val_rougeL"], "final_val_loss": final.get("val_loss"),
+                     "steps": summary["steps"], "out": cfg.out})
+    _write_tables(rows, out_dir)
+    _plot(rows, out_dir)
+    return rows
+
+
+def _fmt(value) -> str:
+    return "" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+
+def _write_tables(rows: list[dict], out_dir: Path) -> None:
+    columns = list(rows[0]) if rows else []
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(rows: list[dict], out_dir: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (student, method), group in itertools.groupby(sorted(rows, key=lambda r: (r["student"], r["method"], r["alpha"])),
+                                                      key=lambda r: (r["student"], r["method"])):
+        group = [g for g in group if g["best_val_rougeL"] is not None]
+        if group:
+            ax.plot([g["alpha"] for g in group], [g["best_val_rougeL"] for g in group], marker="o", label=f"{student} {method}")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("validation ROUGE-L")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "rougeL_vs_alpha.png", dpi=100)
+    plt.close(fig)
