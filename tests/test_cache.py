@@ -254,14 +254,3 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     bad.write_text("model: tiny-llama\ntop_kk: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown setting 'top_kk'"):
         build_config(CacheTeacherConfig, bad)
-
-
-def test_quickstart_runs_the_embedded_default(tmp_path):
-    out = tmp_path / "qs"
-    result = _run_cli(["quickstart", "--out", str(out), "--limit", "12"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "cot2align cache-teacher --model tiny-qwen2 --data sample" in result.stderr
-    assert "bytes/row" in result.stdout and verify_cache(out) == []
-    assert open_cache(out).manifest["teacher"]["name_or_path"] == "tiny-qwen2"
-    again = _run_cli(["quickstart", "--out", str(out), "--limit", "12"])
-    assert again.returncode == 0 and "already complete" in again.stderr

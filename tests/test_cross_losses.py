@@ -277,3 +277,14 @@ def test_dskd_shapes_float32_and_topk_k_equals_vocab():
     by_head, _ = dskd_loss(**x, teacher=hidden_form, projectors=proj)
     with_logits, _ = dskd_loss(**x, teacher=hidden_form.logits(), projectors=proj)
     assert torch.allclose(by_head, with_logits, atol=1e-5) and torch.isfinite(by_head)
+
+
+def test_dskd_with_no_rows_is_zero_and_keeps_gradients_finite():
+    x, proj = dskd_inputs(10)
+    x["student_mask"] = torch.zeros_like(x["student_mask"])
+    x["student_logits"].requires_grad_(True)
+    loss, parts = dskd_loss(**x, projectors=proj, reduction="sum")
+    assert loss.item() == 0.0 and parts["n_student"] == 0
+    total = loss + x["student_logits"].sum() * 0
+    total.backward()
+    assert torch.isfinite(x["student_logits"].grad).all()

@@ -113,3 +113,17 @@ def test_errors():
     with pytest.raises(ValueError, match="vocabulary|response lengths"):
         distillation_loss("kl", 0.5, student, teacher, heads)
     assert METHODS == ("sft", "kl", "uld", "mined", "dskd")
+
+
+@pytest.mark.parametrize("method", ["uld", "mined", "dskd"])
+def test_a_batch_without_cot_rows_stays_finite(method):
+    """Records whose rationale was dropped as degenerate have an empty CoT view."""
+    student, teacher, heads = make_views(4)
+    student["cot"].mask = torch.zeros_like(student["cot"].mask)
+    teacher["cot"].mask = torch.zeros_like(teacher["cot"].mask)
+    projectors = build_projectors(method, True, D_S, D_T)
+    loss, _ = distillation_loss(method, 0.5, student, teacher, heads, projectors, cot2align=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for p in [student["std"].logits, student["std"].last, *projectors.parameters()]:
+        assert p.grad is None or torch.isfinite(p.grad).all()

@@ -130,8 +130,9 @@ def test_short_run_lowers_the_loss_and_output_loads(cache_dir, tmp_path, method)
     tok = load_tokenizer(str(tmp_path / "run"))
     out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 1
-    for name in ("config.yaml", "metrics.jsonl", "README.md", "summary.json"):
+    for name in ("config.yaml", "metrics.jsonl", "README.md", "summary.json", "tensorboard"):
         assert (tmp_path / "run" / name).exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     if method != "sft":
         assert (tmp_path / "run" / "loss_curve.png").exists()
 
@@ -241,3 +242,23 @@ def test_two_gloo_processes_match_the_single_process_run(cache_dir, tmp_path):
     assert abs(np.mean(a) - np.mean(b)) < 0.15 * np.mean(a), (a, b)
     summary = json.loads((double / "summary.json").read_text())
     assert summary["steps"] == len(b)
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+    distill_configs = [c for c in configs if not c.name.startswith("cache_")]
+    assert len(distill_configs) >= 15
+    for path in distill_configs:
+        cfg = build_config(DistillConfig, path, cache="unused")
+        assert cfg.student and cfg.method
+
+
+def test_bare_distill_uses_the_paper_setting_and_announces_it(tmp_path):
+    data = write_cot_records(tmp_path / "d.jsonl", n=6, cot_every=1)
+    cache_teacher(build_config(CacheTeacherConfig, model="tiny-qwen2", data=str(data), out=str(tmp_path / "cache"), topk=4),
+                  log=lambda m: None)
+    messages = []
+    summary = distill(build_config(DistillConfig, cache=str(tmp_path / "cache"), out=str(tmp_path / "run"), max_steps=1,
+                                   val_examples=1, val_max_new_tokens=2), log=messages.append, progress=False)
+    assert summary["steps"] == 1
+    assert messages[0].startswith("paper setting: tiny-gpt2 <- tiny-qwen2") and "dskd + CoT2Align" in messages[0]

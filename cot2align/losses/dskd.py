@@ -50,8 +50,9 @@ class DSKDProjectors(nn.Module):
 
 
 def _masked_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One std over every element of the real rows of x [B, M, D] (unbiased, as torch.std)."""
-    return f32(x[mask]).std().clamp_min(1e-12)
+    """One std over every element of the real rows of x [B, M, D] (unbiased, as torch.std); 1 with no rows."""
+    values = f32(x[mask])
+    return values.std().clamp_min(1e-12) if values.numel() > 1 else values.new_ones(())
 
 
 def cross_model_attention(query: torch.Tensor, key: torch.Tensor, student_mask: torch.Tensor,
@@ -83,6 +84,13 @@ def dskd_loss(*, student_logits: torch.Tensor, student_hidden: torch.Tensor, stu
     """
     s_mask, t_mask = student_mask.bool(), teacher_mask.bool()
     n_student, n_teacher = s_mask.sum(), t_mask.sum()
+    if int(n_student) == 0 or int(n_teacher) == 0:
+        # nothing to align (e.g. a batch whose examples have no CoT view): exactly zero, no NaN from empty stds
+        zero = student_logits.new_zeros((), dtype=torch.float32)
+        parts = {"t2s_ce": zero, "t2s_kd": zero, "s2t_kd": zero, "t2s_acc": zero}
+        if reduction == "sum":
+            parts.update(n_student=n_student, n_teacher=n_teacher)
+        return zero, parts
 
     # cross-model attention between the two sequences of response rows
     student_index = torch.cat([student_input_embeds, student_target_embeds], dim=-1).detach()

@@ -37,6 +37,15 @@ from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, t
 RUN_MARKER = "run.json"
 
 
+def sft_defaults(model: str, flags: dict) -> dict:
+    """`cot2align sft` defaults: the paper fine-tunes 7B teachers with LoRA r=256, alpha 8, lr 1e-3, 10
+    epochs (Table 4), and smaller models fully (Qwen1.5-1.8B: lr 2e-5, 10 epochs)."""
+    big = model in ("mistral-7b", "llama2-7b", "qwen2.5-7b-instruct")
+    defaults = dict(epochs=10, lr=1e-3 if big else 2e-5, lora_rank=256 if big else 0, lora_alpha=8, lora_dropout=0.1,
+                    alpha=0.0, batch_size=4, grad_accum=2 if big else 1)
+    return {**defaults, **{k: v for k, v in flags.items() if v is not None}}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

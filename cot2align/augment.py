@@ -1,0 +1,182 @@
+"""`cot2align augment-cot`: the (fine-tuned) teacher writes a rationale for every training record (DESIGN §3).
+
+For each record the teacher samples a continuation of the CoT prompt (Figure 3, ending in "Let's think step
+by step.\\n"; temperature 1.0, top-k 0, top-p 1.0, at most 256 new tokens by default). The rationale is that
+continuation, cut before any "Therefore, the answer is:" the teacher wrote itself; the CoT target is
+`rationale + "\\nTherefore, the answer is: " + gold output`.
+
+Degenerate rationales are not used: empty, caught in a repetition loop (a word 4-gram repeated 4 or more
+times), or stopped by the length limit without reaching an answer. Their records are still written (with
+`rationale: null` and the reason), so a resumed run does not generate them again; they get no CoT view.
+
+The output JSONL is append-only and keyed by id: a run killed at any point resumes without repeating a
+finished id (a torn last line is cut off first). Generation is batched, length-sorted and left-padded
+(transformers), or done by vllm with `--backend vllm`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cot2align.data.templates import cot_output, cot_prompt
+
+SEPARATOR = "Therefore, the answer is"
+
+
+@dataclass
+class AugmentConfig:
+    model: str = "tiny-qwen2"
+    data: str = "sample"
+    out: str = "data/cot.jsonl"
+    split: str = "train"
+    data_root: str | None = None
+    backend: str = "hf"
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    limit: int | None = None
+    adapter: str | None = None
+    device: str | None = None
+    trust_remote_code: bool = False
+
+
+def degenerate_reason(rationale: str, hit_length_limit: bool) -> str | None:
+    """Why a rationale is unusable, or None."""
+    if not rationale.strip():
+        return "empty"
+    words = rationale.split()
+    grams = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    if grams and grams.most_common(1)[0][1] >= 4:
+        return "repetition"
+    if hit_length_limit:
+        return "length_limit"
+    return None
+
+
+def extract_rationale(generated: str) -> tuple[str, bool]:
+    """(rationale, whether the teacher reached an answer marker) from the generated continuation."""
+    cut = generated.find(SEPARATOR)
+    if cut >= 0:
+        return generated[:cut].strip(), True
+    return generated.strip(), False
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids already written; a torn last line (a crash mid-write) is removed from the file first."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    ids = set()
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            ids.add(json.loads(line)["id"])
+    return ids
+
+
+def _generate_hf(model, tokenizer, prompts: list[str], cfg: AugmentConfig, seed: int) -> list[tuple[str, bool]]:
+    """(text, stopped by the length limit) per prompt; one left-padded batch."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        attention[row, width - len(e):] = 1
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=True,
+                             temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    results = []
+    for row in range(len(prompts)):
+        new = out[row, width:].tolist()
+        ended = tokenizer.eos_token_id in new
+        if ended:
+            new = new[:new.index(tokenizer.eos_token_id)]
+        results.append((tokenizer.decode(new, skip_special_tokens=True), not ended and len(new) >= cfg.max_new_tokens))
+    return results
+
+
+def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bool]]:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        from cot2align.config import ConfigError
+
+        raise ConfigError("--backend vllm: vllm is not installed (pip install 'cot2align[vllm]')") from None
+    llm = LLM(model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    params = SamplingParams(temperature=cfg.temperature, top_p=1.0, top_k=-1, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    outputs = llm.generate(prompts, params)
+    return [(o.outputs[0].text, o.outputs[0].finish_reason == "length") for o in outputs]
+
+
+def augment_cot(cfg: AugmentConfig, log=print) -> dict:
+    from cot2align.data import load_records
+
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
+    if cfg.limit is not None:
+        records = records[:cfg.limit]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_ids(out)
+    todo = [r for r in records if r["id"] not in done]
+    log(f"augment-cot: {len(records)} records, {len(done)} already done, {len(todo)} to generate")
+    counts = Counter()
+    if not todo:
+        return {"generated": 0, "already_done": len(done), "degenerate": {}}
+    prompts = {r["id"]: cot_prompt(r["instruction"], r.get("input", "")) for r in todo}
+    if cfg.backend == "vllm":
+        generated = dict(zip(prompts, _generate_vllm(cfg, list(prompts.values()))))
+        batches = [todo]
+    else:
+        from cot2align.modeling import load_model, load_tokenizer
+
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(cfg.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device,
+                           adapter=cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model)
+        lengths = {rid: len(tokenizer(p)["input_ids"]) for rid, p in prompts.items()}
+        ordered = sorted(todo, key=lambda r: lengths[r["id"]])
+        batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
+        generated = None
+    with out.open("a", encoding="utf-8") as f:
+        for number, batch in enumerate(batches):
+            if generated is None:
+                # the seed depends on the batch's first id, so a resumed run samples what it would have
+                seed = cfg.seed * 1_000_003 + sum(map(ord, batch[0]["id"]))
+                results = _generate_hf(model, tokenizer, [prompts[r["id"]] for r in batch], cfg, seed)
+            else:
+                results = [generated[r["id"]] for r in batch]
+            for record, (text, hit_limit) in zip(batch, results):
+                rationale, answered = extract_rationale(text)
+                reason = degenerate_reason(rationale, hit_limit and not answered)
+                row = {k: record[k] for k in ("id", "instruction", "input", "output")}
+                if reason is None:
+                    row.update(rationale=rationale, cot_output=cot_output(rationale, record["output"]))
+                    counts["kept"] += 1
+                else:
+                    row.update(rationale=None, cot_output=None, degenerate=reason)
+                    counts[reason] += 1
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            if os.environ.get("COT2ALIGN_KILL_AFTER_BATCH") == str(number + 1):   # crash tests only
+                os.kill(os.getpid(), 9)
+    degenerate = {k: v for k, v in counts.items() if k != "kept"}
+    log(f"augment-cot: wrote {sum(counts.values())} records to {out} ({counts['kept']} with a rationale; "
+        f"dropped as degenerate: {degenerate or 'none'})")
+    return {"generated": sum(counts.values()), "kept": counts["kept"], "already_done": len(done), "degenerate": degenerate}
