@@ -262,3 +262,19 @@ def test_bare_distill_uses_the_paper_setting_and_announces_it(tmp_path):
                                    val_examples=1, val_max_new_tokens=2), log=messages.append, progress=False)
     assert summary["steps"] == 1
     assert messages[0].startswith("paper setting: tiny-gpt2 <- tiny-qwen2") and "dskd + CoT2Align" in messages[0]
+
+
+def test_a_student_tokenizer_that_cannot_encode_the_text_is_reported(cache_dir):
+    """A word-level tokenizer with an unknown token: responses it cannot spell are counted in a warning."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "</s>", "<s>", "the", "a", "is", "to", "and", "Person1", "Person2", "#", ":", "."]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", bos_token="<s>")
+    cache = open_cache(cache_dir)
+    messages = []
+    ids = tokenize_cache(cache, tok, "word-level-test", 512, log=messages.append)
+    assert any("unknown token" in m and "cannot be learned" in m for m in messages), messages
+    assert len(ids["std_prompt_len"]) == len(cache)
