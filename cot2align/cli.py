@@ -10,8 +10,10 @@ import click
 from cot2align.cache.writer import CacheError
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.data.readers import DataError
+from cot2align.train import TrainingError
 
-USER_ERRORS = (CacheError, ConfigError, DataError)
+
+USER_ERRORS = (CacheError, ConfigError, DataError, TrainingError)
 
 
 class _Group(click.Group):

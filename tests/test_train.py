@@ -278,3 +278,23 @@ def test_a_student_tokenizer_that_cannot_encode_the_text_is_reported(cache_dir):
     ids = tokenize_cache(cache, tok, "word-level-test", 512, log=messages.append)
     assert any("unknown token" in m and "cannot be learned" in m for m in messages), messages
     assert len(ids["std_prompt_len"]) == len(cache)
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_update(cache_dir, tmp_path, monkeypatch):
+    import cot2align.train.distill as distill_module
+    from cot2align.train.distill import TrainingError
+
+    real = distill_module.distillation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    monkeypatch.setattr(distill_module, "distillation_loss", poisoned)
+    with pytest.raises(TrainingError, match="step 3.*not finite"):
+        _run(cache_dir, tmp_path / "nan", method="dskd", save_every=1)
+    saved = _final_trainable(tmp_path / "nan")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip() == "step-00000002"

@@ -31,6 +31,7 @@ from cot2align.cache.writer import CacheError
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, model_family
 from cot2align.losses.objective import Heads, LossConfig, StudentView, TeacherView, build_projectors, distillation_loss
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
+from cot2align.train import TrainingError
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
 
@@ -349,6 +350,13 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
                                                             compute_dtype) for v in views}
                 loss, parts = distillation_loss(cfg.method, cfg.alpha, students, teachers, heads, projectors,
                                                 cfg.cot2align, loss_cfg)
+            if not torch.isfinite(loss.detach()):
+                # stop before the update: a NaN gradient would silently destroy the weights
+                bad = {k: float(v) for k, v in parts.items() if not math.isfinite(float(v))}
+                raise TrainingError(f"step {step + 1}, epoch {epoch + 1}: the loss is not finite (non-finite parts: "
+                                    f"{', '.join(sorted(bad)) or 'loss'}) on cache examples "
+                                    f"{batch['index'].tolist()}; nothing was updated and the last checkpoint in "
+                                    f"{out / 'checkpoints'} is intact")
             (loss / window_size).backward()
             batch_no += 1
             tokens_seen += int(sum(batch[v]["attention_mask"].sum() for v in views))
