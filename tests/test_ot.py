@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cot2align.losses.ccot import ccot_loss
-from cot2align.losses.ot import attention_cost, ot_alignment_loss, sinkhorn
+from cot2align.losses.ot import ot_alignment_loss, sinkhorn
 
 
 def random_batch(seed, B=4, N=9, M=12, scale=1.0):

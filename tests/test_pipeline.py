@@ -6,7 +6,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from rouge_score import rouge_scorer
@@ -15,7 +14,6 @@ from cot2align import augment as augment_module
 from cot2align.augment import AugmentConfig, augment_cot, degenerate_reason, extract_rationale
 from cot2align.cache import open_cache
 from cot2align.cache.inspect import verify_cache
-from cot2align.config import DistillConfig, build_config
 from cot2align.data import load_records
 from cot2align.evaluation import evaluate_model, generate, rouge_l
 

@@ -19,11 +19,9 @@ target_v = q_v · p_rest / q_rest for the tokens in the rest bucket.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, tempered_buckets
 
 
 def _teacher_chunk(teacher, start: int, stop: int) -> torch.Tensor:
@@ -40,18 +38,6 @@ def _student_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, start: int,
     if bias is not None:
         out = out + bias[start:stop]
     return f32(out)
-
-
-def _topk_teacher_buckets(teacher: TopKTeacher, temperature: float) -> torch.Tensor:
-    """Teacher log-probs over k + 1 buckets at τ (tail tempered as spread evenly), as in kl.topk_buckets."""
-    k = teacher.ids.shape[-1]
-    n_rest = teacher.vocab_size - k
-    top = f32(teacher.logprobs) / temperature
-    if n_rest > 0:
-        rest = (f32(teacher.tail) - math.log(n_rest)) / temperature + math.log(n_rest)
-    else:
-        rest = torch.full_like(f32(teacher.tail), float("-inf"))
-    return torch.log_softmax(torch.cat([top, rest[:, None]], dim=-1), dim=-1)
 
 
 def _chunk_topk_layout(ids: torch.Tensor, start: int, stop: int):
@@ -91,7 +77,7 @@ class _HeadForwardKL(torch.autograd.Function):
                 lse_t = torch.logaddexp(lse_t, (_teacher_chunk(teacher, start, stop) / temperature).logsumexp(-1))
         grad = torch.zeros(rows, weight.shape[1], device=hidden.device, dtype=acc) if need_grad else None
         if topk:
-            t_logp = _topk_teacher_buckets(teacher, temperature)                       # [P, k+1]
+            t_logp = tempered_buckets(teacher, temperature)                       # [P, k+1]
             q_logp = torch.cat([q_top - lse_q[:, None], (lse_rest - lse_q)[:, None]], dim=-1)
             p = t_logp.exp()
             kl = torch.where(p > 0, p * (t_logp - q_logp), 0.0).sum(-1)

@@ -28,14 +28,9 @@ from __future__ import annotations
 import math
 import torch
 
-from cot2align.losses.teacher import HeadTeacher, TopKTeacher  # noqa: F401  (TopKTeacher re-exported)
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, tempered_buckets  # noqa: F401  (TopKTeacher re-exported)
 
 VARIANTS = ("forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive")
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (float64 inputs stay float64, for gradcheck)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -49,7 +44,7 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, variant: str = "forward",
                skew_lambda: float = 0.1, adaptive_alpha: float = 0.5) -> torch.Tensor:
     """Per-position divergence between two log-distributions over the same buckets [..., V] -> [...]."""
-    s, t = _f32(student_logp), _f32(teacher_logp)
+    s, t = f32(student_logp), f32(teacher_logp)
     if variant == "forward":
         return _kl(t, s)
     if variant == "reverse":
@@ -76,19 +71,10 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, variant: 
 
 def topk_buckets(student_logits: torch.Tensor, teacher: TopKTeacher, temperature: float = 1.0):
     """(student, teacher) log-probs over the k + 1 buckets: the teacher's top-k tokens, then the rest."""
-    s_logp = torch.log_softmax(_f32(student_logits) / temperature, dim=-1)
+    s_logp = torch.log_softmax(f32(student_logits) / temperature, dim=-1)
     s_top = s_logp.gather(-1, teacher.ids)
     s_rest = s_logp.scatter(-1, teacher.ids, float("-inf")).logsumexp(-1, keepdim=True)
-    k = teacher.ids.shape[-1]
-    t_top = _f32(teacher.logprobs) / temperature
-    n_rest = teacher.vocab_size - k
-    if n_rest > 0:
-        # the rest bucket tempered as n_rest equal tokens: n·(mass/n)^(1/τ)
-        t_rest = (_f32(teacher.tail) - math.log(n_rest)) / temperature + math.log(n_rest)
-    else:
-        t_rest = torch.full_like(_f32(teacher.tail), float("-inf"))
-    t_logp = torch.log_softmax(torch.cat([t_top, t_rest[..., None]], dim=-1), dim=-1)
-    return torch.cat([s_top, s_rest], dim=-1), t_logp
+    return torch.cat([s_top, s_rest], dim=-1), tempered_buckets(teacher, temperature)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher, mask: torch.Tensor, variant: str = "forward",
@@ -106,8 +92,8 @@ def kl_loss(student_logits: torch.Tensor, teacher, mask: torch.Tensor, variant: 
     if isinstance(teacher, TopKTeacher):
         s_logp, t_logp = topk_buckets(student_logits, teacher, temperature)
     else:
-        s_logp = torch.log_softmax(_f32(student_logits) / temperature, dim=-1)
-        t_logp = torch.log_softmax(_f32(teacher) / temperature, dim=-1)
+        s_logp = torch.log_softmax(f32(student_logits) / temperature, dim=-1)
+        t_logp = torch.log_softmax(f32(teacher) / temperature, dim=-1)
     per_position = divergence(s_logp, t_logp, variant, skew_lambda, adaptive_alpha)
     mask = mask.bool()
     return (per_position * mask).sum() / mask.sum().clamp_min(1)

@@ -22,12 +22,10 @@ the representative of a student token prefers an exact-bytes match over the firs
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from cot2align.losses.kl import _kl
-from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows, tempered_buckets
 
 
 def _padded(stu2tea: torch.Tensor, student_vocab: int) -> torch.Tensor:
@@ -63,15 +61,7 @@ def _kl_topk(student_rows: torch.Tensor, teacher_rows: TopKTeacher, tea2stu: tor
     s_top = torch.where(keep, s_logp.gather(-1, gather_ids), float("-inf"))
     covered = torch.zeros_like(s_logp).scatter_add(-1, gather_ids, keep.to(s_logp.dtype)) > 0
     s_rest = s_logp.masked_fill(covered, float("-inf")).logsumexp(-1, keepdim=True)
-    k = ids.shape[-1]
-    n_rest = teacher_rows.vocab_size - k
-    t_top = torch.where(keep, f32(teacher_rows.logprobs) / temperature, float("-inf"))
-    if n_rest > 0:
-        t_rest = (f32(teacher_rows.tail) - math.log(n_rest)) / temperature + math.log(n_rest)
-    else:
-        t_rest = torch.full_like(f32(teacher_rows.tail), float("-inf"))
-    t_logp = torch.log_softmax(torch.cat([t_top, t_rest[:, None]], dim=-1), dim=-1)
-    return _kl(t_logp, torch.cat([s_top, s_rest], dim=-1))
+    return _kl(tempered_buckets(teacher_rows, temperature, keep), torch.cat([s_top, s_rest], dim=-1))
 
 
 def mined_loss(student_logits: torch.Tensor, target_ids: torch.Tensor, student_mask: torch.Tensor,

@@ -14,6 +14,7 @@ Three forms, all describing the same thing at a set of teacher positions [...]:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,25 @@ class HeadTeacher:
 def f32(x: torch.Tensor) -> torch.Tensor:
     """At least float32: half precisions are upcast, float64 stays (so gradcheck can run in float64)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def tempered_buckets(teacher: TopKTeacher, temperature: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher log-probs at τ over k + 1 buckets: its top-k tokens, then one bucket for the rest.
+
+    The top-k are tempered exactly; the rest bucket as if its mass were spread evenly over the V − k other
+    tokens, n·(mass/n)^(1/τ) (exact at τ = 1). `keep` [..., k] drops top-k entries (their mass leaves the
+    distribution, which is renormalised over what is kept — MinED's restriction to mapped tokens).
+    """
+    k = teacher.ids.shape[-1]
+    n_rest = teacher.vocab_size - k
+    top = f32(teacher.logprobs) / temperature
+    if keep is not None:
+        top = torch.where(keep, top, float("-inf"))
+    if n_rest > 0:
+        rest = (f32(teacher.tail) - math.log(n_rest)) / temperature + math.log(n_rest)
+    else:
+        rest = torch.full_like(f32(teacher.tail), float("-inf"))
+    return torch.log_softmax(torch.cat([top, rest[..., None]], dim=-1), dim=-1)
 
 
 def vocab_size_of(teacher) -> int:

@@ -19,12 +19,10 @@ llm-recipes skips the student's EOS — here the caller's masks decide.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows, tempered_buckets
 
 
 def paired_positions(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +57,7 @@ def _uld_topk(student_logits: torch.Tensor, teacher: TopKTeacher, temperature: f
     p_s = torch.softmax(f32(student_logits) / temperature, dim=-1)
     s_top = p_s.topk(min(k, p_s.shape[-1]), dim=-1).values
     s_rest = (1.0 - s_top.sum(-1)).clamp_min(0.0)
-    # teacher buckets at τ: top-k tempered exactly, the tail as if spread evenly over the other tokens
-    t_top = f32(teacher.logprobs) / temperature
-    n_rest = teacher.vocab_size - k
-    if n_rest > 0:
-        t_rest = (f32(teacher.tail) - math.log(n_rest)) / temperature + math.log(n_rest)
-    else:
-        t_rest = torch.full_like(f32(teacher.tail), float("-inf"))
-    t_probs = torch.softmax(torch.cat([t_top, t_rest[:, None]], dim=-1), dim=-1)
+    t_probs = tempered_buckets(teacher, temperature).exp()
     return _l1_sorted(s_top, t_probs[:, :k]) + (s_rest - t_probs[:, k]).abs()
 
 

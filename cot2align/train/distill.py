@@ -513,7 +513,7 @@ def _finalise(out: Path, cfg: DistillConfig, tokenizer, model, projectors, cache
             f"- student: `{cfg.student}`", f"- teacher: `{teacher}`", f"- cache manifest hash: `{manifest_hash}`",
             f"- method: `{cfg.method}`{' + CoT2Align' if cfg.cot2align else ''}, alpha {cfg.alpha}",
             f"- data: `{data}`", f"- steps: {summary['steps']}, best epoch: {summary['best_epoch']}",
-            f"- final validation: " + (", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("val_")) or "n/a"),
+            "- final validation: " + (", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("val_")) or "n/a"),
             "", "Load with `AutoModelForCausalLM.from_pretrained(<this directory>)`."]
     (out / "README.md").write_text("\n".join(card) + "\n")
     say(f"wrote {out} (best epoch {summary['best_epoch']}, val ROUGE-L {summary['best_val_rougeL']})")
