@@ -90,12 +90,16 @@ class TeacherCache:
             out[view] = self.view(i, view)
         return out
 
-    def view(self, i: int, view: str) -> dict:
+    def view(self, i: int, view: str, names=None) -> dict:
+        """One example's view; `names` limits which per-row arrays are read (and decoded)."""
         v = self.views[view]
         a, b = int(v["offsets"][i]), int(v["offsets"][i + 1])
+        texts = self.texts(i)
         out = {"prompt_len": int(v["prompt_len"][i]), "n_rows": b - a,
-               "prompt": self.texts(i)[f"prompt_{view}"], "response": self.texts(i)[f"response_{view}"]}
+               "prompt": texts[f"prompt_{view}"], "response": texts[f"response_{view}"]}
         for name, arr in v["arrays"].items():
+            if names is not None and name not in names:
+                continue
             out[name] = arr[a:b] if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         return out
 

@@ -65,7 +65,10 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     unencodable = 0
     for view in VIEWS:
         ids_all, offsets, prompt_lens, mined_rows, mined_offsets = [], [0], [], [], [0]
-        target_col = cache.group[view]["target_ids"] if cache.rows(view) else None
+        # the id columns once per view (4 bytes a row), not a zarr chunk decode per example
+        has_rows = cache.rows(view) > 0
+        teacher_targets = cache.group[view]["target_ids"][:] if has_rows else None
+        teacher_inputs_all = cache.group[view]["input_ids"][:] if has_rows and vocab_map is not None else None
         view_offsets = cache.views[view]["offsets"]
         for i in range(len(cache)):
             n_rows = int(view_offsets[i + 1] - view_offsets[i])
@@ -74,7 +77,7 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
                 offsets.append(offsets[-1])
                 mined_offsets.append(mined_offsets[-1])
                 continue
-            last_target = int(target_col[int(view_offsets[i + 1]) - 1])
+            last_target = int(teacher_targets[int(view_offsets[i + 1]) - 1])
             prompt, response = texts[f"prompt_{view}"][i], texts[f"response_{view}"][i]
             try:
                 ids, prompt_len = student_view_ids(tokenizer, prompt, response, last_target == eos_teacher, max_length)
@@ -88,7 +91,7 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
             prompt_lens.append(prompt_len)
             if vocab_map is not None:
                 a, b = int(view_offsets[i]), int(view_offsets[i + 1])
-                teacher_inputs = cache.group[view]["input_ids"][a:b]
+                teacher_inputs = teacher_inputs_all[a:b]
                 student_inputs = ids[prompt_len - 1:len(ids) - 1]
                 rows = aligned_teacher_rows(student_inputs, teacher_inputs, student_strings, teacher_strings,
                                             vocab_map.tea2stu)
@@ -148,7 +151,7 @@ class DistillDataset(torch.utils.data.Dataset):
                 ma, mb = self.student[f"{view}_mined_offsets"][i], self.student[f"{view}_mined_offsets"][i + 1]
                 entry["mined_rows"] = self.student[f"{view}_mined_rows"][ma:mb]
             if cache is not None:
-                teacher = cache.view(i, view)
+                teacher = cache.view(i, view, self.teacher_arrays)
                 entry["teacher"] = {name: teacher[name] for name in self.teacher_arrays if name in teacher}
             item[view] = entry
         return item

@@ -350,17 +350,21 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
                                                             compute_dtype) for v in views}
                 loss, parts = distillation_loss(cfg.method, cfg.alpha, students, teachers, heads, projectors,
                                                 cfg.cot2align, loss_cfg)
-            if not torch.isfinite(loss.detach()):
+            # the loss and every logged part in one device->host copy (one sync per micro-batch, not one per part)
+            values = torch.stack([loss.detach().float().reshape(())] + [torch.as_tensor(v, device=device).float().reshape(())
+                                                                        for v in parts.values()]).tolist()
+            logged = dict(zip(parts, values[1:]))
+            if not all(math.isfinite(v) for v in values):
                 # stop before the update: a NaN gradient would silently destroy the weights
-                bad = {k: float(v) for k, v in parts.items() if not math.isfinite(float(v))}
+                bad = ["loss"] * (not math.isfinite(values[0])) + [k for k, v in logged.items() if not math.isfinite(v)]
                 raise TrainingError(f"step {step + 1}, epoch {epoch + 1}: the loss is not finite (non-finite parts: "
-                                    f"{', '.join(sorted(bad)) or 'loss'}) on cache examples "
+                                    f"{', '.join(sorted(set(bad)))}) on cache examples "
                                     f"{batch['index'].tolist()}; nothing was updated and the last checkpoint in "
                                     f"{out / 'checkpoints'} is intact")
             (loss / window_size).backward()
             batch_no += 1
             tokens_seen += int(sum(batch[v]["attention_mask"].sum() for v in views))
-            window.append({k: float(v) for k, v in parts.items()})
+            window.append(logged)
             if len(window) < window_size:
                 continue
             if world > 1:
