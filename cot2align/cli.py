@@ -104,6 +104,44 @@ def cache_verify_cmd(path):
     click.echo(f"OK {path}: every chunk read and checked")
 
 
+_TRAINING_OPTIONS = [
+    click.option("--split", type=click.Choice(["train", "dev", "test"])),
+    click.option("--data-root"),
+    click.option("--epochs", type=int),
+    click.option("--max-steps", type=int, help="Stop after this many optimiser steps."),
+    click.option("--lr", type=float),
+    click.option("--batch-size", type=int),
+    click.option("--grad-accum", type=int),
+    click.option("--warmup-ratio", type=float),
+    click.option("--weight-decay", type=float),
+    click.option("--max-grad-norm", type=float),
+    click.option("--lora-rank", type=int, help="LoRA rank (0 or absent: full fine-tuning, unless the paper setting uses LoRA)."),
+    click.option("--lora-alpha", type=int),
+    click.option("--lora-dropout", type=float),
+    click.option("--lora-targets", help="Comma-separated module names, or all-linear."),
+    click.option("--keep-adapter", is_flag=True, default=None, help="Save the LoRA adapter instead of merged weights."),
+    click.option("--seed", type=int),
+    click.option("--max-length", type=int),
+    click.option("--device"),
+    click.option("--num-workers", type=int),
+    click.option("--val-data"),
+    click.option("--val-examples", type=int),
+    click.option("--val-max-new-tokens", type=int),
+    click.option("--save-every", type=int, help="Also checkpoint every N optimiser steps."),
+    click.option("--resume", is_flag=True, default=None),
+    click.option("--overwrite", is_flag=True, default=None),
+    click.option("--limit", type=int),
+    click.option("--trust-remote-code", is_flag=True, default=None),
+]
+
+
+def _training_options(command):
+    """The training flags `distill` and `sft` share (DistillConfig fields; None = not given)."""
+    for option in reversed(_TRAINING_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command("distill")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
 @click.option("--cache", help="Teacher cache directory (from cache-teacher).")
@@ -113,22 +151,7 @@ def cache_verify_cmd(path):
 @click.option("--alpha", type=float, help="Weight of the distillation terms: (1-a) CE + a (KD + CCoT).")
 @click.option("--out", help="Output directory [default: runs/<student>_<method>...].")
 @click.option("--data", help="--method sft without a cache: dataset alias or JSON/JSONL file.")
-@click.option("--split", type=click.Choice(["train", "dev", "test"]))
-@click.option("--data-root")
-@click.option("--epochs", type=int)
-@click.option("--max-steps", type=int, help="Stop after this many optimiser steps.")
-@click.option("--lr", type=float)
 @click.option("--projector-lr", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--grad-accum", type=int)
-@click.option("--warmup-ratio", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--max-grad-norm", type=float)
-@click.option("--lora-rank", type=int, help="LoRA rank (0 or absent: full fine-tuning, unless the paper setting uses LoRA).")
-@click.option("--lora-alpha", type=int)
-@click.option("--lora-dropout", type=float)
-@click.option("--lora-targets", help="Comma-separated module names, or all-linear.")
-@click.option("--keep-adapter", is_flag=True, default=None, help="Save the LoRA adapter instead of merged weights.")
 @click.option("--kd-temperature", type=float)
 @click.option("--kl-variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]))
 @click.option("--ot-epsilon", type=float)
@@ -136,18 +159,7 @@ def cache_verify_cmd(path):
 @click.option("--ot-grad", type=click.Choice(["envelope", "unrolled"]))
 @click.option("--ot-compile", is_flag=True, default=None)
 @click.option("--teacher-dist", type=click.Choice(["exact", "topk"]))
-@click.option("--seed", type=int)
-@click.option("--max-length", type=int)
-@click.option("--device")
-@click.option("--num-workers", type=int)
-@click.option("--val-data")
-@click.option("--val-examples", type=int)
-@click.option("--val-max-new-tokens", type=int)
-@click.option("--save-every", type=int, help="Also checkpoint every N optimiser steps.")
-@click.option("--resume", is_flag=True, default=None)
-@click.option("--overwrite", is_flag=True, default=None)
-@click.option("--limit", type=int)
-@click.option("--trust-remote-code", is_flag=True, default=None)
+@_training_options
 def distill_cmd(config_file, **flags):
     """Train a student from a teacher cache (DSKD + CoT2Align by default)."""
     from cot2align.train.distill import distill
@@ -192,28 +204,7 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
 @click.option("--model", required=True, help="Model to fine-tune (a teacher, or a student baseline).")
 @click.option("--data", required=True, help="Dataset alias or JSON/JSONL file (standard view).")
 @click.option("--out", required=True)
-@click.option("--split", type=click.Choice(["train", "dev", "test"]))
-@click.option("--data-root")
-@click.option("--epochs", type=int)
-@click.option("--max-steps", type=int)
-@click.option("--lr", type=float)
-@click.option("--batch-size", type=int)
-@click.option("--grad-accum", type=int)
-@click.option("--warmup-ratio", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--lora-rank", type=int, help="LoRA rank [default: 256 for 7B aliases as in the paper, else full fine-tuning].")
-@click.option("--lora-alpha", type=int)
-@click.option("--lora-dropout", type=float)
-@click.option("--lora-targets")
-@click.option("--keep-adapter", is_flag=True, default=None)
-@click.option("--max-length", type=int)
-@click.option("--seed", type=int)
-@click.option("--device")
-@click.option("--val-examples", type=int)
-@click.option("--val-max-new-tokens", type=int)
-@click.option("--limit", type=int)
-@click.option("--resume", is_flag=True, default=None)
-@click.option("--overwrite", is_flag=True, default=None)
+@_training_options
 def sft_cmd(config_file, model, **flags):
     """Fine-tune a model on the standard view (the paper fine-tunes every teacher first)."""
     from cot2align.train.distill import sft_defaults, distill
