@@ -23,6 +23,7 @@ from cot2align.losses.ccot import ccot_loss
 from cot2align.losses.dskd import DSKDProjectors, dskd_loss
 from cot2align.losses.kl import kl_loss
 from cot2align.losses.mined import mined_loss
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, flatten, index_rows
 from cot2align.losses.uld import n_pairs, uld_loss
 
 METHODS = ("sft", "kl", "uld", "mined", "dskd")
@@ -159,8 +160,6 @@ def teacher_dist_on_student(student: StudentView, teacher: TeacherView):
     With one shared tokenizer both sides tokenise the same texts identically, so the r-th response position
     of each side is the same token; the teacher's rows are scattered onto the student's masked positions.
     """
-    from cot2align.losses.teacher import HeadTeacher, TopKTeacher, flatten, index_rows
-
     s_mask, t_mask = student.mask.bool(), teacher.mask.bool()
     if not torch.equal(s_mask.sum(1), t_mask.sum(1)):
         raise ValueError("kl: the student and teacher response lengths differ; KL needs the same tokenizer on both sides")

@@ -259,7 +259,7 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
                                      cache.tokenizer() if vocab_map is not None else None, log=say)
         n_examples = len(cache) if cfg.limit is None else min(cfg.limit, len(cache))
     else:
-        student_ids, n_examples = _records_as_student_ids(cfg, tokenizer), None
+        student_ids = _records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
     all_indices = list(range(n_examples))
     if cfg.cot2align:
