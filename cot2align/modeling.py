@@ -137,6 +137,13 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     elif name_or_path in MODEL_ALIASES and "gguf_package" in MODEL_ALIASES[name_or_path]:
         gguf = resolve_gguf(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers dequantises GGUF weights to ordinary float tensors but keeps marking the model as
+        # quantized, which makes save_pretrained refuse it; nothing quantized is left, so drop the marks
+        # (a fine-tuned copy is then saved as plain safetensors)
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     else:
         path = Path(name_or_path)
         if path.exists() and (path / "adapter_config.json").exists() and adapter is None:

