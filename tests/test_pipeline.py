@@ -116,4 +116,6 @@ def test_smollm2_alias_loads_when_installed(tmp_path):
 
     model.save_pretrained(str(tmp_path / "saved"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
-    assert torch.equal(reloaded(**ids).logits, logits)
+    saved_state = reloaded.state_dict()
+    assert all(torch.equal(value, saved_state[key]) for key, value in model.state_dict().items())
+    torch.testing.assert_close(reloaded(**ids).logits, logits, rtol=1e-5, atol=1e-4)   # attention kernels may differ
