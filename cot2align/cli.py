@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -124,6 +125,9 @@ _TRAINING_OPTIONS = [
     click.option("--max-length", type=int),
     click.option("--device"),
     click.option("--num-workers", type=int),
+    click.option("--fsdp", is_flag=True, default=None,
+                 help="Under torchrun/accelerate launch: shard the student's blocks, gradients and optimiser state "
+                      "across ranks (FSDP2) instead of replicating them (DDP). For students too large to replicate."),
     click.option("--val-data"),
     click.option("--val-examples", type=int),
     click.option("--val-max-new-tokens", type=int),
@@ -166,7 +170,8 @@ def distill_cmd(config_file, **flags):
 
     cfg = build_config(DistillConfig, config_file, **flags)
     summary = distill(cfg, log=lambda msg: click.echo(msg, err=True))
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if os.environ.get("RANK", "0") == "0":     # one summary line under torchrun, not one per rank
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 def _list(value: str | None, cast=str) -> list:
@@ -211,7 +216,8 @@ def sft_cmd(config_file, model, **flags):
 
     cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
     summary = distill(cfg, log=lambda msg: click.echo(msg, err=True))
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if os.environ.get("RANK", "0") == "0":     # one summary line under torchrun, not one per rank
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 @main.command("augment-cot")

@@ -191,6 +191,7 @@ class DistillConfig:
     max_length: int = 512              # student tokens
     device: str | None = None
     num_workers: int | None = None     # DataLoader workers (default 2 on GPU, 0 on CPU)
+    fsdp: bool = False                 # under torchrun/accelerate: shard the student (FSDP2) instead of DDP
     val_data: str | None = None        # default: the dev split of the cache's dataset, else held-out cache examples
     val_examples: int = 50             # bounded validation subset (loss and greedy ROUGE-L)
     val_max_new_tokens: int = 128

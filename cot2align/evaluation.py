@@ -30,8 +30,11 @@ def _scorer():
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, greedy: bool = True, seed: int = 0,
-             batch_size: int = 16, max_prompt_tokens: int | None = None) -> list[str]:
-    """Continuations of `prompts` (texts after the prompt, special tokens removed), in the input order."""
+             batch_size: int = 16, max_prompt_tokens: int | None = None, synced_gpus: bool = False) -> list[str]:
+    """Continuations of `prompts` (texts after the prompt, special tokens removed), in the input order.
+
+    synced_gpus: every rank of a sharded (FSDP) model calls this with the same prompts and keeps running
+    forward passes until all ranks are done (a sharded forward is a collective)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -55,7 +58,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, gr
             sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
             generated = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
                                        max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                       eos_token_id=tokenizer.eos_token_id, **sampling)
+                                       eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus, **sampling)
             for row, i in enumerate(chunk):
                 outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     finally:

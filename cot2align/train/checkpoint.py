@@ -8,6 +8,10 @@ A checkpoint is a directory `checkpoints/step-<N>/` holding
                           Python/NumPy RNG states; torch RNG states are in rng.safetensors
 It is written to a hidden sibling directory and renamed into place, then `checkpoints/latest` (a text
 file, replaced atomically) points at it, so a crash at any moment leaves the previous checkpoint intact.
+
+Under FSDP (train/fsdp.py) the tensors are sharded: every rank calls save_checkpoint (gathering a whole
+tensor is a collective) and only rank 0 writes; on load every rank reads the whole tensors and keeps its
+shard. The files are the same as a single-process run's, so a run can resume with another world size.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+from cot2align.train.fsdp import full_tensor, shard_like
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -35,17 +42,20 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{key}"] = full_tensor(value.detach()).contiguous().cpu()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        param = params[int(index)]
+        # moment estimates have the parameter's shape (and, under FSDP, its sharding); `step` is a scalar
+        state.setdefault(int(index), {})[key] = shard_like(value, param) if value.shape == param.shape else value
     for name, value in meta["scalars"].items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
@@ -53,17 +63,21 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: dict) 
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], projectors: torch.nn.Module,
-                    optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+                    optimizer, scheduler, state: dict, keep: int = 2, write: bool = True) -> Path | None:
+    """Write a checkpoint; `write=False` on the other ranks of a sharded run, which only help gather."""
+    trainable = {k: full_tensor(v.detach()) for k, v in trainable.items()}
+    tensors, meta = _optimizer_tensors(optimizer)
+    if not write:
+        return None
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:08d}"
     tmp = checkpoints / f".step-{step:08d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()} or {"_empty": torch.zeros(0)},
               str(tmp / "projectors.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
     save_file(tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -99,7 +113,11 @@ def load_checkpoint(path: Path, model, projectors: torch.nn.Module, optimizer, s
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
-            named[name].copy_(value)
+            param = named[name]
+            if isinstance(param, DTensor):     # FSDP: keep this rank's shard of the whole tensor
+                param.to_local().copy_(shard_like(value, param).to_local())
+            else:
+                param.copy_(value)
     projector_state = load_file(str(path / "projectors.safetensors"), device=str(device))
     projector_state.pop("_empty", None)
     if projector_state:

@@ -34,6 +34,7 @@ from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.train import TrainingError
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
+from cot2align.train.fsdp import average_gradients, clip_grad_norm, full_tensor, shard_student
 
 RUN_MARKER = "run.json"
 
@@ -109,6 +110,22 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def whole_model(model, cfg: DistillConfig, is_main: bool):
+    """The student as one ordinary module, to save: the model itself, or under FSDP (a collective: every rank
+    calls it) a fresh unsharded copy on rank 0's CPU holding the gathered weights (None on the other ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model
+    weights = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
+    if not is_main:
+        return None
+    with torch.random.fork_rng(devices=[]):     # building the copy must not move the training RNG streams
+        copy = load_student(cfg, "cpu")
+    copy.load_state_dict(weights)
+    return copy
+
+
 # ------------------------------------------------------------------------------------------ batches
 
 def _bits_to_tensor(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -170,7 +187,7 @@ def validation_records(cfg: DistillConfig, cache, held_out: list[int]) -> list[d
     return [{"prompt": texts["prompt_std"][i], "references": [texts["response_std"][i]]} for i in held_out] if texts else []
 
 
-def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, device) -> dict:
+def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, device, synced_gpus: bool = False) -> dict:
     from cot2align.evaluation import generate, rouge_l
 
     if not records:
@@ -185,7 +202,7 @@ def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, device) 
             logits = model(input_ids=full).logits[0, len(ids) - 1:-1]
             losses.append(torch.nn.functional.cross_entropy(logits.float(), full[0, len(ids):]).item())
     predictions = generate(model, tokenizer, [r["prompt"] for r in records], cfg.val_max_new_tokens, greedy=True,
-                           seed=cfg.seed)
+                           seed=cfg.seed, synced_gpus=synced_gpus)
     model.train()
     scores = [rouge_l(p, r["references"]) for p, r in zip(predictions, records)]
     return {"val_loss": float(np.mean(losses)), "val_rougeL": float(np.mean(scores))}
@@ -251,6 +268,13 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
             heads.tea2stu = torch.from_numpy(vocab_map.tea2stu).to(device)
     projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
     projectors.to(device)
+    sharded = cfg.fsdp and world > 1
+    whole_params: list = []     # trainable student parameters every rank holds whole (FSDP: embedding, lm_head)
+    if sharded:
+        whole_params = shard_student(model, device)
+        say(f"FSDP: student blocks sharded over {world} ranks; embedding and output head kept whole")
+    elif cfg.fsdp:
+        say("--fsdp: a single process, nothing to shard (launch with torchrun or accelerate launch)")
 
     # 3. data
     views = ("std", "cot") if cfg.cot2align else ("std",)
@@ -298,7 +322,7 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), max(total_steps, 1))
     train_model = model
-    if world > 1:   # DDP for the student; the (small) projectors' gradients are all-reduced by hand
+    if world > 1 and not sharded:   # DDP for the student; the (small) projectors' gradients are all-reduced by hand
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. resume
@@ -368,11 +392,11 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
             if len(window) < window_size:
                 continue
             if world > 1:
-                for p in projectors.parameters():
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-            torch.nn.utils.clip_grad_norm_(params + list(projectors.parameters()), cfg.max_grad_norm)
+                average_gradients(list(projectors.parameters()) + whole_params)
+            if sharded:
+                clip_grad_norm(params + list(projectors.parameters()), cfg.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params + list(projectors.parameters()), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -394,8 +418,8 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
                 bar.set_postfix(loss=f"{record['loss']:.4f}" if "loss" in record else f"{record['ce']:.4f}",
                                 ce=f"{record['ce']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             state.update(epoch=epoch, batches_done=batch_no, step=step)
-            if cfg.save_every and step % cfg.save_every == 0 and is_main:
-                save_checkpoint(out, step, trainable_state(model), projectors, optimizer, scheduler, state)
+            if cfg.save_every and step % cfg.save_every == 0 and (is_main or sharded):
+                save_checkpoint(out, step, trainable_state(model), projectors, optimizer, scheduler, state, write=is_main)
             if os.environ.get("COT2ALIGN_KILL_AT_STEP") == str(step):   # crash tests only
                 os.kill(os.getpid(), 9)
             if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -404,38 +428,47 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
         bar.close()
         if window:   # never happens: the last window of an epoch is sized to what is left
             raise RuntimeError("internal: an incomplete accumulation window at the end of the epoch")
-        # end of epoch (or of max_steps): validate, keep the best, checkpoint
-        if is_main:
-            scores = validate(model, tokenizer, val_records, cfg, device)
+        # end of epoch (or of max_steps): validate, keep the best, checkpoint. Rank 0 alone under DDP; every
+        # rank under FSDP, where a forward pass and gathering the weights are collectives.
+        if is_main or sharded:
+            scores = validate(model, tokenizer, val_records, cfg, device, synced_gpus=sharded)
+            if sharded:     # one decision for all ranks: rank 0's scores
+                shared = [scores]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                scores = shared[0]
             record = {"epoch": epoch, "step": step, **scores}
             state["history"].append(record)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if writer is not None:
-                for key, value in scores.items():
-                    writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+            if is_main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if writer is not None:
+                    for key, value in scores.items():
+                        writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
             say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             rouge = scores.get("val_rougeL")
             if state["best_rougeL"] is None or (rouge is not None and rouge > state["best_rougeL"]):
                 state["best_rougeL"], state["best_epoch"] = rouge, epoch
-                _save_model(model, tokenizer, out / "best.tmp", cfg)
-                shutil.rmtree(out / "best", ignore_errors=True)
-                os.replace(out / "best.tmp", out / "best")
+                whole = whole_model(model, cfg, is_main)
+                if is_main:
+                    _save_model(whole, tokenizer, out / "best.tmp", cfg)
+                    shutil.rmtree(out / "best", ignore_errors=True)
+                    os.replace(out / "best.tmp", out / "best")
             state.update(epoch=epoch + 1, batches_done=0, step=step)
             if stop:
                 state.update(epoch=epoch, batches_done=batch_no)
-            save_checkpoint(out, step, trainable_state(model), projectors, optimizer, scheduler, state)
+            save_checkpoint(out, step, trainable_state(model), projectors, optimizer, scheduler, state, write=is_main)
         if world > 1:
             torch.distributed.barrier()
 
     # 7. outputs
     summary = {"steps": step, "best_epoch": state["best_epoch"], "best_val_rougeL": state["best_rougeL"],
                "history": state["history"], "out": str(out)}
+    final = whole_model(model, cfg, is_main) if sharded and not (out / "best").exists() else model
     if is_main:
         metrics_file.close()
         if writer is not None:
             writer.close()
-        _finalise(out, cfg, tokenizer, model, projectors, cache, summary, say)
+        _finalise(out, cfg, tokenizer, final, projectors, cache, summary, say)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
