@@ -23,7 +23,7 @@ from cot2align.losses.objective import Heads, LossConfig, build_projectors, dist
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
 from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.data import DistillDataset, collate, tokenize_cache
-from cot2align.train.distill import distill, student_view, teacher_views_from_batch
+from cot2align.train.distill import distill, is_better, student_view, teacher_views_from_batch
 from cot2align.train.online import online_teacher_view
 
 TEACHER, STUDENT = "tiny-llama", "tiny-mistral"
@@ -298,3 +298,15 @@ def test_a_non_finite_loss_stops_the_run_before_the_update(cache_dir, tmp_path, 
     saved = _final_trainable(tmp_path / "nan")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+
+def test_best_epoch_is_the_highest_rouge_then_the_lowest_validation_loss():
+    state = {"best_epoch": None, "best_rougeL": None, "best_val_loss": None}
+    assert is_better(0.0, 9.0, state)                       # the first epoch always counts
+    state.update(best_epoch=0, best_rougeL=0.0, best_val_loss=9.0)
+    assert is_better(0.0, 7.0, state)                       # ROUGE-L tied at 0: the lower loss wins
+    assert not is_better(0.0, 9.5, state)
+    assert is_better(1.0, 12.0, state)                      # a higher ROUGE-L wins whatever the loss
+    state.update(best_rougeL=5.0)
+    assert not is_better(4.0, 1.0, state)
+    assert is_better(None, None, state)                     # no validation at all: the latest epoch

@@ -210,6 +210,18 @@ def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, device, 
 
 # ------------------------------------------------------------------------------------------ the run
 
+def is_better(rouge: float | None, val_loss: float | None, state: dict) -> bool:
+    """Does this epoch beat the best so far? Higher validation ROUGE-L wins; a tie (e.g. 0 at every epoch of a
+    student that cannot yet write a summary) goes to the lower validation loss. Without any validation the
+    latest epoch counts as the best."""
+    if state["best_epoch"] is None or (rouge is None and val_loss is None):
+        return True
+    best_rouge, best_loss = state["best_rougeL"], state.get("best_val_loss")
+    if rouge is not None and best_rouge is not None and rouge != best_rouge:
+        return rouge > best_rouge
+    return val_loss is not None and (best_loss is None or val_loss < best_loss)
+
+
 def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) -> dict:
     """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once)."""
     from cot2align.cache import open_cache
@@ -326,7 +338,8 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. resume
-    state = {"epoch": 0, "batches_done": 0, "step": 0, "best_rougeL": None, "best_epoch": None, "history": []}
+    state = {"epoch": 0, "batches_done": 0, "step": 0, "best_rougeL": None, "best_val_loss": None, "best_epoch": None,
+             "history": []}
     if cfg.resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is not None:
@@ -445,9 +458,9 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
                     for key, value in scores.items():
                         writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
             say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            rouge = scores.get("val_rougeL")
-            if state["best_rougeL"] is None or (rouge is not None and rouge > state["best_rougeL"]):
-                state["best_rougeL"], state["best_epoch"] = rouge, epoch
+            rouge, loss = scores.get("val_rougeL"), scores.get("val_loss")
+            if is_better(rouge, loss, state):
+                state["best_rougeL"], state["best_val_loss"], state["best_epoch"] = rouge, loss, epoch
                 whole = whole_model(model, cfg, is_main)
                 if is_main:
                     _save_model(whole, tokenizer, out / "best.tmp", cfg)
