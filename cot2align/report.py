@@ -1,7 +1,8 @@
 """`cot2align report RUNS_DIR`: a Table-1-style comparison from the `evaluate` outputs under RUNS_DIR.
 
 Each `results.json` found (written by `cot2align evaluate`) gives one cell: the method of its run (from the
-run's `run.json`: method, + CoT2Align when on; else the run directory's name) × the dataset, as mean ± std.
+run's `run.json`: method, + CoT2Align when on; else the run directory's name) × the dataset, as mean ± std;
+greedy evaluations get a column of their own ("<dataset> (greedy)").
 Rows whose method includes CoT2Align also show the improvement over the best baseline (the best row without
 CoT2Align) on each dataset. Writes RUNS_DIR/report.md and RUNS_DIR/report.png (grouped bars).
 """
@@ -28,6 +29,8 @@ def collect(runs_dir: Path) -> dict[str, dict[str, dict]]:
         if "mean" not in result:
             continue
         dataset = Path(str(result["data"])).name.split(".")[0]
+        if result.get("decoding") == "greedy":     # its own column: never mixed with the sampled protocol
+            dataset += " (greedy)"
         table.setdefault(_method_of(results_file), {})[dataset] = result
     return table
 

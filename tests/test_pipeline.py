@@ -83,6 +83,30 @@ def test_rouge_matches_rouge_score_and_evaluate_protocol(tmp_path):
     assert len(rows[0]["references"]) >= 1
 
 
+def test_report_table_keeps_greedy_apart_and_shows_the_gain_over_the_best_baseline(tmp_path):
+    from cot2align.report import report
+
+    def write(run: str, method: str, cot2align: bool, sub: str, decoding: str, per_run: dict):
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / "run.json").write_text(json.dumps({"config": {"method": method, "cot2align": cot2align}}))
+        (tmp_path / run / "eval" / sub).mkdir(parents=True)
+        values = list(per_run.values())
+        (tmp_path / run / "eval" / sub / "results.json").write_text(json.dumps({
+            "data": "data/dialogsum.jsonl", "decoding": decoding, "per_run": per_run, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}))
+
+    sampled = "sampling T=1.0 top-k 0 top-p 1.0"
+    write("a", "sft", False, "dialogsum_test", sampled, {"seed-10": 20.0, "seed-20": 22.0})
+    write("b", "dskd", False, "dialogsum_test", sampled, {"seed-10": 25.0, "seed-20": 27.0})
+    write("c", "dskd", True, "dialogsum_test", sampled, {"seed-10": 28.0, "seed-20": 30.0})
+    write("c", "dskd", True, "greedy", "greedy", {"greedy": 40.0})
+    table = report(str(tmp_path), log=lambda m: None)
+    assert "| method | dialogsum | dialogsum (greedy) |" in table
+    assert "| SFT | 21.00 ± 1.41 | — |" in table and "| DSKD | 26.00 ± 1.41 | — |" in table
+    assert "| DSKD + CoT2Align | 29.00 ± 1.41 (+3.00) | 40.00 ± 0.00 |" in table
+    assert (tmp_path / "report.md").exists()
+
+
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "cot2align.cli", "quickstart", "--out", str(tmp_path / "qs"), "--limit", "24"],

@@ -193,10 +193,13 @@ def test_bad_inputs(cache_dir, tmp_path):
 
 def test_sft_from_plain_data_without_a_cache(tmp_path):
     data = write_cot_records(tmp_path / "plain.jsonl", n=8)
-    summary = distill(build_config(DistillConfig, method="sft", cot2align=False, data=str(data), student=STUDENT,
+    # no --cot2align flag: plain data has no teacher views, so CoT2Align is off by default here
+    summary = distill(build_config(DistillConfig, method="sft", data=str(data), student=STUDENT,
                                    out=str(tmp_path / "sft"), epochs=1, batch_size=4, val_examples=2, val_max_new_tokens=2),
                       log=lambda m: None, progress=False)
     assert summary["steps"] == 2            # 8 records, batch 4, one epoch
+    with pytest.raises(ConfigError, match="--cache is required"):
+        build_config(DistillConfig, method="sft", cot2align=True, data=str(data), student=STUDENT)
     assert (tmp_path / "sft" / "config.json").exists() and _train_losses(tmp_path / "sft")
 
 
