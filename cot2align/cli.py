@@ -169,7 +169,10 @@ def distill_cmd(config_file, **flags):
     from cot2align.train.distill import distill
 
     cfg = build_config(DistillConfig, config_file, **flags)
-    summary = distill(cfg, log=lambda msg: click.echo(msg, err=True))
+    _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
+
+
+def _print_summary(summary: dict) -> None:
     if os.environ.get("RANK", "0") == "0":     # one summary line under torchrun, not one per rank
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
@@ -215,9 +218,7 @@ def sft_cmd(config_file, model, **flags):
     from cot2align.train.distill import sft_defaults, distill
 
     cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
-    summary = distill(cfg, log=lambda msg: click.echo(msg, err=True))
-    if os.environ.get("RANK", "0") == "0":     # one summary line under torchrun, not one per rank
-        click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
 
 
 @main.command("augment-cot")

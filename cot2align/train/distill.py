@@ -34,7 +34,7 @@ from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.train import TrainingError
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
-from cot2align.train.fsdp import average_gradients, clip_grad_norm, full_tensor, shard_student
+from cot2align.train.fsdp import average_gradients, clip_grad_norm, full_tensor, is_sharded, shard_student
 
 RUN_MARKER = "run.json"
 
@@ -113,9 +113,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def whole_model(model, cfg: DistillConfig, is_main: bool):
     """The student as one ordinary module, to save: the model itself, or under FSDP (a collective: every rank
     calls it) a fresh unsharded copy on rank 0's CPU holding the gathered weights (None on the other ranks)."""
-    from torch.distributed.tensor import DTensor
-
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not is_sharded(model):
         return model
     weights = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
     if not is_main:
