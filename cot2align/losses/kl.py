@@ -10,7 +10,8 @@ per response position:
     js               ½ KL(p_t ‖ m) + ½ KL(p_s ‖ m),  m = (p_t + p_s)/2
     adaptive         AKL (Wu et al. 2024): teacher probs sorted ascending, gap = |p_t − p_s|, the "tail"
                      is where the cumulative sorted teacher mass ≤ ½; weights g_head, g_tail of the gap:
-                     (g_head·FKL + g_tail·RKL) / (g_head + g_tail)
+                     (g_head·FKL + g_tail·RKL) / (g_head + g_tail), the weights held constant (detached) as
+                     in the AKL and DSKD code: the gradient is that of a fixed mix of FKL and RKL
 
 averaged over the positions where `mask` is true. Everything is in log space and `-inf`-safe (a zero
 probability contributes 0, never NaN); computation in float32.
@@ -63,7 +64,8 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, variant: 
         sorted_t, order = p_t.sort(dim=-1)
         gap = (sorted_t - p_s.gather(-1, order)).abs()
         tail = (sorted_t.cumsum(-1) <= adaptive_alpha).to(gap.dtype)
-        g_head, g_tail = (gap * (1 - tail)).sum(-1), (gap * tail).sum(-1)
+        # the mixing weights are constants of the step, as in AKL's and DSKD's code (no gradient through them)
+        g_head, g_tail = (gap * (1 - tail)).sum(-1).detach(), (gap * tail).sum(-1).detach()
         total = (g_head + g_tail).clamp_min(1e-12)
         return (g_head / total) * _kl(t, s) + (g_tail / total) * _kl(s, t)
     raise ValueError(f"kl variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
