@@ -248,6 +248,9 @@ def augment_cot_cmd(**flags):
 @click.option("--model", required=True, help="A model directory (e.g. a distill --out).")
 @click.option("--data", required=True)
 @click.option("--split", default="test", type=click.Choice(["train", "dev", "test"]), show_default=True)
+@click.option("--metric", default="rougeL", type=click.Choice(["rougeL", "ce", "all"]), show_default=True,
+              help="rougeL: generations scored with the paper's protocol; ce: held-out cross-entropy of the references "
+                   "(nats/token and bits/byte, no sampling); all: both.")
 @click.option("--seeds", default="10,20,30,40,50", show_default=True)
 @click.option("--greedy", is_flag=True, help="Greedy decoding once instead of sampling per seed.")
 @click.option("--out", help="Directory for generations and results.json [default: MODEL/eval/<data>_<split>].")
@@ -256,12 +259,13 @@ def augment_cot_cmd(**flags):
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--data-root")
 @click.option("--device")
-def evaluate_cmd(model, data, split, seeds, greedy, out, limit, max_new_tokens, batch_size, data_root, device):
-    """ROUGE-L with the paper's protocol: sampling T=1.0 per seed, mean ± std."""
+def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_tokens, batch_size, data_root, device):
+    """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
     from cot2align.evaluation import evaluate_model
 
     summary = evaluate_model(model, data, split, _list(seeds, int), greedy, out, limit, max_new_tokens,
-                             batch_size=batch_size, data_root=data_root, device=device, log=lambda m: click.echo(m, err=True))
+                             batch_size=batch_size, data_root=data_root, device=device, metric=metric,
+                             log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 

@@ -1,15 +1,22 @@
 """`cot2align report RUNS_DIR`: a Table-1-style comparison from the `evaluate` outputs under RUNS_DIR.
 
-Each `results.json` found (written by `cot2align evaluate`) gives one cell: the method of its run (from the
-run's `run.json`: method, + CoT2Align when on; else the run directory's name) × the dataset, as mean ± std;
-greedy evaluations get a column of their own ("<dataset> (greedy)").
-Rows whose method includes CoT2Align also show the improvement over the best baseline (the best row without
-CoT2Align) on each dataset. Writes RUNS_DIR/report.md and RUNS_DIR/report.png (grouped bars).
+Each `results.json` found (written by `cot2align evaluate`) is one model's evaluation on one dataset. Its row is
+the method of its run (from the run's `run.json`: method, + CoT2Align when on; else the run directory's name).
+
+* ROUGE-L: one column per dataset, greedy evaluations in a column of their own ("<dataset> (greedy)"). A cell
+  is mean ± std over the evaluated seeds; when several runs share a method (e.g. training seeds), mean ± std
+  over the runs' means, and the run count in brackets. Rows whose method includes CoT2Align also show the
+  improvement over the best baseline (the best row without CoT2Align).
+* Held-out cross-entropy (`evaluate --metric ce`): nats per token of the model's own tokenisation and bits
+  per byte (comparable across tokenizers), mean ± std over runs sharing a method.
+
+Writes RUNS_DIR/report.md and RUNS_DIR/report.png (grouped bars).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -22,52 +29,108 @@ def _method_of(results_file: Path) -> str:
     return results_file.parents[2].name if len(results_file.parents) > 2 else results_file.parent.name
 
 
-def collect(runs_dir: Path) -> dict[str, dict[str, dict]]:
-    table: dict[str, dict[str, dict]] = {}
-    for results_file in sorted(runs_dir.rglob("results.json")):
+def _read(results_file: Path) -> dict | None:
+    from cot2align.config import ConfigError
+
+    try:
         result = json.loads(results_file.read_text())
-        if "mean" not in result:
-            continue
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{results_file}: not a readable evaluate result ({str(e).splitlines()[0]})") from None
+    if not isinstance(result, dict) or "data" not in result:
+        raise ConfigError(f"{results_file}: not an evaluate result (no 'data' field)")
+    return result
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(runs_dir: Path) -> tuple[dict, dict]:
+    """({method: {column: (mean, std, n_runs)}} for ROUGE-L, {method: {dataset: {nats, bpb: (mean, std), n}}} for CE)."""
+    rouge: dict[str, dict[str, list[dict]]] = {}
+    ce: dict[str, dict[str, list[dict]]] = {}
+    for results_file in sorted(runs_dir.rglob("results.json")):
+        result = _read(results_file)
         dataset = Path(str(result["data"])).name.split(".")[0]
-        if result.get("decoding") == "greedy":     # its own column: never mixed with the sampled protocol
-            dataset += " (greedy)"
-        table.setdefault(_method_of(results_file), {})[dataset] = result
-    return table
+        method = _method_of(results_file)
+        if "mean" in result:
+            column = dataset + (" (greedy)" if result.get("decoding") == "greedy" else "")   # never mixed with sampling
+            rouge.setdefault(method, {}).setdefault(column, []).append(result)
+        if "ce" in result:
+            ce.setdefault(method, {}).setdefault(dataset, []).append(result["ce"])
+    rouge_cells = {m: {c: ((rs[0]["mean"], rs[0]["std"], 1) if len(rs) == 1 else (*_summary([r["mean"] for r in rs]), len(rs)))
+                       for c, rs in cols.items()} for m, cols in rouge.items()}
+    ce_cells = {m: {d: {"nats": _summary([c["nats_per_token"] for c in cs]), "bpb": _summary([c["bits_per_byte"] for c in cs]),
+                        "n": len(cs)} for d, cs in cols.items()} for m, cols in ce.items()}
+    return rouge_cells, ce_cells
 
 
-def report(runs_dir: str, log=print) -> str:
-    root = Path(runs_dir)
-    table = collect(root)
-    if not table:
-        from cot2align.config import ConfigError
+def _order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: ("CoT2Align" in m, m))
 
-        raise ConfigError(f"report {runs_dir}: no evaluate results (results.json) found under it")
-    datasets = sorted({d for cells in table.values() for d in cells})
+
+def rouge_table(table: dict) -> list[str]:
+    columns = sorted({c for cells in table.values() for c in cells})
     baselines = {m for m in table if "CoT2Align" not in m}
-    best = {d: max((table[m][d]["mean"] for m in baselines if d in table[m]), default=None) for d in datasets}
-    lines = ["| method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
-    for method in sorted(table, key=lambda m: ("CoT2Align" in m, m)):
+    best = {c: max((table[m][c][0] for m in baselines if c in table[m]), default=None) for c in columns}
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for method in _order(table):
+        cells = []
+        for c in columns:
+            if c not in table[method]:
+                cells.append("—")
+                continue
+            mean, std, runs = table[method][c]
+            text = f"{mean:.2f} ± {std:.2f}" + (f" [{runs} runs]" if runs > 1 else "")
+            if "CoT2Align" in method and best[c] is not None:
+                text += f" ({mean - best[c]:+.2f})"
+            cells.append(text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "ROUGE-L (× 100), mean ± std over the evaluated seeds (over runs when a method has several); in "
+              "parentheses: difference from the best baseline (a method without CoT2Align) on that column."]
+    return lines
+
+
+def ce_table(table: dict) -> list[str]:
+    datasets = sorted({d for cells in table.values() for d in cells})
+    header = " | ".join(f"{d} nats/token | {d} bits/byte" for d in datasets)
+    lines = [f"| method | {header} |", "|---|" + "---|---|" * len(datasets)]
+    for method in _order(table):
         cells = []
         for d in datasets:
             cell = table[method].get(d)
             if cell is None:
-                cells.append("—")
+                cells += ["—", "—"]
                 continue
-            text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-            if "CoT2Align" in method and best[d] is not None:
-                text += f" ({cell['mean'] - best[d]:+.2f})"
-            cells.append(text)
+            runs = f" [{cell['n']} runs]" if cell["n"] > 1 else ""
+            cells += [f"{cell['nats'][0]:.3f} ± {cell['nats'][1]:.3f}{runs}", f"{cell['bpb'][0]:.4f} ± {cell['bpb'][1]:.4f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    note = ("\nROUGE-L (× 100), mean ± std over the evaluated seeds; in parentheses: difference from the best "
-            "baseline (a method without CoT2Align) on that dataset.\n")
-    markdown = "\n".join(lines) + "\n" + note
+    lines += ["", "Held-out cross-entropy of the reference responses (teacher-forced; lower is better): nats per "
+              "token of each model's own tokenisation, and bits per UTF-8 byte (comparable across tokenizers); ± "
+              "over runs sharing a method."]
+    return lines
+
+
+def report(runs_dir: str, log=print) -> str:
+    root = Path(runs_dir)
+    rouge, ce = collect(root)
+    if not rouge and not ce:
+        from cot2align.config import ConfigError
+
+        raise ConfigError(f"report {runs_dir}: no evaluate results (results.json) found under it")
+    lines: list[str] = []
+    if rouge:
+        lines += rouge_table(rouge)
+    if ce:
+        lines += ([""] if lines else []) + ce_table(ce)
+    markdown = "\n".join(lines) + "\n"
     (root / "report.md").write_text(markdown)
-    _plot(table, datasets, root / "report.png")
+    _plot(rouge, ce, root / "report.png")
     log(markdown)
     return markdown
 
 
-def _plot(table: dict, datasets: list[str], path: Path) -> None:
+def _plot(rouge: dict, ce: dict, path: Path) -> None:
     try:
         import matplotlib
 
@@ -75,18 +138,23 @@ def _plot(table: dict, datasets: list[str], path: Path) -> None:
         import matplotlib.pyplot as plt
     except Exception:
         return
-    methods = sorted(table, key=lambda m: ("CoT2Align" in m, m))
-    width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 2 * len(datasets)), 4))
-    for k, method in enumerate(methods):
-        xs = [i + k * width for i in range(len(datasets))]
-        means = [table[method].get(d, {}).get("mean", 0.0) for d in datasets]
-        stds = [table[method].get(d, {}).get("std", 0.0) for d in datasets]
-        ax.bar(xs, means, width, yerr=stds, label=method, capsize=3)
-    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(datasets))])
-    ax.set_xticklabels(datasets)
-    ax.set_ylabel("ROUGE-L")
-    ax.legend(fontsize=8)
+    panels = [(name, table, key) for name, table, key in (("ROUGE-L", rouge, None), ("bits/byte (lower is better)", ce, "bpb"))
+              if table]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (label, table, key) in zip(axes[0], panels):
+        columns = sorted({c for cells in table.values() for c in cells})
+        methods = _order(table)
+        width = 0.8 / max(len(methods), 1)
+        for k, method in enumerate(methods):
+            xs = [i + k * width for i in range(len(columns))]
+            cells = [table[method].get(c) for c in columns]
+            means = [(cell[key][0] if key else cell[0]) if cell else 0.0 for cell in cells]
+            stds = [(cell[key][1] if key else cell[1]) if cell else 0.0 for cell in cells]
+            ax.bar(xs, means, width, yerr=stds, label=method, capsize=3)
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(columns))])
+        ax.set_xticklabels(columns, fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -186,31 +186,27 @@ def validation_records(cfg: DistillConfig, cache, held_out: list[int]) -> list[d
 
 
 def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, device, synced_gpus: bool = False) -> dict:
-    from cot2align.evaluation import generate, rouge_l
+    """val_ce / val_bits_per_byte: the held-out cross-entropy of every reference (evaluation.reference_cross_entropy,
+    the low-noise signal); val_rougeL: greedy ROUGE-L of the same prompts (the paper's model selection)."""
+    from cot2align.evaluation import generate, reference_cross_entropy, rouge_l
 
     if not records:
         return {}
-    losses = []
-    model.eval()
-    with torch.no_grad():
-        for r in records:
-            ids = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]
-            response = tokenizer(r["references"][0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            full = torch.tensor([(ids + response)[:cfg.max_length]], device=device)
-            logits = model(input_ids=full).logits[0, len(ids) - 1:-1]
-            losses.append(torch.nn.functional.cross_entropy(logits.float(), full[0, len(ids):]).item())
-    predictions = generate(model, tokenizer, [r["prompt"] for r in records], cfg.val_max_new_tokens, greedy=True,
-                           seed=cfg.seed, synced_gpus=synced_gpus)
+    prompts = [r["prompt"] for r in records]
+    ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in records], max_length=cfg.max_length)
+    predictions = generate(model, tokenizer, prompts, cfg.val_max_new_tokens, greedy=True, seed=cfg.seed,
+                           synced_gpus=synced_gpus)
     model.train()
     scores = [rouge_l(p, r["references"]) for p, r in zip(predictions, records)]
-    return {"val_loss": float(np.mean(losses)), "val_rougeL": float(np.mean(scores))}
+    return {"val_ce": ce["nats_per_token"], "val_bits_per_byte": ce["bits_per_byte"],
+            "val_rougeL": float(np.mean(scores))}
 
 
 # ------------------------------------------------------------------------------------------ the run
 
 def is_better(rouge: float | None, val_loss: float | None, state: dict) -> bool:
     """Does this epoch beat the best so far? Higher validation ROUGE-L wins; a tie (e.g. 0 at every epoch of a
-    student that cannot yet write a summary) goes to the lower validation loss. Without any validation the
+    student that cannot yet write a summary) goes to the lower validation cross-entropy (val_loss). Without any validation the
     latest epoch counts as the best."""
     if state["best_epoch"] is None or (rouge is None and val_loss is None):
         return True
@@ -456,7 +452,7 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
                     for key, value in scores.items():
                         writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
             say(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            rouge, loss = scores.get("val_rougeL"), scores.get("val_loss")
+            rouge, loss = scores.get("val_rougeL"), scores.get("val_ce")
             if is_better(rouge, loss, state):
                 state["best_rougeL"], state["best_val_loss"], state["best_epoch"] = rouge, loss, epoch
                 whole = whole_model(model, cfg, is_main)

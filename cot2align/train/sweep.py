@@ -31,7 +31,7 @@ def sweep(cache_path: str, students: list[str | None], methods: list[str], alpha
         summary = distill(cfg, log=log, cache=cache)
         final = summary["history"][-1] if summary["history"] else {}
         rows.append({"student": cfg.student, "method": method, "cot2align": cfg.cot2align, "alpha": alpha,
-                     "best_val_rougeL": summary["best_val_rougeL"], "final_val_loss": final.get("val_loss"),
+                     "best_val_rougeL": summary["best_val_rougeL"], "final_val_ce": final.get("val_ce"),
                      "steps": summary["steps"], "out": cfg.out})
     _write_tables(rows, out_dir)
     _plot(rows, out_dir)
