@@ -95,11 +95,78 @@ def test_cache_fed_objective_equals_online_teacher(cache_dir, method, cot2align)
         torch.testing.assert_close(cached_views[view].hidden, online_views[view].hidden, rtol=8e-3, atol=1e-4)
 
 
+def _full_student_view(model, batch_view):
+    """The reference: a plain forward over every position, masks and MinED rows spread back to [B, L]."""
+    from cot2align.losses.objective import StudentView
+
+    ids, positions = batch_view["input_ids"], batch_view["positions"]
+    out = model(input_ids=ids, attention_mask=batch_view["attention_mask"], output_hidden_states=True, use_cache=False)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, positions] = batch_view["response_mask"]
+    mined = torch.full_like(ids, -1)
+    mined[:, positions] = batch_view["mined_rows"]
+    targets = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+    return StudentView(logits=out.logits, embed=out.hidden_states[0], last=out.hidden_states[-1], input_ids=ids,
+                       target_ids=targets, mask=mask), mined
+
+
+@pytest.mark.parametrize("method,cot2align", [("dskd", True), ("uld", False), ("mined", True), ("sft", True), ("kl", False)])
+def test_logits_at_response_positions_only_equal_a_full_forward(cache_dir, method, cot2align):
+    """The trainer computes the student's logits only where some example has a response token; the objective and
+    its gradient equal those of a full forward."""
+    import dataclasses
+
+    student_name = TEACHER if method == "kl" else STUDENT
+    _, batch, cached, _, _, _ = _objective_both_ways(cache_dir, student_name, method, cot2align)
+    views = list(cached)
+    assert all(batch[v]["positions"].numel() < batch[v]["input_ids"].shape[1] for v in views)   # something was cut
+    torch.manual_seed(0)
+    student = load_model(student_name)
+    cache = open_cache(cache_dir)
+    head = cache.head()
+    heads = Heads(student_embed_tokens=student.get_input_embeddings().weight, student_lm_head=student.get_output_embeddings().weight,
+                  teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"])
+    if method == "mined":
+        from cot2align.align.vocab import vocab_map as build_map
+
+        vm = build_map(cache.tokenizer(), load_tokenizer(student_name))
+        heads.stu2tea, heads.tea2stu = torch.from_numpy(vm.stu2tea), torch.from_numpy(vm.tea2stu)
+    torch.manual_seed(1)
+    projectors = build_projectors(method, cot2align, student.config.hidden_size, cache.hidden_size)
+    results = []
+    for cut in (True, False):
+        student.zero_grad()
+        students, teachers = {}, {}
+        for v in views:
+            if cut:
+                students[v], teachers[v] = student_view(student, batch[v], "cpu", True), cached[v]
+            else:
+                students[v], mined = _full_student_view(student, batch[v])
+                teachers[v] = dataclasses.replace(cached[v], mined_rows=mined)
+        loss, parts = distillation_loss(method, 0.5, students, teachers, heads, projectors, cot2align, LossConfig())
+        loss.backward()
+        if cut:
+            kept = students
+        else:   # the view itself at the response positions: logits, both feature layers, ids (the OT terms of
+            #     tiny random models are nearly constant, so the objective alone would not notice a shifted row)
+            for v in views:
+                for field in ("logits", "embed", "last", "input_ids", "target_ids"):
+                    torch.testing.assert_close(getattr(kept[v], field)[kept[v].mask], getattr(students[v], field)[students[v].mask])
+        results.append((loss.detach(), parts, [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (cut_loss, cut_parts, cut_grads), (full_loss, full_parts, full_grads) = results
+    torch.testing.assert_close(cut_loss, full_loss, rtol=1e-5, atol=1e-6)
+    for key in full_parts:
+        torch.testing.assert_close(cut_parts[key], full_parts[key], rtol=1e-4, atol=1e-6)
+    assert len(cut_grads) == len(full_grads) > 0
+    for a, b in zip(cut_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_student_rows_cover_the_same_text_as_teacher_rows(cache_dir):
     _, batch, cached_views, _, student_tok, teacher_tok = _objective_both_ways(cache_dir, STUDENT, "sft", True)
     for view, teacher_view in cached_views.items():
         for b in range(batch[view]["input_ids"].shape[0]):
-            student_targets = batch[view]["target_ids"][b][batch[view]["response_mask"][b]].tolist()
+            student_targets = batch[view]["target_ids"][b][batch[view]["response_mask"][b]].tolist()   # cut to positions
             teacher_targets = teacher_view.target_ids[b][teacher_view.mask[b]].tolist()
             assert student_targets[-1] == student_tok.eos_token_id and teacher_targets[-1] == teacher_tok.eos_token_id
             assert student_tok.decode(student_targets[:-1]).strip() == teacher_tok.decode(teacher_targets[:-1]).strip()
@@ -313,3 +380,16 @@ def test_best_epoch_is_the_highest_rouge_then_the_lowest_validation_loss():
     state.update(best_rougeL=5.0)
     assert not is_better(4.0, 1.0, state)
     assert is_better(None, None, state)                     # no validation at all: the latest epoch
+
+
+def test_cot2align_trains_every_example_with_or_without_a_rationale(tmp_path):
+    """Examples whose rationale was dropped keep their standard view in a CoT2Align run (the authors' layout):
+    16 examples, 8 with a rationale, 1 held out for validation -> 15 train -> 4 batches of 4, not 2."""
+    data = write_cot_records(tmp_path / "data.jsonl", n=16, cot_every=2)
+    cache_teacher(build_config(CacheTeacherConfig, model=TEACHER, data=str(data), out=str(tmp_path / "cache"), topk=8,
+                               batch_tokens=4096), log=lambda m: None)
+    assert sum(open_cache(tmp_path / "cache").view(i, "cot", ())["n_rows"] > 0 for i in range(16)) == 8
+    summary = _run(tmp_path / "cache", tmp_path / "run", method="dskd", cot2align=True, epochs=1, val_examples=1)
+    assert summary["steps"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

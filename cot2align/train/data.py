@@ -158,7 +158,9 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict], views: tuple[str, ...], pad_id: int) -> dict:
-    """Pad each view to the batch maximum: student [B, L] tensors and teacher rows [B, M, ...]."""
+    """Pad each view to the batch maximum: the student's input_ids / attention_mask [B, L]; `positions` [K], the
+    sequence positions that hold a response token in some example; response_mask, target_ids, mined_rows [B, K]
+    at those positions; and the teacher rows [B, M, ...]."""
     batch: dict = {"index": torch.tensor([it["index"] for it in items])}
     for view in views:
         entries = [it[view] for it in items]
@@ -176,8 +178,14 @@ def collate(items: list[dict], views: tuple[str, ...], pad_id: int) -> dict:
                 if "mined_rows" in e:
                     rows = torch.from_numpy(e["mined_rows"].astype(np.int64))[: n - e["prompt_len"]]
                     mined[b, e["prompt_len"] - 1:e["prompt_len"] - 1 + len(rows)] = rows
-        out = {"input_ids": ids, "attention_mask": attention, "response_mask": response,
-               "target_ids": torch.cat([ids[:, 1:], torch.full((len(items), 1), pad_id)], dim=1), "mined_rows": mined}
+        # Only response positions enter any loss: `positions` are those where some example of the batch has one
+        # (with length-bucketed batches, a short band at the end of the sequences). The student computes logits
+        # there alone, and every per-position tensor of the view is cut to them here.
+        positions = response.any(0).nonzero().squeeze(1)
+        targets = torch.cat([ids[:, 1:], torch.full((len(items), 1), pad_id)], dim=1)
+        out = {"input_ids": ids, "attention_mask": attention, "positions": positions,
+               "response_mask": response[:, positions], "target_ids": targets[:, positions],
+               "mined_rows": mined[:, positions]}
         if entries and "teacher" in entries[0]:
             rows = max(max(len(e["teacher"]["input_ids"]) for e in entries), 1)
             teacher = {"mask": torch.zeros(len(items), rows, dtype=torch.bool)}

@@ -151,12 +151,32 @@ def teacher_views_from_batch(batch_view: dict, heads: Heads, embed_kind: str, te
 
 
 def student_view(model, batch_view: dict, device, need_hidden: bool) -> StudentView:
+    """The student's forward on one view, kept at the batch's response positions (`positions`, see collate).
+
+    Every loss reads response positions only, so the LM head runs there alone (the model's `logits_to_keep`):
+    on prompt-heavy data such as DialogSum (~35 response tokens after a ~275-token prompt) that skips most of
+    the [tokens x vocabulary] logits, their memory and their backward. Models without `logits_to_keep` compute
+    every position and are cut afterwards (same values).
+    """
     ids = batch_view["input_ids"].to(device, non_blocking=True)
+    positions = batch_view["positions"].to(device, non_blocking=True)
+    keep = {"logits_to_keep": positions} if _accepts_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=batch_view["attention_mask"].to(device, non_blocking=True),
-                output_hidden_states=need_hidden, use_cache=False)
-    hidden = out.hidden_states if need_hidden else (None, None)
-    return StudentView(logits=out.logits, embed=hidden[0], last=hidden[-1], input_ids=ids,
+                output_hidden_states=need_hidden, use_cache=False, **keep)
+    logits = out.logits if keep else out.logits[:, positions]
+    embed, last = (out.hidden_states[0][:, positions], out.hidden_states[-1][:, positions]) if need_hidden else (None, None)
+    return StudentView(logits=logits, embed=embed, last=last, input_ids=ids[:, positions],
                        target_ids=batch_view["target_ids"].to(device), mask=batch_view["response_mask"].to(device))
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Does the causal LM inside the wrappers (DDP, peft) take `logits_to_keep` (transformers >= 4.50)?"""
+    import inspect
+
+    inner = getattr(model, "module", model)                  # DDP
+    if hasattr(inner, "get_base_model"):                     # peft
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -291,9 +311,11 @@ def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) ->
     else:
         student_ids = _records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
+    # every example trains, with or without a kept rationale (as the authors' data layout: each example is a
+    # standard record, and one with a rationale adds a CoT record); one without has an empty CoT view, which
+    # adds nothing to CE/KD and keeps only OT(y, Y)/4 of L_CCoT. (Dropping them made the CoT2Align rows train on
+    # fewer examples than their baselines whenever augment-cot dropped degenerate rationales.)
     all_indices = list(range(n_examples))
-    if cfg.cot2align:
-        all_indices = [i for i in all_indices if student_ids["cot_offsets"][i + 1] > student_ids["cot_offsets"][i]] or all_indices
     held_out: list[int] = []
     val_records = validation_records(cfg, cache, [])
     if not val_records and len(all_indices) > 10:
