@@ -157,6 +157,25 @@ def test_at_epsilon_10_the_plan_is_near_uniform():
     assert abs(value.item() - (1 - 1 / 30)) < 0.05
 
 
+def test_envelope_gradient_is_half_the_unrolled_one_near_uniform():
+    """A property, not a bug (documented in losses/ot.py): with the attention cost every row of C sums to m − 1,
+    so the uniform coupling's part of <T*, C> has no gradient, and near uniform (ε = 10) the remaining
+    second-order part of the linear value <T*, C> (unrolled) is twice that of the entropic value (envelope):
+    same direction, half the norm."""
+    from cot2align.losses.ot import attention_cost
+
+    torch.manual_seed(0)
+    x0, y = torch.randn(4, 30, 64), torch.randn(4, 40, 64)
+    rows, cols = torch.ones(4, 30, dtype=torch.bool), torch.ones(4, 40, dtype=torch.bool)
+    grads = {}
+    for mode in ("envelope", "unrolled"):
+        x = x0.clone().requires_grad_(True)
+        sinkhorn(attention_cost(x, y, cols), rows, cols, 10.0, 200, mode)[1].sum().backward()
+        grads[mode] = x.grad.flatten()
+    assert torch.nn.functional.cosine_similarity(grads["envelope"], grads["unrolled"], 0) > 0.99
+    assert grads["envelope"].norm() / grads["unrolled"].norm() == pytest.approx(0.5, abs=0.01)
+
+
 def test_ccot_equals_the_four_explicit_terms_over_two_layers():
     torch.manual_seed(2)
     B, d, D = 3, 5, 7

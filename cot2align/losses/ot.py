@@ -14,6 +14,11 @@ Gradients:
     *entropic* OT value (envelope theorem); it needs no memory for the iterations.
   * "unrolled": autograd through every iteration, as the authors' code does (it differentiates the
     linear value <T*(C), C>, including dT*/dC). Memory grows with the iteration count.
+  With the attention cost below, every row of C sums to m − 1, so the uniform coupling's share of the value
+  has no gradient; near uniform (ε = 10, the default) what remains is second order in C − mean(C), and it is
+  twice as large in the linear value as in the entropic one: the envelope gradient points the same way as
+  the unrolled one with half its norm (tests/test_ot.py). Choosing `envelope` at ε = 10 is therefore like
+  halving the OT weight relative to the authors' code.
 
 Deliberate differences from the authors' code (dskd_ot_rationale, `ETP`): log domain instead of the
 kernel domain with +1e-9 guards; float32 masses instead of bf16; one batched solve instead of a Python
