@@ -62,6 +62,10 @@ RANDOM_PRESETS: dict[str, dict] = {
     "random:gpt2-30m": {"model_type": "gpt2", "tokenizer": "gpt2", "family": "gpt2-30m",
                         "config": dict(n_embd=384, n_layer=6, n_head=6, n_positions=1024, vocab_size=50257,
                                        tie_word_embeddings=True)},
+    # a small student of the GPT-2 architecture that trains in a minute on 2 CPU cores (bench/transfer.py)
+    "random:gpt2-transfer": {"model_type": "gpt2", "tokenizer": "gpt2", "family": "gpt2-transfer",
+                             "config": dict(n_embd=128, n_layer=2, n_head=4, n_positions=1024, vocab_size=50257,
+                                            tie_word_embeddings=True)},
     "random:mistral-7b": {"model_type": "mistral", "tokenizer": "mistral", "family": "mistral",
                           "config": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                          num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
