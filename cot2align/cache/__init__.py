@@ -1,6 +1,6 @@
 """The Zarr teacher cache (DESIGN §4): format, writer primitives, reader, info and verify."""
 
 from cot2align.cache.reader import TeacherCache, gather_embeddings, open_cache
-from cot2align.cache.writer import CacheError
+from cot2align.cache.format import CacheError
 
 __all__ = ["CacheError", "TeacherCache", "gather_embeddings", "open_cache"]

@@ -22,6 +22,9 @@ Chunks are one file each (no sharding): the writer commits whole chunk files ato
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
@@ -29,6 +32,32 @@ FORMAT = "cot2align-cache"
 FORMAT_VERSION = 1
 VIEWS = ("std", "cot")
 TEXT_FIELDS = ("id", "prompt_std", "response_std", "prompt_cot", "response_cot")
+
+
+
+class CacheError(ValueError):
+    """A one-line, user-facing problem with a cache."""
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of a cache at `path`, or None when there is no zarr group there."""
+    meta = Path(path) / "zarr.json"
+    if not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("attributes", {})
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{meta}: unreadable group metadata ({e.msg})") from None
+
+
+def check_format(manifest: dict, path: Path) -> None:
+    """Refuse what is not a cot2align cache of a format version this code reads."""
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a cot2align cache (zarr.json has no format '{FORMAT}')")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: cache format_version {manifest.get('format_version')} is not supported "
+                         f"(this cot2align reads version {FORMAT_VERSION})")
+
 
 # Rows per chunk for 1-D per-row arrays (ids, tail) and per-example arrays.
 ROW_CHUNK_1D = 65536
@@ -61,6 +90,17 @@ def checksum_codecs(kind: str) -> list:
     if kind == "topk":
         return [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
     raise ValueError(f"unknown codec kind {kind!r}")
+
+
+def to_storage(array: np.ndarray, dtype) -> np.ndarray:
+    """Host rows in their storage dtype: bf16 bits (int16 from torch) are viewed as uint16, ids narrowed.
+    (The reader's `decode_rows` is the inverse.)"""
+    dtype = np.dtype(dtype)
+    if array.dtype == dtype:
+        return array
+    if array.dtype == np.int16 and dtype == np.uint16:
+        return array.view(np.uint16)
+    return array.astype(dtype)
 
 
 def view_array_specs(hidden_size: int, topk: int, vocab_size: int, hidden_dtype: str, store_embeds: bool,

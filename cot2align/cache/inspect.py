@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cot2align.cache.format import TEXT_FIELDS, VIEWS
-from cot2align.cache.writer import CacheError, check_format, read_manifest
+from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_format, read_manifest
 
 
 def _stored_bytes(path: Path) -> int:
@@ -103,67 +102,81 @@ def verify_cache(path: str | Path, log=None) -> list[str]:
         problems.append(f"{path}: status is '{manifest.get('status')}', not complete")
     root = zarr.open_group(str(path), mode="r")
     n = manifest["data"]["n_examples"]
-    D, V, k = manifest["teacher"]["hidden_size"], manifest["teacher"]["vocab_size"], manifest["store"]["topk"]
-
-    def read_all(arr, label: str):
-        """Read chunk by chunk so a failure names the chunk."""
-        chunk = arr.chunks[0]
-        parts = []
-        for c, start in enumerate(range(0, arr.shape[0], chunk)):
-            try:
-                parts.append(arr[start:start + chunk])
-            except Exception as e:  # checksum mismatch, truncated file, codec error
-                raise CacheError(f"{label}: chunk {c} (rows {start}..{min(start + chunk, arr.shape[0]) - 1}) "
-                                 f"unreadable: {type(e).__name__}: {e}") from None
-        return np.concatenate(parts) if parts else arr[:]
-
     try:
         for name in TEXT_FIELDS:
             arr = root["examples"][name]
             if arr.shape != (n,):
                 problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")
-            read_all(arr, f"examples/{name}")
+            _read_all(arr, f"examples/{name}")
         for view in VIEWS:
-            g = root[view]
-            offsets = read_all(g["offsets"], f"{view}/offsets")
-            prompt_len = read_all(g["prompt_len"], f"{view}/prompt_len")
-            if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-                problems.append(f"{view}/offsets: not a non-decreasing [n+1] array starting at 0")
-                continue
-            T = int(offsets[-1])
-            expected = {"input_ids": ((T,), "int32"), "target_ids": ((T,), "int32"),
-                        "topk_logprobs": ((T, k), "float16"), "tail_logprob": ((T,), "float32")}
-            expected["hidden"] = ((T, D), manifest["store"]["dtypes"]["hidden"])
-            expected["topk_ids"] = ((T, k), manifest["store"]["dtypes"]["topk_ids"])
-            if manifest["teacher"]["embed_kind"] == "stored":
-                expected["embeds"] = ((T, D), "uint16")
-            for name, (shape, dtype) in expected.items():
-                if name not in g:
-                    problems.append(f"{view}/{name}: missing")
-                    continue
-                arr = g[name]
-                if tuple(arr.shape) != shape:
-                    problems.append(f"{view}/{name}: shape {tuple(arr.shape)}, expected {shape}")
-                if np.dtype(arr.dtype).name != dtype:
-                    problems.append(f"{view}/{name}: dtype {arr.dtype}, expected {dtype}")
-            if problems:
-                continue
-            values = {name: read_all(g[name], f"{view}/{name}") for name in g.array_keys()
-                      if name not in ("offsets", "prompt_len")}
-            ids, targets = values["input_ids"].astype(np.int64), values["target_ids"].astype(np.int64)
-            if T and (ids.min() < 0 or ids.max() >= V or targets.min() < 0 or targets.max() >= V):
-                problems.append(f"{view}/input_ids or target_ids: token id outside [0, {V})")
-            if T and (values["topk_ids"].astype(np.int64).max() >= V):
-                problems.append(f"{view}/topk_ids: token id outside [0, {V})")
-            # Within an example, the token a row predicts is the next row's input.
-            same_example = np.ones(max(T - 1, 0), dtype=bool)
-            same_example[offsets[1:-1][(offsets[1:-1] > 0) & (offsets[1:-1] < T)] - 1] = False
-            if T > 1 and np.any(targets[:-1][same_example] != ids[1:][same_example]):
-                problems.append(f"{view}: target_ids[t] != input_ids[t+1] inside an example")
-            if T and np.any(np.diff(values["topk_logprobs"].astype(np.float32), axis=1) > 1e-3):
-                problems.append(f"{view}/topk_logprobs: not sorted in descending order")
-            if np.any((prompt_len <= 0) & (np.diff(offsets) > 0)):
-                problems.append(f"{view}/prompt_len: zero prompt length for an example with rows")
+            problems += _verify_view(root[view], view, manifest, n)
     except CacheError as e:
         problems.insert(0, str(e))
+    return problems
+
+
+def _read_all(arr, label: str) -> np.ndarray:
+    """Read chunk by chunk so a failure names the chunk."""
+    chunk = arr.chunks[0]
+    parts = []
+    for c, start in enumerate(range(0, arr.shape[0], chunk)):
+        try:
+            parts.append(arr[start:start + chunk])
+        except Exception as e:  # checksum mismatch, truncated file, codec error
+            raise CacheError(f"{label}: chunk {c} (rows {start}..{min(start + chunk, arr.shape[0]) - 1}) "
+                             f"unreadable: {type(e).__name__}: {e}") from None
+    return np.concatenate(parts) if parts else arr[:]
+
+
+def _verify_view(g, view: str, manifest: dict, n: int) -> list[str]:
+    """One view: offsets, then every per-row array's shape and dtype, then (when those hold) its values."""
+    offsets = _read_all(g["offsets"], f"{view}/offsets")
+    prompt_len = _read_all(g["prompt_len"], f"{view}/prompt_len")
+    if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        return [f"{view}/offsets: not a non-decreasing [n+1] array starting at 0"]
+    problems = _verify_shapes(g, view, manifest, int(offsets[-1]))
+    if problems:
+        return problems
+    values = {name: _read_all(g[name], f"{view}/{name}") for name in g.array_keys() if name not in ("offsets", "prompt_len")}
+    return _verify_values(values, view, offsets, prompt_len, manifest["teacher"]["vocab_size"])
+
+
+def _verify_shapes(g, view: str, manifest: dict, rows: int) -> list[str]:
+    D, k = manifest["teacher"]["hidden_size"], manifest["store"]["topk"]
+    expected = {"input_ids": ((rows,), "int32"), "target_ids": ((rows,), "int32"),
+                "topk_logprobs": ((rows, k), "float16"), "tail_logprob": ((rows,), "float32"),
+                "hidden": ((rows, D), manifest["store"]["dtypes"]["hidden"]),
+                "topk_ids": ((rows, k), manifest["store"]["dtypes"]["topk_ids"])}
+    if manifest["teacher"]["embed_kind"] == "stored":
+        expected["embeds"] = ((rows, D), "uint16")
+    problems = []
+    for name, (shape, dtype) in expected.items():
+        if name not in g:
+            problems.append(f"{view}/{name}: missing")
+            continue
+        if tuple(g[name].shape) != shape:
+            problems.append(f"{view}/{name}: shape {tuple(g[name].shape)}, expected {shape}")
+        if np.dtype(g[name].dtype).name != dtype:
+            problems.append(f"{view}/{name}: dtype {g[name].dtype}, expected {dtype}")
+    return problems
+
+
+def _verify_values(values: dict, view: str, offsets: np.ndarray, prompt_len: np.ndarray, vocab_size: int) -> list[str]:
+    """Token ids inside the vocabulary, rows chained inside an example, top-k sorted, prompts non-empty."""
+    problems = []
+    rows = int(offsets[-1])
+    ids, targets = values["input_ids"].astype(np.int64), values["target_ids"].astype(np.int64)
+    if rows and (ids.min() < 0 or ids.max() >= vocab_size or targets.min() < 0 or targets.max() >= vocab_size):
+        problems.append(f"{view}/input_ids or target_ids: token id outside [0, {vocab_size})")
+    if rows and (values["topk_ids"].astype(np.int64).max() >= vocab_size):
+        problems.append(f"{view}/topk_ids: token id outside [0, {vocab_size})")
+    # Within an example, the token a row predicts is the next row's input.
+    same_example = np.ones(max(rows - 1, 0), dtype=bool)
+    same_example[offsets[1:-1][(offsets[1:-1] > 0) & (offsets[1:-1] < rows)] - 1] = False
+    if rows > 1 and np.any(targets[:-1][same_example] != ids[1:][same_example]):
+        problems.append(f"{view}: target_ids[t] != input_ids[t+1] inside an example")
+    if rows and np.any(np.diff(values["topk_logprobs"].astype(np.float32), axis=1) > 1e-3):
+        problems.append(f"{view}/topk_logprobs: not sorted in descending order")
+    if np.any((prompt_len <= 0) & (np.diff(offsets) > 0)):
+        problems.append(f"{view}/prompt_len: zero prompt length for an example with rows")
     return problems

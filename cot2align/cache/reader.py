@@ -9,6 +9,10 @@
 
 Row r of a view is teacher position t = prompt_len - 1 + r: its input token, the token it
 predicts (`target_ids`), the last hidden state there and the teacher's distribution of the next token.
+
+This module is the one place that knows how arrays are stored: `teacher_rows` (and `decode_rows`) turn the
+stored bytes — bf16 bits, int8 + per-row scale, narrowed ids — into ready torch tensors; a trainer never
+touches zarr or a storage dtype.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from cot2align.cache.format import TEXT_FIELDS, VIEWS
-from cot2align.cache.writer import CacheError, check_format, read_manifest
+from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_format, read_manifest
+from cot2align.modeling import tokenizer_hash
 
 PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob")
 
@@ -50,8 +56,6 @@ class TeacherCache:
             }
         self._texts = None
         if check_tokenizer:
-            from cot2align.modeling import tokenizer_hash
-
             if tokenizer_hash(self.tokenizer()) != manifest["tokenizer"]["vocab_hash"]:
                 raise CacheError(f"{self.path}/teacher: tokenizer files do not match the manifest's vocab_hash")
 
@@ -79,7 +83,27 @@ class TeacherCache:
         return {name: values[i] for name, values in self._texts.items()}
 
     def rows(self, view: str) -> int:
+        """Stored rows of a view, over all examples."""
         return int(self.views[view]["offsets"][self._n])
+
+    def offsets(self, view: str) -> np.ndarray:
+        """int64 [n + 1]: the rows of example i are offsets[i]:offsets[i + 1]."""
+        return self.views[view]["offsets"]
+
+    def column(self, view: str, name: str) -> np.ndarray:
+        """A whole per-row id array of a view (input_ids or target_ids, int64 [rows]), read in one go."""
+        if name not in ("input_ids", "target_ids"):
+            raise ValueError(f"column: expected input_ids or target_ids, got {name!r}")
+        if self.rows(view) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return self.views[view]["arrays"][name][:self.rows(view)].astype(np.int64)
+
+    def teacher_rows(self, i: int, view: str, names=None) -> dict[str, torch.Tensor]:
+        """One example's rows of a view as decoded tensors (see `decode_rows`); `names` limits what is read
+        (names the cache does not store, such as `embeds` of a lookup-embedding teacher, are skipped)."""
+        if names is not None and "hidden" in names:
+            names = (*names, "hidden_scale")          # int8 storage: the scale is part of the hidden state
+        return decode_rows(self.view(i, view, names))
 
     def __getitem__(self, i: int) -> dict:
         if not -self._n <= i < self._n:
@@ -107,34 +131,61 @@ class TeacherCache:
 
     def hidden_tensor(self, view_data: dict, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The stored last hidden states as a torch tensor (bf16 bits reinterpreted, or int8 dequantised)."""
-        hidden = view_data["hidden"]
-        if hidden.dtype == np.uint16:
-            return torch.from_numpy(hidden.view(np.int16).copy()).view(torch.bfloat16).to(dtype)
-        scale = torch.from_numpy(view_data["hidden_scale"].astype(np.float32))
-        return (torch.from_numpy(hidden.astype(np.float32)) * scale[:, None]).to(dtype)
+        return _hidden(view_data).to(dtype)
 
     def head(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The teacher's embedding table and LM head, stored once in teacher/head.safetensors."""
-        from safetensors.torch import load_file
-
         tensors = load_file(str(self.path / "teacher" / "head.safetensors"), device=str(device))
         if dtype is not None:
             tensors = {k: v.to(dtype) for k, v in tensors.items()}
         return tensors
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(str(self.path / "teacher"))
 
     def embedding_features(self, view_data: dict, head: dict, which: str = "input") -> torch.Tensor:
         """Embedding-layer features of the rows: embed_tokens[input_ids] (or [target_ids] for
         DSKD's keys), or the stored per-row `embeds` when the model's embedding is not a lookup."""
         if which == "input" and self.embed_kind == "stored":
-            bits = torch.from_numpy(view_data["embeds"].view(np.int16).copy())
-            return bits.view(torch.bfloat16).to(head["embed_tokens"].dtype)
+            return _bf16(view_data["embeds"]).to(head["embed_tokens"].dtype)
         ids = view_data["input_ids" if which == "input" else "target_ids"]
         return gather_embeddings(head["embed_tokens"], ids)
+
+
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    """uint16 bf16 bits -> a bfloat16 tensor (a reinterpretation, no rounding)."""
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16).copy()).view(torch.bfloat16)
+
+
+def _hidden(rows: dict) -> torch.Tensor:
+    """bf16 bits as bfloat16, or int8 x per-row float16 scale dequantised to float32."""
+    hidden = rows["hidden"]
+    if hidden.dtype == np.uint16:
+        return _bf16(hidden)
+    scale = torch.from_numpy(rows["hidden_scale"].astype(np.float32))
+    return torch.from_numpy(hidden.astype(np.float32)) * scale[:, None]
+
+
+def decode_rows(rows: dict) -> dict[str, torch.Tensor]:
+    """Stored per-row arrays (as `TeacherCache.view` returns them) -> torch tensors a loss can use:
+
+        input_ids, target_ids, topk_ids  int64          hidden  bfloat16 (bf16 storage) | float32 (int8 + scale)
+        topk_logprobs, tail_logprob      float32        embeds  bfloat16 (only caches of stored embeddings)
+
+    `hidden_scale` is folded into `hidden`; other keys of `rows` (prompt_len, texts) are left out.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in ("input_ids", "target_ids", "topk_ids"):
+        if name in rows:
+            out[name] = torch.from_numpy(rows[name].astype(np.int64))
+    for name in ("topk_logprobs", "tail_logprob"):
+        if name in rows:
+            out[name] = torch.from_numpy(rows[name].astype(np.float32))
+    if "hidden" in rows:
+        out["hidden"] = _hidden(rows)
+    if "embeds" in rows:
+        out["embeds"] = _bf16(rows["embeds"])
+    return out
 
 
 def gather_embeddings(embed_tokens: torch.Tensor, ids) -> torch.Tensor:

@@ -19,23 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from safetensors.torch import save_file
 
-from cot2align.cache.format import EXAMPLE_CHUNK, FORMAT, FORMAT_VERSION, TEXT_FIELDS, VIEWS, checksum_codecs
-
-
-class CacheError(ValueError):
-    """A one-line, user-facing problem with a cache."""
-
-
-def read_manifest(path: str | Path) -> dict | None:
-    """The manifest of a cache at `path`, or None when there is no zarr group there."""
-    meta = Path(path) / "zarr.json"
-    if not meta.exists():
-        return None
-    try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{meta}: unreadable group metadata ({e.msg})") from None
+from cot2align.cache.format import EXAMPLE_CHUNK, TEXT_FIELDS, VIEWS, CacheError, checksum_codecs
 
 
 class CacheWriter:
@@ -85,8 +71,6 @@ class CacheWriter:
         if teacher_files_dir is not None:
             for item in Path(teacher_files_dir).iterdir():
                 shutil.copy2(item, teacher_dir / item.name)
-        from safetensors.torch import save_file
-
         # clone(): tied embeddings share storage, and each is stored under its own name
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in head.items()}, str(teacher_dir / "head.safetensors"))
         manifest["status"] = "writing"
@@ -128,11 +112,3 @@ class CacheWriter:
 def _copy(manifest: dict) -> dict:
     # A deep, JSON-clean copy: zarr clears the dict it is handed on the next put().
     return json.loads(json.dumps(manifest))
-
-
-def check_format(manifest: dict, path: Path) -> None:
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path}: not a cot2align cache (zarr.json has no format '{FORMAT}')")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: cache format_version {manifest.get('format_version')} is not supported "
-                         f"(this cot2align reads version {FORMAT_VERSION})")

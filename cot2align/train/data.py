@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cot2align.cache.format import VIEWS
-from cot2align.cache.writer import CacheError
+from cot2align.align.mined import aligned_teacher_rows
+from cot2align.align.vocab import token_strings
+from cot2align.cache import open_cache
+from cot2align.cache.format import VIEWS, CacheError
 
 MEMO_VERSION = 1
 
@@ -54,55 +56,15 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
         with np.load(path) as stored:
             if np.array_equal(stored["manifest_key"], manifest_key):
                 return dict(stored)
-    texts = cache.texts()
-    eos_teacher = cache.manifest["tokenizer"]["eos_id"]
+    aligner = None
     if vocab_map is not None:
-        from cot2align.align.mined import aligned_teacher_rows
-        from cot2align.align.vocab import token_strings
-
-        student_strings, teacher_strings = token_strings(tokenizer), token_strings(teacher_tokenizer)
+        aligner = (token_strings(tokenizer), token_strings(teacher_tokenizer), vocab_map.tea2stu)
     out: dict[str, np.ndarray] = {"manifest_key": manifest_key}
     unencodable = 0
     for view in VIEWS:
-        ids_all, offsets, prompt_lens, mined_rows, mined_offsets = [], [0], [], [], [0]
-        # the id columns once per view (4 bytes a row), not a zarr chunk decode per example
-        has_rows = cache.rows(view) > 0
-        teacher_targets = cache.group[view]["target_ids"][:] if has_rows else None
-        teacher_inputs_all = cache.group[view]["input_ids"][:] if has_rows and vocab_map is not None else None
-        view_offsets = cache.views[view]["offsets"]
-        for i in range(len(cache)):
-            n_rows = int(view_offsets[i + 1] - view_offsets[i])
-            if n_rows == 0:
-                prompt_lens.append(0)
-                offsets.append(offsets[-1])
-                mined_offsets.append(mined_offsets[-1])
-                continue
-            last_target = int(teacher_targets[int(view_offsets[i + 1]) - 1])
-            prompt, response = texts[f"prompt_{view}"][i], texts[f"response_{view}"][i]
-            try:
-                ids, prompt_len = student_view_ids(tokenizer, prompt, response, last_target == eos_teacher, max_length)
-            except ValueError as e:
-                raise CacheError(f"{cache.path}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None
-            unk = getattr(tokenizer, "unk_token_id", None)
-            if unk is not None and unk != tokenizer.eos_token_id and unk in ids[prompt_len:]:
-                unencodable += 1
-            ids_all.extend(ids)
-            offsets.append(len(ids_all))
-            prompt_lens.append(prompt_len)
-            if vocab_map is not None:
-                a, b = int(view_offsets[i]), int(view_offsets[i + 1])
-                teacher_inputs = teacher_inputs_all[a:b]
-                student_inputs = ids[prompt_len - 1:len(ids) - 1]
-                rows = aligned_teacher_rows(student_inputs, teacher_inputs, student_strings, teacher_strings,
-                                            vocab_map.tea2stu)
-                mined_rows.extend(rows.tolist())
-                mined_offsets.append(len(mined_rows))
-        out[f"{view}_ids"] = np.asarray(ids_all, dtype=np.int32)
-        out[f"{view}_offsets"] = np.asarray(offsets, dtype=np.int64)
-        out[f"{view}_prompt_len"] = np.asarray(prompt_lens, dtype=np.int32)
-        if vocab_map is not None:
-            out[f"{view}_mined_rows"] = np.asarray(mined_rows, dtype=np.int32)
-            out[f"{view}_mined_offsets"] = np.asarray(mined_offsets, dtype=np.int64)
+        arrays, unknown = _tokenize_view(cache, view, tokenizer, max_length, aligner)
+        out.update({f"{view}_{name}": array for name, array in arrays.items()})
+        unencodable += unknown
     if unencodable:
         log(f"warning: the student tokenizer maps part of {unencodable} cached responses to its unknown token "
             f"(id {tokenizer.unk_token_id}); those characters cannot be learned")
@@ -111,6 +73,44 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     np.savez(tmp, **out)
     os.replace(tmp, path)
     return out
+
+
+def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tuple[dict[str, np.ndarray], int]:
+    """One view of every example: the student's ids, offsets, prompt lengths (and MinED rows with an aligner
+    = (student strings, teacher strings, tea2stu)); and how many responses hit the student's unknown token."""
+    texts = cache.texts()
+    eos_teacher = cache.manifest["tokenizer"]["eos_id"]
+    teacher_offsets = cache.offsets(view)
+    teacher_targets = cache.column(view, "target_ids")          # one read per view, not a chunk per example
+    teacher_inputs = cache.column(view, "input_ids") if aligner is not None else None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids_all, offsets, prompt_lens, mined_rows, mined_offsets = [], [0], [], [], [0]
+    unencodable = 0
+    for i in range(len(cache)):
+        a, b = int(teacher_offsets[i]), int(teacher_offsets[i + 1])
+        ids, prompt_len = [], 0
+        if b > a:      # an example without this view (no rationale) has no rows
+            # the teacher's response kept its EOS unless the text was cut; the student's then does too
+            with_eos = int(teacher_targets[b - 1]) == eos_teacher
+            try:
+                ids, prompt_len = student_view_ids(tokenizer, texts[f"prompt_{view}"][i], texts[f"response_{view}"][i],
+                                                   with_eos, max_length)
+            except ValueError as e:
+                raise CacheError(f"{cache.path}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None
+            unencodable += unk is not None and unk != tokenizer.eos_token_id and unk in ids[prompt_len:]
+            if aligner is not None:
+                mined_rows.extend(aligned_teacher_rows(ids[prompt_len - 1:len(ids) - 1], teacher_inputs[a:b],
+                                                       *aligner).tolist())
+        ids_all.extend(ids)
+        offsets.append(len(ids_all))
+        prompt_lens.append(prompt_len)
+        mined_offsets.append(len(mined_rows))
+    arrays = {"ids": np.asarray(ids_all, dtype=np.int32), "offsets": np.asarray(offsets, dtype=np.int64),
+              "prompt_len": np.asarray(prompt_lens, dtype=np.int32)}
+    if aligner is not None:
+        arrays["mined_rows"] = np.asarray(mined_rows, dtype=np.int32)
+        arrays["mined_offsets"] = np.asarray(mined_offsets, dtype=np.int64)
+    return arrays, unencodable
 
 
 class DistillDataset(torch.utils.data.Dataset):
@@ -135,8 +135,6 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def _open(self):
         if self._cache is None and self.cache_path is not None:
-            from cot2align.cache import open_cache
-
             self._cache = open_cache(self.cache_path, check_tokenizer=False)
         return self._cache
 
@@ -151,8 +149,7 @@ class DistillDataset(torch.utils.data.Dataset):
                 ma, mb = self.student[f"{view}_mined_offsets"][i], self.student[f"{view}_mined_offsets"][i + 1]
                 entry["mined_rows"] = self.student[f"{view}_mined_rows"][ma:mb]
             if cache is not None:
-                teacher = cache.view(i, view, self.teacher_arrays)
-                entry["teacher"] = {name: teacher[name] for name in self.teacher_arrays if name in teacher}
+                entry["teacher"] = cache.teacher_rows(i, view, self.teacher_arrays)
             item[view] = entry
         return item
 
@@ -187,22 +184,23 @@ def collate(items: list[dict], views: tuple[str, ...], pad_id: int) -> dict:
                "response_mask": response[:, positions], "target_ids": targets[:, positions],
                "mined_rows": mined[:, positions]}
         if entries and "teacher" in entries[0]:
-            rows = max(max(len(e["teacher"]["input_ids"]) for e in entries), 1)
-            teacher = {"mask": torch.zeros(len(items), rows, dtype=torch.bool)}
-            for name in entries[0]["teacher"]:
-                sample = entries[0]["teacher"][name]
-                dtype = np.int64 if sample.dtype.kind in "iu" and name != "hidden" and name != "embeds" else sample.dtype
-                shape = (len(items), rows, *sample.shape[1:])
-                holder = np.zeros(shape, dtype=np.int16 if sample.dtype == np.uint16 else dtype)
-                for b, e in enumerate(entries):
-                    values = e["teacher"][name]
-                    holder[b, :len(values)] = values.view(np.int16) if values.dtype == np.uint16 else values.astype(dtype)
-                teacher[name] = torch.from_numpy(holder)
-            for b, e in enumerate(entries):
-                teacher["mask"][b, :len(e["teacher"]["input_ids"])] = True
-            out["teacher"] = teacher
+            out["teacher"] = _pad_teacher_rows([e["teacher"] for e in entries])
         batch[view] = out
     return batch
+
+
+def _pad_teacher_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each decoded teacher array padded to [B, M, ...] (M = the batch's most rows), plus the row mask [B, M]."""
+    width = max(max(len(r["input_ids"]) for r in rows), 1)
+    padded = {"mask": torch.zeros(len(rows), width, dtype=torch.bool)}
+    for name, sample in rows[0].items():
+        holder = torch.zeros((len(rows), width, *sample.shape[1:]), dtype=sample.dtype)
+        for b, r in enumerate(rows):
+            holder[b, :len(r[name])] = r[name]
+        padded[name] = holder
+    for b, r in enumerate(rows):
+        padded["mask"][b, :len(r["input_ids"])] = True
+    return padded
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):
