@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cot2align.cache.writer import CacheError
+from cot2align.cache.format import CacheError
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.data.readers import DataError
 from cot2align.train import TrainingError
@@ -215,7 +215,8 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
 @_training_options
 def sft_cmd(config_file, model, **flags):
     """Fine-tune a model on the standard view (the paper fine-tunes every teacher first)."""
-    from cot2align.train.distill import sft_defaults, distill
+    from cot2align.config import sft_defaults
+    from cot2align.train.distill import distill
 
     cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
     _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
@@ -238,7 +239,7 @@ def sft_cmd(config_file, model, **flags):
 @click.option("--trust-remote-code", is_flag=True)
 def augment_cot_cmd(**flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
-    from cot2align.augment import AugmentConfig, augment_cot
+    from cot2align.data.augment import AugmentConfig, augment_cot
 
     summary = augment_cot(AugmentConfig(**flags), log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(summary))
@@ -261,7 +262,7 @@ def augment_cot_cmd(**flags):
 @click.option("--device")
 def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_tokens, batch_size, data_root, device):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
-    from cot2align.evaluation import evaluate_model
+    from cot2align.eval import evaluate_model
 
     summary = evaluate_model(model, data, split, _list(seeds, int), greedy, out, limit, max_new_tokens,
                              batch_size=batch_size, data_root=data_root, device=device, metric=metric,
@@ -273,7 +274,7 @@ def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_
 @click.argument("runs_dir")
 def report_cmd(runs_dir):
     """A Table-1-style Markdown table and a bar chart from the evaluate results under RUNS_DIR."""
-    from cot2align.report import report
+    from cot2align.eval import report
 
     report(runs_dir, log=click.echo)
 

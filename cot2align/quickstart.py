@@ -11,17 +11,18 @@ Sizes are cut to run in a few minutes on 2 CPU cores: `limit` training records, 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
+from cot2align.data.augment import AugmentConfig, augment_cot
+from cot2align.eval import evaluate_model, report
+from cot2align.teacher.cache_pass import cache_teacher
+from cot2align.train.distill import distill
+
 
 def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=print) -> str:
-    from cot2align.augment import AugmentConfig, augment_cot
-    from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
-    from cot2align.evaluation import evaluate_model
-    from cot2align.report import report
-    from cot2align.teacher.cache_pass import cache_teacher
-    from cot2align.train.distill import distill
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -71,5 +72,5 @@ def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-g
     log(table)
     log("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) +
         f"; total {sum(timings.values()):.1f} s")
-    (root / "timings.json").write_text(__import__("json").dumps(timings, indent=1))
+    (root / "timings.json").write_text(json.dumps(timings, indent=1))
     return table

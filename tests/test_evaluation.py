@@ -11,7 +11,7 @@ import torch
 from cot2align.data import load_records
 from cot2align.data.readers import group_references
 from cot2align.data.templates import standard_prompt
-from cot2align.evaluation import evaluate_model, reference_cross_entropy
+from cot2align.eval import evaluate_model, reference_cross_entropy
 from cot2align.modeling import load_model, load_tokenizer
 
 
@@ -50,10 +50,11 @@ def test_cross_entropy_equals_hand_computation(preset):
     assert 0 < got["nats_per_token"] < math.log(model.config.vocab_size) + 3
 
 
+@pytest.mark.slow
 def test_evaluate_metric_ce_merges_with_rouge_and_report_shows_it(tmp_path):
     from cot2align.train.distill import distill
     from cot2align.config import DistillConfig, build_config
-    from cot2align.report import report
+    from cot2align.eval import report
 
     run = tmp_path / "runs" / "sft"
     distill(build_config(DistillConfig, student="tiny-gpt2", method="sft", data="sample", limit=8, epochs=1,
@@ -79,6 +80,7 @@ def test_evaluate_metric_ce_merges_with_rouge_and_report_shows_it(tmp_path):
     assert f"{expected['nats_per_token']:.3f}" in table and "bits/byte" in table
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_an_unknown_metric(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cot2align.cli", "evaluate", "--model", "tiny-gpt2", "--data", "sample",
                            "--metric", "bleu"], capture_output=True, text=True)

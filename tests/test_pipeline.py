@@ -11,12 +11,12 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from cot2align import augment as augment_module
-from cot2align.augment import AugmentConfig, augment_cot, degenerate_reason, extract_rationale
+from cot2align.data import augment as augment_module
+from cot2align.data.augment import AugmentConfig, augment_cot, degenerate_reason, extract_rationale
 from cot2align.cache import open_cache
 from cot2align.cache.inspect import verify_cache
 from cot2align.data import load_records
-from cot2align.evaluation import evaluate_model, generate, rouge_l
+from cot2align.eval import evaluate_model, generate, rouge_l
 
 
 def test_augment_schema_filters_and_cot_output_format(tmp_path, monkeypatch):
@@ -44,11 +44,12 @@ def test_augment_schema_filters_and_cot_output_format(tmp_path, monkeypatch):
     assert degenerate_reason("fine text here", False) is None
 
 
+@pytest.mark.slow
 def test_augment_resumes_after_sigkill_with_each_id_once(tmp_path):
     out = tmp_path / "cot.jsonl"
     args = [sys.executable, "-m", "cot2align.cli", "augment-cot", "--model", "tiny-llama", "--data", "sample",
             "--limit", "12", "--batch-size", "4", "--max-new-tokens", "8", "--out", str(out)]
-    killed = subprocess.run(args, env=dict(os.environ, COT2ALIGN_KILL_AFTER_BATCH="2"), capture_output=True, text=True)
+    killed = subprocess.run(args, env=dict(os.environ, COT2ALIGN_FAULT="augment-batch:2"), capture_output=True, text=True)
     assert killed.returncode == -9
     with out.open("a") as f:                       # a torn line, as a crash in the middle of a write leaves
         f.write('{"id": "torn", "instru')
@@ -84,7 +85,7 @@ def test_rouge_matches_rouge_score_and_evaluate_protocol(tmp_path):
 
 
 def test_report_table_keeps_greedy_apart_and_shows_the_gain_over_the_best_baseline(tmp_path):
-    from cot2align.report import report
+    from cot2align.eval import report
 
     def write(run: str, method: str, cot2align: bool, sub: str, decoding: str, per_run: dict):
         (tmp_path / run).mkdir(exist_ok=True)
@@ -107,6 +108,7 @@ def test_report_table_keeps_greedy_apart_and_shows_the_gain_over_the_best_baseli
     assert (tmp_path / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "cot2align.cli", "quickstart", "--out", str(tmp_path / "qs"), "--limit", "24"],

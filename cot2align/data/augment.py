@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
+from cot2align.config import ConfigError
+from cot2align.data.readers import load_records
 from cot2align.data.templates import cot_output, cot_prompt
+from cot2align.eval.generation import generate_batch
+from cot2align.faults import fault_point
+from cot2align.modeling import load_model, load_tokenizer
 
 SEPARATOR = "Therefore, the answer is"
 
@@ -87,23 +92,11 @@ def finished_ids(path: Path) -> set[str]:
 
 def _generate_hf(model, tokenizer, prompts: list[str], cfg: AugmentConfig, seed: int) -> list[tuple[str, bool]]:
     """(text, stopped by the length limit) per prompt; one left-padded batch."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):
-        ids[row, width - len(e):] = torch.tensor(e)
-        attention[row, width - len(e):] = 1
     torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), do_sample=True,
-                             temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    generated = generate_batch(model, tokenizer, encoded, cfg.max_new_tokens, greedy=False, temperature=cfg.temperature)
     results = []
-    for row in range(len(prompts)):
-        new = out[row, width:].tolist()
+    for new in generated:
         ended = tokenizer.eos_token_id in new
         if ended:
             new = new[:new.index(tokenizer.eos_token_id)]
@@ -115,8 +108,6 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
-        from cot2align.config import ConfigError
-
         raise ConfigError("--backend vllm: vllm is not installed (pip install 'cot2align[vllm]')") from None
     llm = LLM(model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     params = SamplingParams(temperature=cfg.temperature, top_p=1.0, top_k=-1, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -125,8 +116,6 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
 
 
 def augment_cot(cfg: AugmentConfig, log=print) -> dict:
-    from cot2align.data import load_records
-
     records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
     if cfg.limit is not None:
         records = records[:cfg.limit]
@@ -143,8 +132,6 @@ def augment_cot(cfg: AugmentConfig, log=print) -> dict:
         generated = dict(zip(prompts, _generate_vllm(cfg, list(prompts.values()))))
         batches = [todo]
     else:
-        from cot2align.modeling import load_model, load_tokenizer
-
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(cfg.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device,
                            adapter=cfg.adapter, trust_remote_code=cfg.trust_remote_code)
@@ -174,8 +161,7 @@ def augment_cot(cfg: AugmentConfig, log=print) -> dict:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            if os.environ.get("COT2ALIGN_KILL_AFTER_BATCH") == str(number + 1):   # crash tests only
-                os.kill(os.getpid(), 9)
+            fault_point(f"augment-batch:{number + 1}")
     degenerate = {k: v for k, v in counts.items() if k != "kept"}
     log(f"augment-cot: wrote {sum(counts.values())} records to {out} ({counts['kept']} with a rationale; "
         f"dropped as degenerate: {degenerate or 'none'})")

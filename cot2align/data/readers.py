@@ -144,28 +144,42 @@ def _as_text(value, where: str, field: str) -> str:
     return value
 
 
+def _dialogsum_record(raw: dict, where: str, default_id: str) -> tuple[dict, list[str] | None]:
+    """DialogSum's own release: topic (test: topic1) in the instruction, the dialogue as input, up to three
+    summaries (the first is the output; all are references)."""
+    topic = raw.get("topic") or raw.get("topic1") or ""
+    summaries = [raw[k] for k in ("summary", "summary1", "summary2", "summary3") if raw.get(k)]
+    if not summaries:
+        raise DataError(f"{where}: DialogSum record has no 'summary' field")
+    record = {"id": str(raw.get("fname") or raw.get("id") or default_id),
+              "instruction": DIALOGSUM_INSTRUCTION.format(topic=topic),
+              "input": _as_text(raw["dialogue"], where, "dialogue"), "output": summaries[0]}
+    return record, (summaries if len(summaries) > 1 else None)
+
+
+def _generic_record(raw: dict, where: str, default_id: str, field_map: dict | None) -> tuple[dict, list[str] | None]:
+    """instruction / input / output (names mapped by field_map), optional references."""
+    fm = {"id": "id", "instruction": "instruction", "input": "input", "output": "output", **(field_map or {})}
+    for ours in ("instruction", "output"):
+        if fm[ours] not in raw:
+            raise DataError(f"{where}: record has no '{fm[ours]}' field (fields: {', '.join(sorted(raw))})")
+    record = {"id": str(raw.get(fm["id"], raw.get("fname", default_id))),
+              "instruction": _as_text(raw[fm["instruction"]], where, fm["instruction"]),
+              "input": _as_text(raw.get(fm["input"]), where, fm["input"]),
+              "output": _as_text(raw[fm["output"]], where, fm["output"])}
+    references = [str(r) for r in raw["references"]] if isinstance(raw.get("references"), list) else None
+    return record, references
+
+
 def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | None = None) -> dict:
     """Map one raw object (authors' jsonl, DialogSum, Dolly hub, generic) to a record dict.
 
     `where` is "file:line" for error messages; `field_map` maps our field names to the file's
     (e.g. {"output": "answer"}).
     """
-    fm = {"id": "id", "instruction": "instruction", "input": "input", "output": "output"}
-    fm.update(field_map or {})
     references = None
     if field_map is None and "dialogue" in raw:  # DialogSum original release
-        topic = raw.get("topic") or raw.get("topic1") or ""
-        summaries = [raw[k] for k in ("summary", "summary1", "summary2", "summary3") if raw.get(k)]
-        if not summaries:
-            raise DataError(f"{where}: DialogSum record has no 'summary' field")
-        record = {
-            "id": str(raw.get("fname") or raw.get("id") or default_id),
-            "instruction": DIALOGSUM_INSTRUCTION.format(topic=topic),
-            "input": _as_text(raw["dialogue"], where, "dialogue"),
-            "output": summaries[0],
-        }
-        if len(summaries) > 1:
-            references = summaries
+        record, references = _dialogsum_record(raw, where, default_id)
     elif field_map is None and "response" in raw and "output" not in raw:  # Dolly hub schema
         record = {
             "id": str(raw.get("id", default_id)),
@@ -174,19 +188,7 @@ def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | N
             "output": _as_text(raw["response"], where, "response"),
         }
     else:
-        if fm["instruction"] not in raw:
-            raise DataError(f"{where}: record has no '{fm['instruction']}' field (fields: {', '.join(sorted(raw))})")
-        if fm["output"] not in raw:
-            raise DataError(f"{where}: record has no '{fm['output']}' field (fields: {', '.join(sorted(raw))})")
-        rid = raw.get(fm["id"], raw.get("fname", default_id))
-        record = {
-            "id": str(rid),
-            "instruction": _as_text(raw[fm["instruction"]], where, fm["instruction"]),
-            "input": _as_text(raw.get(fm["input"]), where, fm["input"]),
-            "output": _as_text(raw[fm["output"]], where, fm["output"]),
-        }
-        if isinstance(raw.get("references"), list):
-            references = [str(r) for r in raw["references"]]
+        record, references = _generic_record(raw, where, default_id, field_map)
     if not record["output"].strip():
         raise DataError(f"{where}: field 'output' is empty (a response is needed for every record)")
     if not record["instruction"].strip():

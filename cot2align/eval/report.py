@@ -19,6 +19,9 @@ import json
 import statistics
 from pathlib import Path
 
+from cot2align.config import ConfigError
+from cot2align.plotting import pyplot
+
 
 def _method_of(results_file: Path) -> str:
     for parent in results_file.parents:
@@ -30,8 +33,6 @@ def _method_of(results_file: Path) -> str:
 
 
 def _read(results_file: Path) -> dict | None:
-    from cot2align.config import ConfigError
-
     try:
         result = json.loads(results_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -115,8 +116,6 @@ def report(runs_dir: str, log=print) -> str:
     root = Path(runs_dir)
     rouge, ce = collect(root)
     if not rouge and not ce:
-        from cot2align.config import ConfigError
-
         raise ConfigError(f"report {runs_dir}: no evaluate results (results.json) found under it")
     lines: list[str] = []
     if rouge:
@@ -131,12 +130,8 @@ def report(runs_dir: str, log=print) -> str:
 
 
 def _plot(rouge: dict, ce: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = pyplot()
+    if plt is None:
         return
     panels = [(name, table, key) for name, table, key in (("ROUGE-L", rouge, None), ("bits/byte (lower is better)", ce, "bpb"))
               if table]
