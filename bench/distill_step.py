@@ -63,7 +63,9 @@ def main():
     from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
     from cot2align.teacher.cache_pass import cache_teacher
     from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
-    from cot2align.train.distill import distill, load_student, student_view, teacher_views_from_batch
+    from cot2align.train.batches import load_heads, student_view, teacher_view
+    from cot2align.train.distill import distill
+    from cot2align.train.setup import load_student
     from cot2align.train.online import online_teacher_view
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,11 +102,9 @@ def main():
     sampler = LengthBucketSampler([dataset.length(k) for k in range(len(dataset))], args.batch_size, 0)
     batches = [collate([dataset[k] for k in b], views, tok.eos_token_id) for b in sampler.batches(0)[:args.steps]]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    head = cache.head(device=device, dtype=dtype)
-    from cot2align.losses.objective import Heads, build_projectors
+    from cot2align.losses.objective import build_projectors
 
-    heads = Heads(student_embed_tokens=student.get_input_embeddings().weight, student_lm_head=student.get_output_embeddings().weight,
-                  teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"])
+    heads = load_heads(cache, student, device=device, dtype=dtype)
     projectors = build_projectors("dskd", True, student.config.hidden_size, cache.hidden_size).to(device)
     optimizer = torch.optim.AdamW(list(student.parameters()) + list(projectors.parameters()), lr=1e-5)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -119,8 +119,7 @@ def main():
                                                              students[v].target_ids[students[v].mask]) for v in views)
             else:
                 if mode == "cached":
-                    teachers = {v: teacher_views_from_batch(batch[v], heads, cache.embed_kind, "exact",
-                                                            cache.manifest["teacher"]["vocab_size"], device, dtype) for v in views}
+                    teachers = {v: teacher_view(batch[v], heads, device, dtype) for v in views}
                 else:
                     idx = batch["index"].tolist()
                     teachers = {}

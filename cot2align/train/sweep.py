@@ -1,7 +1,7 @@
 """`cot2align sweep`: the cross product students × methods × α from one cache, opened once and never written.
 
 Each run goes to DIR/<student>_<method>[_cot2align]_a<alpha>/; the results (best validation ROUGE-L, final
-validation loss, steps) land in DIR/results.md and DIR/results.csv, with a plot of validation ROUGE-L
+validation cross-entropy, steps) land in DIR/results.md and DIR/results.csv, with a plot of validation ROUGE-L
 against α per method (DIR/rougeL_vs_alpha.png).
 """
 
@@ -11,14 +11,14 @@ import csv
 import itertools
 from pathlib import Path
 
+from cot2align.cache import open_cache
 from cot2align.config import DistillConfig, build_config, model_family
+from cot2align.plotting import pyplot
+from cot2align.train.distill import distill
 
 
 def sweep(cache_path: str, students: list[str | None], methods: list[str], alphas: list[float], out: str,
           config_file: str | None = None, log=print, **flags) -> list[dict]:
-    from cot2align.cache import open_cache
-    from cot2align.train.distill import distill
-
     cache = open_cache(cache_path)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,12 +54,8 @@ def _write_tables(rows: list[dict], out_dir: Path) -> None:
 
 
 def _plot(rows: list[dict], out_dir: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for (student, method), group in itertools.groupby(sorted(rows, key=lambda r: (r["student"], r["method"], r["alpha"])),

@@ -1,0 +1,328 @@
+"""Everything `distill` prepares before its first step, one concern per function, gathered in a `Run`.
+
+    setup(cfg) -> Run
+      _setup_distributed   rank, world size, device (torchrun / accelerate launch, or one process)
+      _setup_config        the cache, the paper setting that fills unset fields, the output directory
+      _setup_student       the student's tokenizer and model (full fine-tuning or LoRA)
+      _setup_heads         both models' heads, MinED's vocabulary map, the trainable projectors
+      _setup_fsdp          shard the student's blocks (FSDP2) when asked and launched on several ranks
+      _setup_data          the student's tokenisation of the cache, the loader, the validation records
+      _setup_optimiser     AdamW (projectors in their own group) and the cosine schedule
+      _setup_resume        the last checkpoint, when --resume
+      _setup_logging       run.json, config.yaml, metrics.jsonl and TensorBoard (rank 0)
+
+The order is the order of the random draws (model init, projectors, data order), which a resumed run and a
+run with other world sizes must repeat exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import get_cosine_schedule_with_warmup
+
+from cot2align.align.vocab import vocab_map as build_vocab_map
+from cot2align.cache import open_cache
+from cot2align.config import ConfigError, DistillConfig, config_to_dict, model_family
+from cot2align.data import load_records, standard_prompt
+from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
+from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
+from cot2align.train.batches import dataloader, load_heads, pad_id
+from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint
+from cot2align.train.data import student_view_ids, tokenize_cache
+from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
+from cot2align.train.outputs import tensorboard_writer
+from cot2align.train.validation import split_validation
+
+RUN_MARKER = "run.json"
+
+
+@dataclass
+class Run:
+    """One training run: its settings, models, data, optimiser and progress (what the recipe steps share)."""
+
+    cfg: DistillConfig
+    say: object                          # log function (silent on ranks other than 0)
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    cache: object                        # TeacherCache, or None for SFT from plain data
+    tokenizer: object
+    model: torch.nn.Module               # the student (peft-wrapped for LoRA; sharded under FSDP)
+    train_model: torch.nn.Module         # what the forward runs through (DDP wrapper when replicated)
+    heads: Heads | None
+    projectors: torch.nn.ModuleDict
+    sharded: bool
+    whole_params: list                   # trainable parameters every rank holds whole (FSDP: embedding, lm_head)
+    params: list                         # the student's trainable parameters
+    loader: torch.utils.data.DataLoader
+    views: tuple[str, ...]
+    val_records: list[dict]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    batches_per_epoch: int
+    state: dict                          # epoch, batches_done, step, best metric, history (checkpointed)
+    loss_cfg: LossConfig
+    compute_dtype: torch.dtype
+    metrics_file: object = None
+    writer: object = None
+    started: float = field(default_factory=time.perf_counter)
+    tokens_seen: int = 0
+    data_wait: float = 0.0
+    stopped: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    @property
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.heads is not None
+
+    @property
+    def need_hidden(self) -> bool:
+        return self.cfg.cot2align or self.cfg.method == "dskd"
+
+
+def setup(cfg: DistillConfig, log=print, cache=None) -> Run:
+    rank, world, device = _setup_distributed(cfg)
+    say = log if rank == 0 else (lambda *a, **k: None)
+    cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say)
+    seed_everything(cfg.seed)
+    tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads, projectors = _setup_heads(cfg, cache, model, tokenizer, device, compute_dtype)
+    sharded, whole_params = _setup_fsdp(cfg, model, world, device, say)
+    loader, val_records, views = _setup_data(cfg, cache, tokenizer, device, rank, world, say)
+    optimizer, scheduler, params, batches_per_epoch = _setup_optimiser(cfg, model, projectors, loader)
+    train_model = model
+    if world > 1 and not sharded:   # DDP for the student; the (small) projectors' gradients are all-reduced by hand
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    state = _setup_resume(cfg, out, model, projectors, optimizer, scheduler, device, say)
+    run = Run(cfg=cfg, say=say, rank=rank, world=world, device=device, out=out, cache=cache, tokenizer=tokenizer,
+              model=model, train_model=train_model, heads=heads, projectors=projectors, sharded=sharded,
+              whole_params=whole_params, params=params, loader=loader, views=views, val_records=val_records,
+              optimizer=optimizer, scheduler=scheduler, batches_per_epoch=batches_per_epoch, state=state,
+              loss_cfg=LossConfig(kl_variant=cfg.kl_variant, kd_temperature=cfg.kd_temperature,
+                                  ot_epsilon=cfg.ot_epsilon, ot_iters=cfg.ot_iters, ot_grad=cfg.ot_grad,
+                                  ot_compile=cfg.ot_compile),
+              compute_dtype=compute_dtype,
+              stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
+    if run.is_main:
+        run.metrics_file, run.writer = _setup_logging(cfg, out, teacher_name)
+    return run
+
+
+# ------------------------------------------------------------------------------------------ the pieces
+
+def _setup_distributed(cfg: DistillConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun / accelerate launch; (0, 1, cfg.device or the default) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say):
+    """Open the cache, fill unset fields from the paper's setting for its teacher, prepare --out."""
+    if cache is None and cfg.cache:
+        cache = open_cache(cfg.cache)
+    teacher_name = cache.manifest["teacher"]["name_or_path"] if cache is not None else None
+    setting = cfg.resolve(model_family(teacher_name) if teacher_name else None)
+    if setting:
+        say(f"paper setting: {setting} — method {cfg.method}{' + CoT2Align' if cfg.cot2align else ''}, "
+            f"alpha {cfg.alpha}, lr {cfg.lr}, {cfg.epochs} epochs, batch {cfg.batch_size}x{cfg.grad_accum}"
+            f"{f', LoRA r={cfg.lora_rank}' if cfg.lora_rank else ', full fine-tuning'}")
+    out = Path(cfg.out or default_out(cfg))
+    if rank == 0:
+        prepare_out_dir(out, cfg)
+    if world > 1:
+        torch.distributed.barrier()
+    return cache, teacher_name, out
+
+
+def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    if cfg.method == "kl" and cache is not None and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]:
+        raise ConfigError(f"--method kl: the student tokenizer ({cfg.student}) differs from the teacher's "
+                          f"({teacher_name}); KL needs one shared vocabulary — use uld, mined or dskd")
+    if tokenizer.pad_token_id is None:     # padding needs a token; EOS is never a target where padding is
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, load_student(cfg, device)
+
+
+def _setup_heads(cfg: DistillConfig, cache, model, tokenizer, device, dtype):
+    """Heads (None when no teacher term is used) and the projectors the objective trains."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    d_student = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
+    heads = None
+    if cache is not None and (cfg.method != "sft" or cfg.cot2align):
+        heads = load_heads(cache, base, tokenizer if cfg.method == "mined" else None, device=device, dtype=dtype)
+    projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
+    return heads, projectors.to(device)
+
+
+def _setup_fsdp(cfg: DistillConfig, model, world: int, device, say) -> tuple[bool, list]:
+    if cfg.fsdp and world > 1:
+        whole = shard_student(model, device)
+        say(f"FSDP: student blocks sharded over {world} ranks; embedding and output head kept whole")
+        return True, whole
+    if cfg.fsdp:
+        say("--fsdp: a single process, nothing to shard (launch with torchrun or accelerate launch)")
+    return False, []
+
+
+def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: int, say):
+    """(loader, validation records, views). Every example trains, with or without a kept rationale (the
+    authors' data layout: each example is a standard record, one with a rationale adds a CoT record); one
+    without has an empty CoT view, which adds nothing to CE/KD and keeps only OT(y, Y)/4 of L_CCoT."""
+    views = ("std", "cot") if cfg.cot2align else ("std",)
+    if cache is not None:
+        vocab = build_vocab_map(cache.tokenizer(), tokenizer) if cfg.method == "mined" else None
+        student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), cfg.max_length, vocab,
+                                     cache.tokenizer() if vocab is not None else None, log=say)
+        n_examples = len(cache) if cfg.limit is None else min(cfg.limit, len(cache))
+    else:
+        student_ids = records_as_student_ids(cfg, tokenizer)
+        n_examples = len(student_ids["std_prompt_len"])
+    indices, val_records = split_validation(cfg, cache, list(range(n_examples)))
+    workers = cfg.num_workers if cfg.num_workers is not None else (2 if device.type == "cuda" else 0)
+    arrays = teacher_arrays(cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
+    loader = dataloader(student_ids, views, indices, str(cache.path) if cache is not None else None, arrays,
+                        pad_id(tokenizer), cfg.batch_size, cfg.seed, workers, device.type == "cuda", rank, world)
+    return loader, val_records, views
+
+
+def _setup_optimiser(cfg: DistillConfig, model, projectors, loader):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if len(list(projectors.parameters())):
+        groups.append({"params": list(projectors.parameters()), "lr": cfg.projector_lr, "weight_decay": cfg.weight_decay})
+    optimizer = torch.optim.AdamW(groups)
+    batches_per_epoch = len(loader.batch_sampler.batches(0))
+    total_steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), max(total_steps, 1))
+    return optimizer, scheduler, params, batches_per_epoch
+
+
+def _setup_resume(cfg: DistillConfig, out: Path, model, projectors, optimizer, scheduler, device, say) -> dict:
+    state = {"epoch": 0, "batches_done": 0, "step": 0, "best_rougeL": None, "best_val_loss": None, "best_epoch": None,
+             "history": []}
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is not None:
+            state = load_checkpoint(checkpoint, model, projectors, optimizer, scheduler, device)
+            say(f"resumed from {checkpoint} (epoch {state['epoch']}, step {state['step']})")
+    return state
+
+
+def _setup_logging(cfg: DistillConfig, out: Path, teacher_name):
+    (out / RUN_MARKER).write_text(json.dumps({"config": config_to_dict(cfg), "teacher": teacher_name}, indent=1))
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return (out / "metrics.jsonl").open("a"), tensorboard_writer(out)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_out(cfg: DistillConfig) -> str:
+    tag = f"{model_family(cfg.student)}_{cfg.method}{'_cot2align' if cfg.cot2align else ''}_a{cfg.alpha}"
+    return str(Path("runs") / tag)
+
+
+def prepare_out_dir(out: Path, cfg: DistillConfig) -> None:
+    """Refuse a directory holding another run unless --resume or --overwrite."""
+    marker = out / RUN_MARKER
+    if out.exists() and any(out.iterdir()):
+        if cfg.resume:
+            if not marker.exists():
+                raise ConfigError(f"--out {out}: --resume given but the directory holds no cot2align run")
+            return
+        if not cfg.overwrite:
+            raise ConfigError(f"--out {out}: the directory is not empty (another run?); pass --resume to continue it "
+                              "or --overwrite to replace it")
+        shutil.rmtree(out)
+    elif cfg.resume and not marker.exists():
+        cfg.resume = False
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def load_student(cfg: DistillConfig, device):
+    """The student in float32 master weights, full fine-tuning or LoRA (peft) over every linear layer."""
+    model = load_model(cfg.student, dtype=torch.float32, device=device, seed=cfg.seed,
+                       trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora_rank:
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    model.train()
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+    return model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def whole_model(model, cfg: DistillConfig, is_main: bool):
+    """The student as one ordinary module, to save: the model itself, or under FSDP (a collective: every rank
+    calls it) a fresh unsharded copy on rank 0's CPU holding the gathered weights (None on the other ranks)."""
+    if not is_sharded(model):
+        return model
+    weights = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
+    if not is_main:
+        return None
+    with torch.random.fork_rng(devices=[]):     # building the copy must not move the training RNG streams
+        copy = load_student(cfg, "cpu")
+    copy.load_state_dict(weights)
+    return copy
+
+
+def records_as_student_ids(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
+    """--method sft from plain data: the standard view of every record, tokenised for the student."""
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
+    if cfg.limit is not None:
+        records = records[:cfg.limit]
+    ids_all, offsets, prompt_lens = [], [0], []
+    for rec in records:
+        ids, prompt_len = student_view_ids(tokenizer, standard_prompt(rec["instruction"], rec.get("input", "")),
+                                           rec["output"], True, cfg.max_length)
+        ids_all.extend(ids)
+        offsets.append(len(ids_all))
+        prompt_lens.append(prompt_len)
+    return {"std_ids": np.asarray(ids_all, np.int32), "std_offsets": np.asarray(offsets, np.int64),
+            "std_prompt_len": np.asarray(prompt_lens, np.int32)}

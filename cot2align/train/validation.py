@@ -1,0 +1,65 @@
+"""Validation during `distill`: which records, what is measured, and which epoch counts as the best."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cot2align.config import DistillConfig
+from cot2align.data import DataError, group_references, load_records, standard_prompt
+from cot2align.data.readers import DATASETS
+from cot2align.eval import generate, reference_cross_entropy, rouge_l
+
+
+def validation_records(cfg: DistillConfig, cache, held_out: list[int]) -> list[dict]:
+    """[{prompt, references}] — the dev split of the cache's dataset when available, else held-out cached examples."""
+    source = cfg.val_data or (cache.manifest["data"].get("name") if cache is not None else cfg.data)
+    if source and not cfg.val_data and source not in DATASETS and source != "sample":
+        source = None        # a plain file has no dev split: hold out cached examples instead
+    if source:
+        try:
+            records, _ = load_records(source, "dev", cfg.data_root)
+            grouped = group_references(records)
+            return [{"prompt": standard_prompt(r["instruction"], r.get("input", "")), "references": r["references"]}
+                    for r in grouped[:cfg.val_examples]]
+        except (DataError, KeyError, ValueError):
+            if cfg.val_data:
+                raise
+    texts = cache.texts() if cache is not None else None
+    return [{"prompt": texts["prompt_std"][i], "references": [texts["response_std"][i]]} for i in held_out] if texts else []
+
+
+def split_validation(cfg: DistillConfig, cache, indices: list[int]) -> tuple[list[int], list[dict]]:
+    """(training indices, validation records): without a dev split, the last tenth of the examples (at most
+    val_examples) is held out for validation."""
+    records = validation_records(cfg, cache, [])
+    if records or len(indices) <= 10:
+        return indices, records
+    held_out = indices[-min(cfg.val_examples, max(1, len(indices) // 10)):]
+    return indices[:len(indices) - len(held_out)], validation_records(cfg, cache, held_out)
+
+
+def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, synced_gpus: bool = False) -> dict:
+    """val_ce / val_bits_per_byte: the held-out cross-entropy of every reference (eval.reference_cross_entropy,
+    the low-noise signal); val_rougeL: greedy ROUGE-L of the same prompts (the paper's model selection)."""
+    if not records:
+        return {}
+    prompts = [r["prompt"] for r in records]
+    ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in records], max_length=cfg.max_length)
+    predictions = generate(model, tokenizer, prompts, cfg.val_max_new_tokens, greedy=True, seed=cfg.seed,
+                           synced_gpus=synced_gpus)
+    model.train()
+    scores = [rouge_l(p, r["references"]) for p, r in zip(predictions, records)]
+    return {"val_ce": ce["nats_per_token"], "val_bits_per_byte": ce["bits_per_byte"],
+            "val_rougeL": float(np.mean(scores))}
+
+
+def is_better(rouge: float | None, val_loss: float | None, state: dict) -> bool:
+    """Does this epoch beat the best so far? Higher validation ROUGE-L wins; a tie (e.g. 0 at every epoch of a
+    student that cannot yet write a summary) goes to the lower validation cross-entropy (val_loss). Without any
+    validation the latest epoch counts as the best."""
+    if state["best_epoch"] is None or (rouge is None and val_loss is None):
+        return True
+    best_rouge, best_loss = state["best_rougeL"], state.get("best_val_loss")
+    if rouge is not None and best_rouge is not None and rouge != best_rouge:
+        return rouge > best_rouge
+    return val_loss is not None and (best_loss is None or val_loss < best_loss)
