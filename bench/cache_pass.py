@@ -107,7 +107,7 @@ def main():
         results.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    print(f"\n| codec | pass tok/s | plain tok/s | ratio | bytes/row total | vs bf16 hidden | hidden ratio |")
+    print("\n| codec | pass tok/s | plain tok/s | ratio | bytes/row total | vs bf16 hidden | hidden ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['codec']} | {r['pass_tokens_per_s']:,.0f} | {r['plain_tokens_per_s']:,.0f} | "

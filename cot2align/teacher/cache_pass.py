@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
-import signal
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from tqdm import tqdm
 
 import cot2align
-from cot2align.cache.format import FORMAT, FORMAT_VERSION, VIEWS, hidden_chunk_rows, view_array_specs
-from cot2align.cache.writer import CacheError, CacheWriter, check_format, read_manifest
+from cot2align.cache.format import (FORMAT, FORMAT_VERSION, VIEWS, CacheError, check_format, hidden_chunk_rows,
+                                    read_manifest, to_storage, view_array_specs)
+from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
+from cot2align.faults import fault_point
 from cot2align.data.templates import load_templates
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash, weights_fingerprint
 from cot2align.teacher.batching import plan_batches, plan_blocks
@@ -69,12 +71,6 @@ def _describe_difference(old: dict, new: dict, prefix: str = "") -> str:
     return "unknown difference"
 
 
-def _fault_point(name: str) -> None:
-    """Crash-test hook: COT2ALIGN_FAULT=<name> SIGKILLs this process at that point (tests only)."""
-    if os.environ.get("COT2ALIGN_FAULT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _BackgroundWriter(threading.Thread):
     """Receives batches of device tensors, assembles each block on the host, writes and commits it."""
 
@@ -99,43 +95,51 @@ class _BackgroundWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            while True:
-                message = self.inbox.get()
-                if message is None:
-                    return
+            while (message := self.inbox.get()) is not None:
                 kind, block, payload = message
                 if self.buffers is None:
                     self.buffers = self._new_buffers(block)
                 if kind == "batch":
-                    event, host, placements = payload
-                    if event is not None:
-                        event.synchronize()  # the device->host copies of this batch are done
-                    block_row0 = {v: int(self.offsets[v][self.block_starts[block]]) for v in VIEWS}
-                    cursor = 0
-                    for example, view, n_rows in placements:
-                        dest = int(self.offsets[view][example]) - block_row0[view]
-                        for name, tensor in host.items():
-                            rows = tensor[cursor:cursor + n_rows].numpy()
-                            self.buffers[view][name][dest:dest + n_rows] = as_storage(rows, self.specs[name]["dtype"])
-                        cursor += n_rows
-                else:  # "end": write the whole block, then commit it
-                    t0 = time.perf_counter()
-                    for view in VIEWS:
-                        row0 = int(self.offsets[view][self.block_starts[block]])
-                        self.writer.write_rows(view, row0, self.buffers[view])
-                        _fault_point(f"write:{block}:{view}")
-                    self.write_seconds += time.perf_counter() - t0
-                    _fault_point(f"commit:{block}")
-                    self.on_commit(block)
-                    self.buffers = None
+                    self._place(block, *payload)
+                else:  # "end"
+                    self._write_and_commit(block)
         except BaseException as e:  # surfaced to the main thread
             self.error = e
-            while True:  # drain so the producer never blocks forever
-                try:
-                    if self.inbox.get(timeout=0.1) is None:
-                        return
-                except queue.Empty:
-                    continue
+            self._drain()
+
+    def _place(self, block: int, event, host: dict, placements: list) -> None:
+        """Copy a batch's rows (on the host once `event` is done) into the block's buffers."""
+        if event is not None:
+            event.synchronize()  # the device->host copies of this batch are done
+        block_row0 = {v: int(self.offsets[v][self.block_starts[block]]) for v in VIEWS}
+        cursor = 0
+        for example, view, n_rows in placements:
+            dest = int(self.offsets[view][example]) - block_row0[view]
+            for name, tensor in host.items():
+                rows = tensor[cursor:cursor + n_rows].numpy()
+                self.buffers[view][name][dest:dest + n_rows] = to_storage(rows, self.specs[name]["dtype"])
+            cursor += n_rows
+
+    def _write_and_commit(self, block: int) -> None:
+        """Write the whole block, then (only then) move the manifest's progress past it."""
+        t0 = time.perf_counter()
+        for view in VIEWS:
+            row0 = int(self.offsets[view][self.block_starts[block]])
+            self.writer.write_rows(view, row0, self.buffers[view])
+            fault_point(f"write:{block}:{view}")
+        self.write_seconds += time.perf_counter() - t0
+        fault_point(f"commit:{block}")
+        self.on_commit(block)
+        self.buffers = None
+
+    def _drain(self) -> None:
+        """After an error: keep emptying the inbox so the producer never blocks forever."""
+        while True:
+            try:
+                if self.inbox.get(timeout=0.1) is None:
+                    return
+            except queue.Empty:
+                continue
 
     def put(self, message) -> None:
         while True:
@@ -148,6 +152,22 @@ class _BackgroundWriter(threading.Thread):
                 continue
 
 
+@dataclass
+class _Plan:
+    """What the pass will store, computed from the inputs alone (no teacher weights yet)."""
+
+    records: list
+    source: dict
+    tokenizer: object
+    tok_hash: str
+    hidden_codec: str
+    fingerprint: dict
+    sequences: list = field(default_factory=list)
+    trunc: object = None
+    offsets: dict = field(default_factory=dict)       # view -> int64 [n+1]
+    prompt_len: dict = field(default_factory=dict)    # view -> int32 [n]
+
+
 def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict.
 
@@ -157,8 +177,28 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
+    existing = _existing_cache(out, plan.fingerprint, log)          # 2. what is already at --out
+    if existing is not None and existing.get("status") == "complete":
+        return {"out": str(out), "status": "complete", "skipped": True}
+    t_start = time.perf_counter()
+    _plan_sequences(cfg, plan)
+    torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
+    if model is None:
+        model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
+                           trust_remote_code=cfg.trust_remote_code)
+    writer, info, specs = _open_store(cfg, out, plan, model, existing, dtype)
+    stats = _run_pass(cfg, writer, plan, model, info, specs)        # 4. the pass
+    stats["prepare_seconds"] = stats.get("prepare_seconds", 0.0) + stats.pop("started_at") - t_start
+    writer.finalize({"pass": stats})
+    n = len(plan.sequences)
+    log(f"{out}: {n} examples, {int(plan.offsets['std'][-1])} std rows, {int(plan.offsets['cot'][-1])} cot rows, "
+        f"{stats['tokens_per_s']:.0f} teacher tokens/s")
+    return {"out": str(out), "status": "complete", "skipped": False, "n_examples": n,
+            "rows": {v: int(plan.offsets[v][-1]) for v in VIEWS}, "pass": stats}
 
-    # 1. data and sequences ------------------------------------------------------------------
+
+def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
     records, source = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None)
     if cfg.limit is not None:
         records = records[: cfg.limit]
@@ -166,115 +206,95 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     tok_hash = tokenizer_hash(tokenizer)
     hidden_codec = HIDDEN_CODEC_AUTO if cfg.hidden_codec == "auto" else cfg.hidden_codec
-    fingerprint = _inputs_fingerprint(cfg, source, tok_hash, hidden_codec)
+    return _Plan(records, source, tokenizer, tok_hash, hidden_codec, _inputs_fingerprint(cfg, source, tok_hash, hidden_codec))
 
-    # 2. what is already at --out ------------------------------------------------------------
+
+def _existing_cache(out: Path, fingerprint: dict, log) -> dict | None:
+    """The manifest of a cache of the same inputs at --out (complete, or unfinished to resume), None for an
+    empty or missing --out; anything else is refused — a cache is never overwritten."""
     existing = read_manifest(out) if out.exists() else None
     if out.exists() and existing is None and any(out.iterdir()):
         raise CacheError(f"{out}: exists and is not a cot2align cache; choose another --out")
-    if existing is not None:
-        check_format(existing, out)
-        old = existing.get("fingerprint", {}).get("inputs", {})
-        if old != fingerprint:
-            raise CacheError(f"{out}: holds a cache of other inputs ({_describe_difference(old, fingerprint)}); "
-                             "refusing to overwrite it — choose another --out")
-        if existing.get("status") == "complete":
-            log(f"{out}: cache already complete ({existing['data']['n_examples']} examples); nothing to do")
-            return {"out": str(out), "status": "complete", "skipped": True}
-        if existing.get("status") != "writing":
-            raise CacheError(f"{out}: cache creation was interrupted before the first block; delete the directory and rerun")
+    if existing is None:
+        return None
+    check_format(existing, out)
+    old = existing.get("fingerprint", {}).get("inputs", {})
+    if old != fingerprint:
+        raise CacheError(f"{out}: holds a cache of other inputs ({_describe_difference(old, fingerprint)}); "
+                         "refusing to overwrite it — choose another --out")
+    if existing.get("status") == "complete":
+        log(f"{out}: cache already complete ({existing['data']['n_examples']} examples); nothing to do")
+    elif existing.get("status") != "writing":
+        raise CacheError(f"{out}: cache creation was interrupted before the first block; delete the directory and rerun")
+    else:
         log(f"{out}: resuming unfinished cache at block {existing['progress']['blocks_done']}"
             f"/{len(existing['progress']['blocks']) - 1}")
+    return existing
 
-    t_start = time.perf_counter()
-    sequences, trunc = build_sequences(records, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                       where=source.get("path", source.get("hub", cfg.data)))
-    n = len(sequences)
-    offsets, prompt_len = {}, {}
+
+def _plan_sequences(cfg: CacheTeacherConfig, plan: _Plan) -> None:
+    """Both views' teacher token sequences (the text truncated once), their row offsets and prompt lengths."""
+    plan.sequences, plan.trunc = build_sequences(plan.records, plan.tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                                 where=plan.source.get("path", plan.source.get("hub", cfg.data)))
     for view in VIEWS:
-        rows = np.array([s.views[view].n_rows for s in sequences], dtype=np.int64)
-        offsets[view] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        prompt_len[view] = np.array([s.views[view].prompt_len for s in sequences], dtype=np.int32)
+        rows = np.array([s.views[view].n_rows for s in plan.sequences], dtype=np.int64)
+        plan.offsets[view] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        plan.prompt_len[view] = np.array([s.views[view].prompt_len for s in plan.sequences], dtype=np.int32)
 
-    # 3. the teacher and the store -----------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
-                           trust_remote_code=cfg.trust_remote_code)
-    device = next(model.parameters()).device
+
+def _open_store(cfg: CacheTeacherConfig, out: Path, plan: _Plan, model, existing: dict | None, dtype):
+    """(writer, head probe, array specs): a new store with everything that does not depend on the teacher's
+    outputs, or the unfinished one reopened (refused when the teacher's weights changed)."""
     weights = weights_fingerprint(model)
-    probe_ids = sequences[0].views["std"].input_ids[:16]
-    info = probe_head(model, probe_ids)
+    info = probe_head(model, plan.sequences[0].views["std"].input_ids[:16])
     head_in, head_out = model.get_input_embeddings(), model.get_output_embeddings()
     hidden_size, vocab_size = head_out.weight.shape[1], head_out.weight.shape[0]
     specs = view_array_specs(hidden_size, cfg.topk, vocab_size, cfg.hidden_dtype, info.embed_kind == "stored",
-                             hidden_codec)
-    block_max_rows = max(hidden_chunk_rows(hidden_size), (256 << 20) // (2 * hidden_size))
-    rows_per_example = offsets["std"][1:] - offsets["std"][:-1] + offsets["cot"][1:] - offsets["cot"][:-1]
-    block_starts = plan_blocks(rows_per_example, cfg.block_examples, block_max_rows)
-
-    if existing is None:
-        manifest = _manifest(cfg, model, tokenizer, tok_hash, weights, info, source, records, trunc, specs,
-                             hidden_codec, vocab_size, hidden_size, block_starts, block_max_rows, fingerprint, dtype)
-        head = {"embed_tokens": head_in.weight, "lm_head": head_out.weight}
-        if getattr(head_out, "bias", None) is not None:
-            head["lm_head_bias"] = head_out.bias
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            model.config.save_pretrained(tmp)
-            texts = {"id": [s.id for s in sequences]}
-            for view in VIEWS:
-                texts[f"prompt_{view}"] = [s.views[view].prompt for s in sequences]
-                texts[f"response_{view}"] = [s.views[view].response for s in sequences]
-            writer = CacheWriter.create(out, manifest, texts, offsets, prompt_len, specs, head, Path(tmp))
-    else:
+                             plan.hidden_codec)
+    if existing is not None:
         if existing["fingerprint"]["weights"] != weights:
             raise CacheError(f"{out}: the teacher weights differ from those the cache was started with; "
                              "refusing to mix them — choose another --out")
-        writer = CacheWriter.reopen(out)
-        block_starts = writer.manifest["progress"]["blocks"]
-    # A resumed pass runs exactly the batches of the original one (same outputs, bit for bit).
+        return CacheWriter.reopen(out), info, specs
+    block_max_rows = max(hidden_chunk_rows(hidden_size), (256 << 20) // (2 * hidden_size))
+    rows_per_example = sum(plan.offsets[v][1:] - plan.offsets[v][:-1] for v in VIEWS)
+    block_starts = plan_blocks(rows_per_example, cfg.block_examples, block_max_rows)
+    manifest = _manifest(cfg, model, plan, weights, info, specs, vocab_size, hidden_size, block_starts,
+                         block_max_rows, dtype)
+    head = {"embed_tokens": head_in.weight, "lm_head": head_out.weight}
+    if getattr(head_out, "bias", None) is not None:
+        head["lm_head_bias"] = head_out.bias
+    texts = {"id": [s.id for s in plan.sequences]}
+    for view in VIEWS:
+        texts[f"prompt_{view}"] = [s.views[view].prompt for s in plan.sequences]
+        texts[f"response_{view}"] = [s.views[view].response for s in plan.sequences]
+    with tempfile.TemporaryDirectory() as tmp:
+        plan.tokenizer.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        writer = CacheWriter.create(out, manifest, texts, plan.offsets, plan.prompt_len, specs, head, Path(tmp))
+    return writer, info, specs
+
+
+def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, info, specs) -> dict:
+    """Every uncommitted block: length-sorted token-budget batches -> teacher forward -> stored rows copied to
+    the host -> the background writer assembles, writes and commits the block. A resumed pass runs exactly
+    the batches of the original one (the manifest's blocks and batch budget), so the arrays are bit-identical."""
+    block_starts = writer.manifest["progress"]["blocks"]
     batch_tokens = writer.manifest["settings"]["batch_tokens"]
     blocks_done = writer.manifest["progress"]["blocks_done"]
-
-    # 4. the pass ----------------------------------------------------------------------------
-    stats = dict(writer.manifest.get("pass", {}))
-    tokens_run = rows_run = 0
-    examples_total = n
-    bar = tqdm(total=examples_total, initial=block_starts[blocks_done], unit="ex", desc="teacher pass",
+    device = next(model.parameters()).device
+    pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
+    counts = {"tokens": 0, "rows": 0, "forward_seconds": 0.0}
+    bar = tqdm(total=len(plan.sequences), initial=block_starts[blocks_done], unit="ex", desc="teacher pass",
                dynamic_ncols=True, disable=None)
     t_pass = time.perf_counter()
-
-    def on_commit(block: int) -> None:
-        writer.commit(block + 1, block_starts[block + 1])
-
-    background = _BackgroundWriter(writer, specs, block_starts, offsets, on_commit)
+    background = _BackgroundWriter(writer, specs, block_starts, plan.offsets,
+                                   lambda block: writer.commit(block + 1, block_starts[block + 1]))
     background.start()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    forward_seconds = 0.0
     try:
         for block in range(blocks_done, len(block_starts) - 1):
-            items, lengths = [], []
-            for ex in range(block_starts[block], block_starts[block + 1]):
-                for view in VIEWS:
-                    seq = sequences[ex].views[view]
-                    if seq.n_rows:
-                        items.append((ex, view))
-                        lengths.append(len(seq.input_ids))
-            for batch in plan_batches(items, lengths, batch_tokens):
-                seqs = [sequences[ex].views[view] for ex, view in batch]
-                t0 = time.perf_counter()
-                result = teacher_batch(model, info, [s.input_ids for s in seqs], [s.prompt_len for s in seqs],
-                                       cfg.topk, cfg.hidden_dtype, pad_id)
-                host, event = _to_host(result, device)
-                forward_seconds += time.perf_counter() - t0
-                placements = [(ex, view, s.n_rows) for (ex, view), s in zip(batch, seqs)]
-                background.put(("batch", block, (event, host, placements)))
-                tokens_run += sum(len(s.input_ids) for s in seqs)
-                rows_run += sum(s.n_rows for s in seqs)
-                elapsed = time.perf_counter() - t_pass
-                bar.update(len(batch) / max(1, len(items)) * (block_starts[block + 1] - block_starts[block]))
-                bar.set_postfix(rows_s=f"{rows_run / max(elapsed, 1e-9):.0f}", tok_s=f"{tokens_run / max(elapsed, 1e-9):.0f}")
+            _run_block(cfg, plan, model, info, block_starts, block, batch_tokens, pad_id, device, background, counts,
+                       bar, t_pass)
             background.put(("end", block, None))
         background.put(None)
         background.join()
@@ -286,24 +306,52 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
         raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - t_pass
+    return _pass_stats(writer.manifest.get("pass", {}), time.perf_counter() - t_pass, counts,
+                       background.write_seconds, device, len(plan.sequences), t_pass)
+
+
+def _run_block(cfg, plan: _Plan, model, info, block_starts, block, batch_tokens, pad_id, device, background, counts,
+               bar, t_pass) -> None:
+    """The teacher over every non-empty view of the block's examples, batch by batch, to the writer."""
+    items, lengths = [], []
+    for ex in range(block_starts[block], block_starts[block + 1]):
+        for view in VIEWS:
+            seq = plan.sequences[ex].views[view]
+            if seq.n_rows:
+                items.append((ex, view))
+                lengths.append(len(seq.input_ids))
+    for batch in plan_batches(items, lengths, batch_tokens):
+        seqs = [plan.sequences[ex].views[view] for ex, view in batch]
+        t0 = time.perf_counter()
+        result = teacher_batch(model, info, [s.input_ids for s in seqs], [s.prompt_len for s in seqs],
+                               cfg.topk, cfg.hidden_dtype, pad_id)
+        host, event = _to_host(result, device)
+        counts["forward_seconds"] += time.perf_counter() - t0
+        placements = [(ex, view, s.n_rows) for (ex, view), s in zip(batch, seqs)]
+        background.put(("batch", block, (event, host, placements)))
+        counts["tokens"] += sum(len(s.input_ids) for s in seqs)
+        counts["rows"] += sum(s.n_rows for s in seqs)
+        elapsed = max(time.perf_counter() - t_pass, 1e-9)
+        bar.update(len(batch) / max(1, len(items)) * (block_starts[block + 1] - block_starts[block]))
+        bar.set_postfix(rows_s=f"{counts['rows'] / elapsed:.0f}", tok_s=f"{counts['tokens'] / elapsed:.0f}")
+
+
+def _pass_stats(previous: dict, seconds: float, counts: dict, write_seconds: float, device, n: int, started: float) -> dict:
+    """Throughput of the pass, summed with an interrupted earlier part's (the manifest's `pass`)."""
     stats = {
-        "seconds": stats.get("seconds", 0.0) + seconds,
-        "forward_seconds": stats.get("forward_seconds", 0.0) + forward_seconds,
-        "write_seconds": stats.get("write_seconds", 0.0) + background.write_seconds,
-        "tokens": stats.get("tokens", 0) + tokens_run,
-        "rows": stats.get("rows", 0) + rows_run,
+        "seconds": previous.get("seconds", 0.0) + seconds,
+        "forward_seconds": previous.get("forward_seconds", 0.0) + counts["forward_seconds"],
+        "write_seconds": previous.get("write_seconds", 0.0) + write_seconds,
+        "tokens": previous.get("tokens", 0) + counts["tokens"],
+        "rows": previous.get("rows", 0) + counts["rows"],
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "prepare_seconds": stats.get("prepare_seconds", 0.0) + (t_pass - t_start),
+        "prepare_seconds": previous.get("prepare_seconds", 0.0),
+        "started_at": started,
     }
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     stats["rows_per_s"] = stats["rows"] / max(stats["seconds"], 1e-9)
     stats["examples_per_s"] = n / max(stats["seconds"], 1e-9)
-    writer.finalize({"pass": stats})
-    log(f"{out}: {n} examples, {int(offsets['std'][-1])} std rows, {int(offsets['cot'][-1])} cot rows, "
-        f"{stats['tokens_per_s']:.0f} teacher tokens/s")
-    return {"out": str(out), "status": "complete", "skipped": False, "n_examples": n,
-            "rows": {v: int(offsets[v][-1]) for v in VIEWS}, "pass": stats}
+    return stats
 
 
 def _to_host(result: dict, device: torch.device):
@@ -325,20 +373,9 @@ def _to_host(result: dict, device: torch.device):
     return host, event
 
 
-def as_storage(array: np.ndarray, dtype) -> np.ndarray:
-    """Host rows in their storage dtype: bf16 bits (int16) are viewed as uint16, ids narrowed."""
-    dtype = np.dtype(dtype)
-    if array.dtype == dtype:
-        return array
-    if array.dtype == np.int16 and dtype == np.uint16:
-        return array.view(np.uint16)
-    return array.astype(dtype)
-
-
-def _manifest(cfg, model, tokenizer, tok_hash, weights, info, source, records, trunc, specs, hidden_codec,
-              vocab_size, hidden_size, block_starts, block_max_rows, fingerprint, dtype) -> dict:
-    import transformers
-
+def _manifest(cfg, model, plan: _Plan, weights, info, specs, vocab_size, hidden_size, block_starts, block_max_rows,
+              dtype) -> dict:
+    tokenizer, records, source, trunc = plan.tokenizer, plan.records, plan.source, plan.trunc
     cot_texts = [r.get("cot_output") or "" for r in records]
     config = model.config
     return {
@@ -357,7 +394,7 @@ def _manifest(cfg, model, tokenizer, tok_hash, weights, info, source, records, t
             "lm_head_bias": getattr(model.get_output_embeddings(), "bias", None) is not None,
         },
         "tokenizer": {
-            "name_or_path": cfg.model, "vocab_hash": tok_hash, "size": len(tokenizer),
+            "name_or_path": cfg.model, "vocab_hash": plan.tok_hash, "size": len(tokenizer),
             "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
             "prompt_special_tokens": True, "response_special_tokens": False, "eos_appended": True,
         },
@@ -373,12 +410,12 @@ def _manifest(cfg, model, tokenizer, tok_hash, weights, info, source, records, t
             "views": list(VIEWS), "rows": "response", "topk": cfg.topk, "hidden_dtype": cfg.hidden_dtype,
             "dtypes": {k: np.dtype(v["dtype"]).name for k, v in specs.items()},
             "chunk_rows": {k: v["chunk"] for k, v in specs.items()},
-            "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": hidden_codec,
+            "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": plan.hidden_codec,
             "checksum": "crc32c",
         },
         "settings": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
                      "batch_tokens": cfg.batch_tokens, "block_examples": cfg.block_examples,
                      "block_max_rows": block_max_rows},
-        "fingerprint": {"inputs": fingerprint, "weights": weights},
+        "fingerprint": {"inputs": plan.fingerprint, "weights": weights},
         "progress": {"blocks": block_starts, "blocks_done": 0, "examples_done": 0},
     }
