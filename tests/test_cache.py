@@ -185,6 +185,7 @@ def test_refuses_cache_of_other_inputs_and_keeps_it(tmp_path, cot_jsonl):
     assert (other / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_corrupted_chunk_is_named_by_verify(tmp_path, cot_jsonl):
     path = build(tmp_path, "tiny-llama", cot_jsonl)
     assert verify_cache(path) == []
@@ -212,6 +213,7 @@ def test_reader_refuses_unknown_format_version_and_bad_tokenizer(tmp_path, cot_j
         open_cache(path)
 
 
+@pytest.mark.slow
 def test_unknown_alias_and_bad_settings_are_one_line_errors(tmp_path, cot_jsonl):
     result = _run_cli(["cache-teacher", "--model", "mistral-8b", "--data", str(cot_jsonl), "--out", str(tmp_path / "x")])
     assert result.returncode == 2
@@ -226,6 +228,7 @@ def test_unknown_alias_and_bad_settings_are_one_line_errors(tmp_path, cot_jsonl)
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_info_reports_sizes_and_throughput(tmp_path, cot_jsonl):
     path = build(tmp_path, "tiny-qwen2", cot_jsonl)
     info = cache_info(path)

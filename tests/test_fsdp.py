@@ -20,6 +20,7 @@ from cot2align.teacher.cache_pass import cache_teacher
 
 TEACHER, STUDENT = "tiny-llama", "tiny-mistral"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+pytestmark = pytest.mark.slow      # two processes under torchrun
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_fsdp_reaches_the_ddp_weights(cache_dir, fsdp_run, tmp_path):
 
 def test_fsdp_sigkill_then_resume_is_bit_identical(cache_dir, fsdp_run, tmp_path):
     crashed = tmp_path / "crashed"
-    killed = _launch(cache_dir, crashed, "--fsdp", port=29543, env=dict(ENV, COT2ALIGN_KILL_AT_STEP="3"))
+    killed = _launch(cache_dir, crashed, "--fsdp", port=29543, env=dict(ENV, COT2ALIGN_FAULT="step:3"))
     assert killed.returncode != 0
     resumed = _launch(cache_dir, crashed, "--fsdp", "--resume", port=29544)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
