@@ -139,7 +139,7 @@ def teacher_model(kind: str, paths: dict, s: dict, root: Path, stages: Stages, t
 
 def teacher_cache(teacher: str, paths: dict, s: dict, root: Path, stages: Stages, tag: str) -> Path:
     """The teacher's own rationales (augment-cot), then its cache over both views."""
-    from cot2align.augment import AugmentConfig, augment_cot
+    from cot2align.data.augment import AugmentConfig, augment_cot
     from cot2align.config import CacheTeacherConfig, build_config
     from cot2align.teacher.cache_pass import cache_teacher
 
@@ -162,7 +162,7 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
     import shutil
 
     from cot2align.config import DistillConfig, build_config
-    from cot2align.evaluation import evaluate_model
+    from cot2align.eval import evaluate_model
     from cot2align.train.distill import distill
 
     settings = {"alpha": 0.5, **row}
@@ -241,7 +241,7 @@ def rows_table(runs: dict[int, dict]) -> dict:
 
 def teacher_scores(teacher: str, paths: dict, s: dict, root: Path, stages: Stages, tag: str) -> dict:
     """The teacher on the same test split, in its own tokenisation (bits/byte compares across tokenizers)."""
-    from cot2align.evaluation import evaluate_model
+    from cot2align.eval import evaluate_model
 
     results = root / "teacher_eval" / "results.json"
     stages.run(f"{tag} teacher evaluate", results, lambda: evaluate_model(
@@ -279,12 +279,10 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from cot2align.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = pyplot()
+    if plt is None:
         return
     tables = summary["tables"]
     fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
