@@ -3,7 +3,7 @@ that point, so the tests can check that every resumable stage survives a kill at
 
 Points: `write:<block>:<view>` and `commit:<block>` (cache-teacher, after a block's arrays / before its
 commit), `step:<n>` (distill, after optimiser step n), `augment-batch:<n>` (augment-cot, after batch n is on
-disk). Unset in normal use: a single environment lookup.
+disk). `<point>@rank<r>` fires in that rank alone (torchrun). Unset in normal use: a single environment lookup.
 """
 
 from __future__ import annotations
@@ -13,5 +13,6 @@ import signal
 
 
 def fault_point(name: str) -> None:
-    if os.environ.get("COT2ALIGN_FAULT") == name:
+    wanted = os.environ.get("COT2ALIGN_FAULT")
+    if wanted is not None and wanted in (name, f"{name}@rank{os.environ.get('RANK', '0')}"):
         os.kill(os.getpid(), signal.SIGKILL)

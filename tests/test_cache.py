@@ -136,7 +136,8 @@ def test_sigkill_at_several_points_then_resume_gives_identical_arrays(tmp_path):
         with pytest.raises(CacheError, match="not complete"):
             open_cache(out)
         partial = open_cache(out, allow_incomplete=True)  # readers see committed examples only
-        assert len(partial) == manifest["progress"]["examples_done"] < 40
+        part = json.loads((out / "parts" / "0" / "zarr.json").read_text())["attributes"]
+        assert len(partial) == manifest["progress"]["blocks"][part["blocks_done"]] < 40
         resumed = _run_cli(common + ["--out", str(out), "--resume"])
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resuming" in resumed.stderr
@@ -150,8 +151,8 @@ def test_sigkill_at_several_points_then_resume_gives_identical_arrays(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        meta = out / "zarr.json"
-        if meta.exists() and json.loads(meta.read_text())["attributes"].get("progress", {}).get("blocks_done", 0) >= 2:
+        meta = out / "parts" / "0" / "zarr.json"     # the part's progress (one process: one part)
+        if meta.exists() and json.loads(meta.read_text())["attributes"].get("blocks_done", 0) >= 2:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -256,3 +257,33 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     bad.write_text("model: tiny-llama\ntop_kk: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown setting 'top_kk'"):
         build_config(CacheTeacherConfig, bad)
+
+
+def test_format_version_1_caches_are_still_read(tmp_path, cot_jsonl):
+    """A version-1 cache (before parts: per-row arrays beside the offsets, progress in the root manifest) reads
+    as the same examples as the version-2 cache it is rearranged from."""
+    import shutil
+
+    v2 = build(tmp_path, "tiny-llama", cot_jsonl, name="v2")
+    v1 = tmp_path / "v1"
+    shutil.copytree(v2, v1)
+    for view in ("std", "cot"):
+        for array in (v1 / "parts" / "0" / view).iterdir():
+            if array.is_dir():
+                shutil.move(str(array), str(v1 / view / array.name))
+    shutil.rmtree(v1 / "parts")
+    meta = json.loads((v1 / "zarr.json").read_text())
+    attrs = meta["attributes"]
+    attrs["format_version"] = 1
+    del attrs["store"]["parts"]
+    attrs["progress"].update(blocks_done=len(attrs["progress"]["blocks"]) - 1, examples_done=attrs["data"]["n_examples"])
+    (v1 / "zarr.json").write_text(json.dumps(meta))
+    old, new = open_cache(v1), open_cache(v2)
+    assert len(old) == len(new) and len(old.parts) == 1
+    for i in range(len(new)):
+        for view in ("std", "cot"):
+            a, b = old.view(i, view), new.view(i, view)
+            for name, value in b.items():
+                assert np.array_equal(np.asarray(a[name]), np.asarray(value)), (i, view, name)
+    assert verify_cache(v1) == []
+    assert cache_info(v1)["parts"] == 1

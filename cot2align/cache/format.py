@@ -1,23 +1,36 @@
-"""The teacher cache format, version 1 (DESIGN §4): names, dtypes, chunking and codecs.
+"""The teacher cache format, version 2 (DESIGN §4): names, dtypes, chunking, codecs, and the commit protocol.
 
-    <cache>/zarr.json         group attributes = the manifest
+    <cache>/zarr.json         group attributes = the manifest (store.parts: which examples, blocks and rows each
+                              part holds; status creating -> writing -> complete)
     <cache>/teacher/          tokenizer files, config.json, head.safetensors (embed_tokens, lm_head[, lm_head_bias])
     <cache>/examples/         id, prompt_std, response_std, prompt_cot, response_cot   (str [n])
     <cache>/std/, <cache>/cot/
-        offsets       int64  [n+1]   rows of example i are offsets[i]:offsets[i+1]
+        offsets       int64  [n+1]   global rows of example i are offsets[i]:offsets[i+1]
         prompt_len    int32  [n]     teacher tokens in the prompt
-        input_ids     int32  [T]     teacher token at stored position t
-        target_ids    int32  [T]     teacher token at t+1
-        hidden        uint16 [T, D]  last hidden state (post final norm), bf16 bits
-                      (int8 [T, D] + hidden_scale float16 [T] when --hidden-dtype int8)
-        embeds        uint16 [T, D]  embedding-layer feature, only when embed_kind == "stored" (GPT-2)
-        topk_ids      uint16|int32 [T, k]
-        topk_logprobs float16 [T, k] log-softmax at temperature 1, descending
-        tail_logprob  float32 [T]    log(1 - sum of top-k probs)
+    <cache>/parts/<p>/        one part per writer (rank) of the teacher pass: a contiguous range of examples,
+                              whose rows are rows[view][0]:rows[view][1] of the global row axis
+        zarr.json             the part's progress: blocks_done (its own, written by its own writer only)
+        std/, cot/            the per-row arrays of the part's rows (T_p = its row count):
+            input_ids     int32  [T_p]     teacher token at stored position t
+            target_ids    int32  [T_p]     teacher token at t+1
+            hidden        uint16 [T_p, D]  last hidden state (post final norm), bf16 bits
+                          (int8 [T_p, D] + hidden_scale float16 [T_p] when --hidden-dtype int8)
+            embeds        uint16 [T_p, D]  embedding-layer feature, only when embed_kind == "stored" (GPT-2)
+            topk_ids      uint16|int32 [T_p, k]
+            topk_logprobs float16 [T_p, k] log-softmax at temperature 1, descending
+            tail_logprob  float32 [T_p]    log(1 - sum of top-k probs)
 
-Every chunk carries a crc32c checksum (codec), so `cache verify` detects a corrupted chunk.
-Chunks are one file each (no sharding): the writer commits whole chunk files atomically
-(write-then-rename), which is what makes a crash at any moment safe.
+Version 1 (still read) kept the per-row arrays in <cache>/std|cot/ beside the offsets: one part, no parts/.
+
+Commit protocol — the same on a local disk and on an object store (which has no rename and no atomic
+directory): (1) the manifest is written first with status "creating", then everything that does not depend on
+the teacher's outputs (texts, offsets, prompt lengths, array metadata, teacher files), then the manifest with
+status "writing"; an interrupted creation is redone in place by the next run of the same inputs. (2) Each
+writer fills its part block by block; every chunk is one whole-object write (a local file written aside and
+renamed, an object PUT), and the part's progress moves only after all of a block's chunks are written. A
+reader refuses anything but "complete", and never reads rows past a part's committed blocks. (3) When every part
+is complete, the manifest's status becomes "complete" (one last write). Every chunk carries a crc32c checksum,
+so `cache verify` detects a corrupted chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +42,8 @@ import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 FORMAT = "cot2align-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 VIEWS = ("std", "cot")
 TEXT_FIELDS = ("id", "prompt_std", "response_std", "prompt_cot", "response_cot")
 
@@ -39,24 +53,24 @@ class CacheError(ValueError):
     """A one-line, user-facing problem with a cache."""
 
 
-def read_manifest(path: str | Path) -> dict | None:
-    """The manifest of a cache at `path`, or None when there is no zarr group there."""
-    meta = Path(path) / "zarr.json"
-    if not meta.exists():
+def read_manifest(location) -> dict | None:
+    """The manifest of the cache at `location` (a storage.Location), or None when there is no zarr group there."""
+    text = location.read_text("zarr.json")
+    if text is None:
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
+        return json.loads(text).get("attributes", {})
     except json.JSONDecodeError as e:
-        raise CacheError(f"{meta}: unreadable group metadata ({e.msg})") from None
+        raise CacheError(f"{location}/zarr.json: unreadable group metadata ({e.msg})") from None
 
 
 def check_format(manifest: dict, path: Path) -> None:
     """Refuse what is not a cot2align cache of a format version this code reads."""
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not a cot2align cache (zarr.json has no format '{FORMAT}')")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path}: cache format_version {manifest.get('format_version')} is not supported "
-                         f"(this cot2align reads version {FORMAT_VERSION})")
+                         f"(this cot2align reads versions {', '.join(map(str, READABLE_VERSIONS))})")
 
 
 # Rows per chunk for 1-D per-row arrays (ids, tail) and per-example arrays.

@@ -8,55 +8,61 @@ import numpy as np
 import zarr
 
 from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_format, read_manifest
+from cot2align.cache.storage import Location
 
 
-def _stored_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+def _open(where) -> tuple[Location, dict, zarr.Group]:
+    location = Location(where)
+    manifest = read_manifest(location)
+    if manifest is None:
+        raise CacheError(f"{location}: no cache here (zarr.json not found)")
+    check_format(manifest, location.url)
+    return location, manifest, zarr.open_group(store=location.zarr_store(read_only=True), mode="r")
+
+
+def _part_prefixes(manifest: dict) -> list[str]:
+    """Where each part's per-row arrays live: v1 keeps them beside the offsets, v2 under parts/<p>/."""
+    if manifest["format_version"] == 1:
+        return [""]
+    return [f"parts/{p}/" for p in range(len(manifest["store"]["parts"]))]
 
 
 def cache_info(path: str | Path) -> dict:
     """Manifest summary, rows per view, bytes per row by array, compression ratios, throughput."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise CacheError(f"{path}: no cache here (zarr.json not found)")
-    check_format(manifest, path)
-    root = zarr.open_group(str(path), mode="r")
+    location, manifest, root = _open(path)
     arrays = {}
-    total_rows = 0
-    for view in VIEWS:
-        g = root[view]
-        rows = int(g["input_ids"].shape[0])
-        total_rows += rows
-        for name in sorted(g.array_keys()):
-            arr = g[name]
-            if name in ("offsets", "prompt_len"):
-                continue
-            raw = int(np.prod(arr.shape)) * arr.dtype.itemsize
-            stored = _stored_bytes(path / view / name)
-            entry = arrays.setdefault(name, {"raw_bytes": 0, "stored_bytes": 0})
-            entry["raw_bytes"] += raw
-            entry["stored_bytes"] += stored
+    rows = {view: 0 for view in VIEWS}
+    for prefix in _part_prefixes(manifest):
+        for view in VIEWS:
+            g = root[f"{prefix}{view}"]
+            rows[view] += int(g["input_ids"].shape[0])
+            for name in sorted(g.array_keys()):
+                if name in ("offsets", "prompt_len"):
+                    continue
+                entry = arrays.setdefault(name, {"raw_bytes": 0, "stored_bytes": 0})
+                entry["raw_bytes"] += int(np.prod(g[name].shape)) * g[name].dtype.itemsize
+                entry["stored_bytes"] += location.size(f"{prefix}{view}/{name}", chunks_only=True)
+    total_rows = sum(rows.values())
     for entry in arrays.values():
         entry["bytes_per_row"] = entry["stored_bytes"] / max(total_rows, 1)
         entry["ratio"] = entry["raw_bytes"] / max(entry["stored_bytes"], 1)
     hidden_bf16 = 2 * manifest["teacher"]["hidden_size"]
     per_row_total = sum(e["bytes_per_row"] for e in arrays.values())
     return {
-        "path": str(path),
+        "path": location.url,
         "status": manifest.get("status"),
         "teacher": manifest["teacher"],
         "tokenizer": manifest["tokenizer"]["name_or_path"],
         "data": {k: manifest["data"].get(k) for k in ("name", "split", "path", "hub", "n_examples", "n_cot_examples",
                                                       "truncated")},
-        "examples_done": manifest.get("progress", {}).get("examples_done"),
-        "rows": {view: int(root[view]["input_ids"].shape[0]) for view in VIEWS},
+        "parts": len(_part_prefixes(manifest)),
+        "rows": rows,
         "topk": manifest["store"]["topk"],
         "hidden_codec": manifest["store"].get("hidden_codec"),
         "arrays": arrays,
         "bytes_per_row": per_row_total,
         "bytes_per_row_vs_bf16_hidden": per_row_total / hidden_bf16,
-        "total_bytes": _stored_bytes(path),
+        "total_bytes": location.size(chunks_only=True),
         "pass": manifest.get("pass", {}),
     }
 
@@ -71,7 +77,7 @@ def format_info(info: dict) -> str:
         f"({d.get('path') or d.get('hub')})",
         f"truncated    prompts {d['truncated']['prompt']}  responses {d['truncated']['response']}",
         f"rows         std {info['rows']['std']:,}  cot {info['rows']['cot']:,}   top-k {info['topk']}  "
-        f"hidden codec {info['hidden_codec']}",
+        f"hidden codec {info['hidden_codec']}   parts {info['parts']}",
         "array            bytes/row    ratio",
     ]
     for name, e in sorted(info["arrays"].items()):
@@ -85,22 +91,17 @@ def format_info(info: dict) -> str:
 
 
 def verify_cache(path: str | Path, log=None) -> list[str]:
-    """Read every chunk (crc32c-checked) and check offsets, shapes, dtypes and the manifest.
+    """Read every chunk (crc32c-checked) of every part and check offsets, shapes, dtypes and the manifest.
 
     Returns a list of problems (empty = intact); the first names the array and chunk.
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        return [f"{path}: no cache here (zarr.json not found)"]
     try:
-        check_format(manifest, path)
+        location, manifest, root = _open(path)
     except CacheError as e:
         return [str(e)]
     problems: list[str] = []
     if manifest.get("status") != "complete":
-        problems.append(f"{path}: status is '{manifest.get('status')}', not complete")
-    root = zarr.open_group(str(path), mode="r")
+        problems.append(f"{location}: status is '{manifest.get('status')}', not complete")
     n = manifest["data"]["n_examples"]
     try:
         for name in TEXT_FIELDS:
@@ -109,7 +110,7 @@ def verify_cache(path: str | Path, log=None) -> list[str]:
                 problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")
             _read_all(arr, f"examples/{name}")
         for view in VIEWS:
-            problems += _verify_view(root[view], view, manifest, n)
+            problems += _verify_view(root, view, manifest, n)
     except CacheError as e:
         problems.insert(0, str(e))
     return problems
@@ -128,17 +129,25 @@ def _read_all(arr, label: str) -> np.ndarray:
     return np.concatenate(parts) if parts else arr[:]
 
 
-def _verify_view(g, view: str, manifest: dict, n: int) -> list[str]:
-    """One view: offsets, then every per-row array's shape and dtype, then (when those hold) its values."""
-    offsets = _read_all(g["offsets"], f"{view}/offsets")
-    prompt_len = _read_all(g["prompt_len"], f"{view}/prompt_len")
+def _verify_view(root, view: str, manifest: dict, n: int) -> list[str]:
+    """One view: the global offsets, then each part's per-row arrays: shape and dtype, then (when those hold)
+    their values over the part's rows."""
+    offsets = _read_all(root[view]["offsets"], f"{view}/offsets")
+    prompt_len = _read_all(root[view]["prompt_len"], f"{view}/prompt_len")
     if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
         return [f"{view}/offsets: not a non-decreasing [n+1] array starting at 0"]
-    problems = _verify_shapes(g, view, manifest, int(offsets[-1]))
-    if problems:
-        return problems
-    values = {name: _read_all(g[name], f"{view}/{name}") for name in g.array_keys() if name not in ("offsets", "prompt_len")}
-    return _verify_values(values, view, offsets, prompt_len, manifest["teacher"]["vocab_size"])
+    spans = [(0, n)] if manifest["format_version"] == 1 else [tuple(p["examples"]) for p in manifest["store"]["parts"]]
+    problems = []
+    for prefix, (first, end) in zip(_part_prefixes(manifest), spans):
+        g, label = root[f"{prefix}{view}"], f"{prefix}{view}"
+        part_offsets = offsets[first:end + 1] - offsets[first]
+        found = _verify_shapes(g, label, manifest, int(part_offsets[-1]))
+        if not found:
+            values = {name: _read_all(g[name], f"{label}/{name}") for name in g.array_keys()
+                      if name not in ("offsets", "prompt_len")}
+            found = _verify_values(values, label, part_offsets, prompt_len[first:end], manifest["teacher"]["vocab_size"])
+        problems += found
+    return problems
 
 
 def _verify_shapes(g, view: str, manifest: dict, rows: int) -> list[str]:

@@ -17,6 +17,8 @@ touches zarr or a storage dtype.
 
 from __future__ import annotations
 
+import bisect
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,38 +28,49 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_format, read_manifest
-from cot2align.modeling import tokenizer_hash
+from cot2align.cache.storage import Location, writable_parent
+from cot2align.modeling import cot2align_home, tokenizer_hash
 
 PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob")
 
 
+@dataclass
+class Part:
+    """A contiguous range of examples whose per-row arrays one writer filled (format v2; v1 is one part)."""
+
+    examples: tuple[int, int]                 # [first, end)
+    row_start: dict[str, int]                 # view -> the part's first global row
+    arrays: dict[str, dict]                   # view -> name -> zarr array over the part's rows
+    committed: int                            # examples [first, committed) are readable (all when complete)
+
+
 class TeacherCache:
-    def __init__(self, path: str | Path, allow_incomplete: bool = False, check_tokenizer: bool = True):
-        self.path = Path(path)
-        manifest = read_manifest(self.path)
+    def __init__(self, where, allow_incomplete: bool = False, check_tokenizer: bool = True):
+        self.location = where if isinstance(where, Location) else Location(where)
+        self.url = self.location.url
+        self.path = self.location.local_path        # None for a cache on an object store
+        manifest = read_manifest(self.location)
         if manifest is None:
-            raise CacheError(f"{self.path}: no cache here (zarr.json not found)")
-        check_format(manifest, self.path)
+            raise CacheError(f"{self.url}: no cache here (zarr.json not found)")
+        check_format(manifest, self.url)
         status = manifest.get("status")
         if status != "complete" and not allow_incomplete:
-            raise CacheError(f"{self.path}: cache status is '{status}', not complete (still being written or "
+            raise CacheError(f"{self.url}: cache status is '{status}', not complete (still being written or "
                              "interrupted; rerun cache-teacher to finish it)")
         self.manifest = manifest
         self.complete = status == "complete"
-        self._n = manifest["data"]["n_examples"] if self.complete else manifest.get("progress", {}).get("examples_done", 0)
-        self.group = zarr.open_group(str(self.path), mode="r")
-        self.views = {}
-        for view in VIEWS:
-            g = self.group[view]
-            self.views[view] = {
-                "offsets": g["offsets"][:],
-                "prompt_len": g["prompt_len"][:] if manifest["data"]["n_examples"] else np.zeros(0, np.int32),
-                "arrays": {name: g[name] for name in PER_ROW if name in g},
-            }
+        self.group = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
+        n = manifest["data"]["n_examples"]
+        self.views = {view: {"offsets": self.group[view]["offsets"][:],
+                             "prompt_len": self.group[view]["prompt_len"][:] if n else np.zeros(0, np.int32)}
+                      for view in VIEWS}
+        self.parts = _parts(manifest, self.group, self.views)
+        self._part_starts = [p.examples[0] for p in self.parts]
+        self._n = n if self.complete else _readable_prefix(self.parts)
         self._texts = None
         if check_tokenizer:
             if tokenizer_hash(self.tokenizer()) != manifest["tokenizer"]["vocab_hash"]:
-                raise CacheError(f"{self.path}/teacher: tokenizer files do not match the manifest's vocab_hash")
+                raise CacheError(f"{self.url}/teacher: tokenizer files do not match the manifest's vocab_hash")
 
     # ------------------------------------------------------------------ basics
 
@@ -83,20 +96,23 @@ class TeacherCache:
         return {name: values[i] for name, values in self._texts.items()}
 
     def rows(self, view: str) -> int:
-        """Stored rows of a view, over all examples."""
+        """Stored rows of a view, over all (readable) examples."""
         return int(self.views[view]["offsets"][self._n])
 
     def offsets(self, view: str) -> np.ndarray:
-        """int64 [n + 1]: the rows of example i are offsets[i]:offsets[i + 1]."""
+        """int64 [n + 1]: the global rows of example i are offsets[i]:offsets[i + 1]."""
         return self.views[view]["offsets"]
 
     def column(self, view: str, name: str) -> np.ndarray:
-        """A whole per-row id array of a view (input_ids or target_ids, int64 [rows]), read in one go."""
+        """A whole per-row id array of a view (input_ids or target_ids, int64 [rows]), read part by part."""
         if name not in ("input_ids", "target_ids"):
             raise ValueError(f"column: expected input_ids or target_ids, got {name!r}")
-        if self.rows(view) == 0:
-            return np.zeros(0, dtype=np.int64)
-        return self.views[view]["arrays"][name][:self.rows(view)].astype(np.int64)
+        pieces = []
+        for part in self.parts:
+            end = int(self.views[view]["offsets"][min(part.committed, self._n)]) - part.row_start[view]
+            if end > 0:
+                pieces.append(part.arrays[view][name][:end])
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
 
     def teacher_rows(self, i: int, view: str, names=None) -> dict[str, torch.Tensor]:
         """One example's rows of a view as decoded tensors (see `decode_rows`); `names` limits what is read
@@ -118,14 +134,31 @@ class TeacherCache:
         """One example's view; `names` limits which per-row arrays are read (and decoded)."""
         v = self.views[view]
         a, b = int(v["offsets"][i]), int(v["offsets"][i + 1])
+        part = self.parts[bisect.bisect_right(self._part_starts, i) - 1]
+        local = a - part.row_start[view]
         texts = self.texts(i)
         out = {"prompt_len": int(v["prompt_len"][i]), "n_rows": b - a,
                "prompt": texts[f"prompt_{view}"], "response": texts[f"response_{view}"]}
-        for name, arr in v["arrays"].items():
+        for name, arr in part.arrays[view].items():
             if names is not None and name not in names:
                 continue
-            out[name] = arr[a:b] if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+            out[name] = arr[local:local + b - a] if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         return out
+
+    # ------------------------------------------------------------------ local places kept for this cache
+
+    def local_dir(self, kind: str) -> Path:
+        """A local directory for what is kept on this cache's behalf (`students`: the students' memoised
+        tokenisation; `teacher`: a remote cache's teacher files): beside a local, writable cache
+        (<cache>.students/), else under $COT2ALIGN_HOME/<kind>/<cache identity>/ — a cache on an object store or
+        on read-only storage is never written by a reader."""
+        if kind == "students" and self.path is not None and writable_parent(self.path):
+            return self.path.parent / f"{self.path.name}.students"
+        return cot2align_home() / kind / self.location.identity(self.manifest)
+
+    def teacher_dir(self) -> Path:
+        """The teacher's tokenizer files and head, as a local directory."""
+        return self.location.local_copy("teacher", self.local_dir("remote") / "teacher")
 
     # ------------------------------------------------------------------ tensors
 
@@ -135,13 +168,13 @@ class TeacherCache:
 
     def head(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The teacher's embedding table and LM head, stored once in teacher/head.safetensors."""
-        tensors = load_file(str(self.path / "teacher" / "head.safetensors"), device=str(device))
+        tensors = load_file(str(self.teacher_dir() / "head.safetensors"), device=str(device))
         if dtype is not None:
             tensors = {k: v.to(dtype) for k, v in tensors.items()}
         return tensors
 
     def tokenizer(self):
-        return AutoTokenizer.from_pretrained(str(self.path / "teacher"))
+        return AutoTokenizer.from_pretrained(str(self.teacher_dir()))
 
     def embedding_features(self, view_data: dict, head: dict, which: str = "input") -> torch.Tensor:
         """Embedding-layer features of the rows: embed_tokens[input_ids] (or [target_ids] for
@@ -195,5 +228,35 @@ def gather_embeddings(embed_tokens: torch.Tensor, ids) -> torch.Tensor:
 
 
 def open_cache(path: str | Path, allow_incomplete: bool = False, check_tokenizer: bool = True) -> TeacherCache:
-    """Open a complete cache for reading (DESIGN §9)."""
+    """Open a complete cache for reading (DESIGN §9): a local directory or an fsspec URL (s3://, gs://, …)."""
     return TeacherCache(path, allow_incomplete=allow_incomplete, check_tokenizer=check_tokenizer)
+
+
+def _parts(manifest: dict, group, views: dict) -> list[Part]:
+    """The parts of the store: format v2's manifest list, or v1's single part (arrays beside the offsets)."""
+    n = manifest["data"]["n_examples"]
+    complete = manifest.get("status") == "complete"
+    if manifest["format_version"] == 1:
+        committed = n if complete else manifest.get("progress", {}).get("examples_done", 0)
+        arrays = {view: {name: group[view][name] for name in PER_ROW if name in group[view]} for view in VIEWS}
+        return [Part((0, n), {view: 0 for view in VIEWS}, arrays, committed)]
+    block_starts = manifest["progress"]["blocks"]
+    parts = []
+    for number, spec in enumerate(manifest["store"]["parts"]):
+        g = group[f"parts/{number}"]
+        first, end = spec["examples"]
+        done = int(g.attrs.get("blocks_done", 0))
+        committed = end if complete else block_starts[spec["blocks"][0] + done]
+        arrays = {view: {name: g[view][name] for name in PER_ROW if name in g[view]} for view in VIEWS}
+        parts.append(Part((first, end), {view: spec["rows"][view][0] for view in VIEWS}, arrays, committed))
+    return parts
+
+
+def _readable_prefix(parts: list[Part]) -> int:
+    """Examples readable from the start of an unfinished cache: committed blocks, part after complete part."""
+    n = 0
+    for part in parts:
+        n = part.committed
+        if part.committed < part.examples[1]:
+            break
+    return n

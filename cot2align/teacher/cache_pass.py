@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from tqdm import tqdm
 import cot2align
 from cot2align.cache.format import (FORMAT, FORMAT_VERSION, VIEWS, CacheError, check_format, hidden_chunk_rows,
                                     read_manifest, to_storage, view_array_specs)
+from cot2align.cache.storage import Location
 from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
@@ -75,9 +77,11 @@ class _BackgroundWriter(threading.Thread):
     """Receives batches of device tensors, assembles each block on the host, writes and commits it."""
 
     def __init__(self, writer: CacheWriter, specs: dict, block_starts: list[int], offsets: dict[str, np.ndarray],
-                 on_commit):
+                 part: int, on_commit):
         super().__init__(daemon=True)
         self.writer, self.specs, self.block_starts, self.offsets = writer, specs, block_starts, offsets
+        self.part = part
+        self.part_row0 = {v: writer.manifest["store"]["parts"][part]["rows"][v][0] for v in VIEWS}
         self.on_commit = on_commit
         self.inbox: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
@@ -124,8 +128,8 @@ class _BackgroundWriter(threading.Thread):
         """Write the whole block, then (only then) move the manifest's progress past it."""
         t0 = time.perf_counter()
         for view in VIEWS:
-            row0 = int(self.offsets[view][self.block_starts[block]])
-            self.writer.write_rows(view, row0, self.buffers[view])
+            row0 = int(self.offsets[view][self.block_starts[block]]) - self.part_row0[view]
+            self.writer.write_rows(self.part, view, row0, self.buffers[view])
             fault_point(f"write:{block}:{view}")
         self.write_seconds += time.perf_counter() - t0
         fault_point(f"commit:{block}")
@@ -171,31 +175,81 @@ class _Plan:
 def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict.
 
-    `model` lets a caller (a benchmark, a notebook) pass the already-loaded teacher of `cfg.model`.
+    Under torchrun / accelerate launch every rank runs this: the examples are split into contiguous parts of
+    whole blocks, balanced by rows (from the data alone, never from timing); rank r writes part r and resumes
+    it on its own; rank 0 creates the store first and completes it last. `model` lets a caller (a benchmark,
+    a notebook) pass the already-loaded teacher of `cfg.model`.
     """
     cfg.validate()
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device, own_group = _distributed(cfg)
+    say = log if rank == 0 else (lambda *a, **k: None)
+    location = Location(cfg.out or default_out(cfg))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
-    existing = _existing_cache(out, plan.fingerprint, log)          # 2. what is already at --out
-    if existing is not None and existing.get("status") == "complete":
-        return {"out": str(out), "status": "complete", "skipped": True}
-    t_start = time.perf_counter()
-    _plan_sequences(cfg, plan)
-    torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
-    if model is None:
-        model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
-                           trust_remote_code=cfg.trust_remote_code)
-    writer, info, specs = _open_store(cfg, out, plan, model, existing, dtype)
-    stats = _run_pass(cfg, writer, plan, model, info, specs)        # 4. the pass
-    stats["prepare_seconds"] = stats.get("prepare_seconds", 0.0) + stats.pop("started_at") - t_start
-    writer.finalize({"pass": stats})
+    try:
+        plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
+        existing = _existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
+        if existing is not None and existing.get("status") == "complete":
+            return {"out": location.url, "status": "complete", "skipped": True}
+        t_start = time.perf_counter()
+        _plan_sequences(cfg, plan)
+        torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
+        if model is None:
+            model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
+                               trust_remote_code=cfg.trust_remote_code)
+        writer, info, specs = _open_store(cfg, location, plan, model, existing, dtype, rank, world)
+        stats = _run_pass(cfg, writer, plan, model, info, specs, rank)  # 4. this rank's part
+        stats["prepare_seconds"] = stats.get("prepare_seconds", 0.0) + stats.pop("started_at") - t_start
+        stats = _complete(writer, stats, rank, world)                   # 5. every part done: complete
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
     n = len(plan.sequences)
-    log(f"{out}: {n} examples, {int(plan.offsets['std'][-1])} std rows, {int(plan.offsets['cot'][-1])} cot rows, "
-        f"{stats['tokens_per_s']:.0f} teacher tokens/s")
-    return {"out": str(out), "status": "complete", "skipped": False, "n_examples": n,
+    say(f"{location}: {n} examples, {int(plan.offsets['std'][-1])} std rows, {int(plan.offsets['cot'][-1])} cot rows, "
+        f"{stats['tokens_per_s']:.0f} teacher tokens/s" + (f" over {world} ranks" if world > 1 else ""))
+    return {"out": location.url, "status": "complete", "skipped": False, "n_examples": n,
             "rows": {v: int(plan.offsets[v][-1]) for v in VIEWS}, "pass": stats}
+
+
+def _distributed(cfg: CacheTeacherConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group). The pass needs the group only
+    for control (barriers, the ranks' pass statistics), so it is gloo whatever the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    own = world > 1 and not torch.distributed.is_initialized()
+    if own:
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    return rank, world, device, own
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _complete(writer: CacheWriter, stats: dict, rank: int, world: int) -> dict:
+    """Wait for every part; rank 0 sums the ranks' statistics (the slowest rank's seconds) and marks the cache
+    complete — the last write of the pass."""
+    every = [stats]
+    if world > 1:
+        every = [None] * world
+        torch.distributed.all_gather_object(every, stats)
+    total = dict(every[0])
+    for key in ("tokens", "rows"):
+        total[key] = sum(s[key] for s in every)
+    for key in ("seconds", "forward_seconds", "write_seconds", "prepare_seconds"):
+        total[key] = max(s[key] for s in every)
+    for key, count in (("tokens_per_s", "tokens"), ("rows_per_s", "rows")):
+        total[key] = total[count] / max(total["seconds"], 1e-9)
+    total["examples_per_s"] = writer.manifest["data"]["n_examples"] / max(total["seconds"], 1e-9)
+    total["ranks"] = world
+    if rank == 0:
+        writer.finalize({"pass": total})
+    _barrier(world)
+    return total
 
 
 def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
@@ -209,26 +263,35 @@ def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
     return _Plan(records, source, tokenizer, tok_hash, hidden_codec, _inputs_fingerprint(cfg, source, tok_hash, hidden_codec))
 
 
-def _existing_cache(out: Path, fingerprint: dict, log) -> dict | None:
-    """The manifest of a cache of the same inputs at --out (complete, or unfinished to resume), None for an
-    empty or missing --out; anything else is refused — a cache is never overwritten."""
-    existing = read_manifest(out) if out.exists() else None
-    if out.exists() and existing is None and any(out.iterdir()):
-        raise CacheError(f"{out}: exists and is not a cot2align cache; choose another --out")
+def _existing_cache(location: Location, fingerprint: dict, world: int, log) -> dict | None:
+    """The manifest of a cache of the same inputs at --out (complete; unfinished, to resume; or interrupted while
+    being created, to create again), None for an empty or missing --out; anything else is refused — a cache is
+    never overwritten, nor resumed by another number of writers than it was split for."""
+    existing = read_manifest(location)
     if existing is None:
+        if not location.is_empty():
+            raise CacheError(f"{location}: exists and is not a cot2align cache; choose another --out")
         return None
-    check_format(existing, out)
+    check_format(existing, location.url)
     old = existing.get("fingerprint", {}).get("inputs", {})
     if old != fingerprint:
-        raise CacheError(f"{out}: holds a cache of other inputs ({_describe_difference(old, fingerprint)}); "
+        raise CacheError(f"{location}: holds a cache of other inputs ({_describe_difference(old, fingerprint)}); "
                          "refusing to overwrite it — choose another --out")
-    if existing.get("status") == "complete":
-        log(f"{out}: cache already complete ({existing['data']['n_examples']} examples); nothing to do")
-    elif existing.get("status") != "writing":
-        raise CacheError(f"{out}: cache creation was interrupted before the first block; delete the directory and rerun")
+    status = existing.get("status")
+    if status == "complete":
+        log(f"{location}: cache already complete ({existing['data']['n_examples']} examples); nothing to do")
+    elif existing.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{location}: an unfinished cache of format version {existing.get('format_version')}; "
+                         f"this cot2align writes version {FORMAT_VERSION} — choose another --out")
+    elif status == "creating":
+        log(f"{location}: the store's creation was interrupted; creating it again")
+    elif len(existing["store"]["parts"]) != world:
+        parts = len(existing["store"]["parts"])
+        raise CacheError(f"{location}: this unfinished cache was split for {parts} writer(s) and this run has {world}; "
+                         f"resume it with the same number of processes (e.g. torchrun --nproc_per_node {parts})")
     else:
-        log(f"{out}: resuming unfinished cache at block {existing['progress']['blocks_done']}"
-            f"/{len(existing['progress']['blocks']) - 1}")
+        log(f"{location}: resuming unfinished cache ({len(existing['progress']['blocks']) - 1} blocks"
+            f"{f' in {world} parts' if world > 1 else ''})")
     return existing
 
 
@@ -242,25 +305,57 @@ def _plan_sequences(cfg: CacheTeacherConfig, plan: _Plan) -> None:
         plan.prompt_len[view] = np.array([s.views[view].prompt_len for s in plan.sequences], dtype=np.int32)
 
 
-def _open_store(cfg: CacheTeacherConfig, out: Path, plan: _Plan, model, existing: dict | None, dtype):
-    """(writer, head probe, array specs): a new store with everything that does not depend on the teacher's
-    outputs, or the unfinished one reopened (refused when the teacher's weights changed)."""
+def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model, existing: dict | None, dtype,
+                rank: int, world: int):
+    """(writer, head probe, array specs): rank 0 creates the store — everything that does not depend on the
+    teacher's outputs — while the other ranks wait; or every rank reopens the unfinished one (refused when the
+    teacher's weights changed)."""
     weights = weights_fingerprint(model)
     info = probe_head(model, plan.sequences[0].views["std"].input_ids[:16])
     head_in, head_out = model.get_input_embeddings(), model.get_output_embeddings()
     hidden_size, vocab_size = head_out.weight.shape[1], head_out.weight.shape[0]
     specs = view_array_specs(hidden_size, cfg.topk, vocab_size, cfg.hidden_dtype, info.embed_kind == "stored",
                              plan.hidden_codec)
-    if existing is not None:
+    if existing is not None and existing.get("status") == "writing":
         if existing["fingerprint"]["weights"] != weights:
-            raise CacheError(f"{out}: the teacher weights differ from those the cache was started with; "
+            raise CacheError(f"{location}: the teacher weights differ from those the cache was started with; "
                              "refusing to mix them — choose another --out")
-        return CacheWriter.reopen(out), info, specs
-    block_max_rows = max(hidden_chunk_rows(hidden_size), (256 << 20) // (2 * hidden_size))
-    rows_per_example = sum(plan.offsets[v][1:] - plan.offsets[v][:-1] for v in VIEWS)
-    block_starts = plan_blocks(rows_per_example, cfg.block_examples, block_max_rows)
-    manifest = _manifest(cfg, model, plan, weights, info, specs, vocab_size, hidden_size, block_starts,
-                         block_max_rows, dtype)
+        return CacheWriter.reopen(location), info, specs
+    if rank == 0:
+        block_max_rows = max(hidden_chunk_rows(hidden_size), (256 << 20) // (2 * hidden_size))
+        rows_per_example = sum(plan.offsets[v][1:] - plan.offsets[v][:-1] for v in VIEWS)
+        block_starts = plan_blocks(rows_per_example, cfg.block_examples, block_max_rows)
+        parts = split_parts(block_starts, plan.offsets, world)
+        manifest = _manifest(cfg, model, plan, weights, info, specs, vocab_size, hidden_size, block_starts, parts,
+                             block_max_rows, dtype)
+        _create(location, manifest, plan, model, specs, head_in, head_out)
+    _barrier(world)
+    return CacheWriter.reopen(location), info, specs
+
+
+def split_parts(block_starts: list[int], offsets: dict[str, np.ndarray], world: int) -> list[dict]:
+    """Contiguous runs of whole blocks, one per rank, balanced by stored rows — decided by the data alone, so
+    every rank (and every rerun) computes the same split; whole blocks, so each block is batched exactly as in
+    a single-process pass and the arrays are identical to its."""
+    rows = np.array([sum(int(offsets[v][block_starts[b + 1]] - offsets[v][block_starts[b]]) for v in VIEWS)
+                     for b in range(len(block_starts) - 1)], dtype=np.int64)
+    cumulative = np.concatenate([[0], np.cumsum(rows)])
+    cuts = [0]
+    for r in range(1, world):      # the block boundary nearest to r/world of all rows, never before the last cut
+        target = cumulative[-1] * r / world
+        above = min(int(np.searchsorted(cumulative, target)), len(rows))
+        nearest = above - 1 if above > 0 and target - cumulative[above - 1] < cumulative[above] - target else above
+        cuts.append(max(nearest, cuts[-1]))
+    cuts.append(len(rows))
+    parts = []
+    for first_block, end_block in zip(cuts[:-1], cuts[1:]):
+        first, end = block_starts[first_block], block_starts[end_block]
+        parts.append({"examples": [first, end], "blocks": [first_block, end_block],
+                      "rows": {v: [int(offsets[v][first]), int(offsets[v][end])] for v in VIEWS}})
+    return parts
+
+
+def _create(location: Location, manifest: dict, plan: _Plan, model, specs: dict, head_in, head_out) -> CacheWriter:
     head = {"embed_tokens": head_in.weight, "lm_head": head_out.weight}
     if getattr(head_out, "bias", None) is not None:
         head["lm_head_bias"] = head_out.bias
@@ -271,28 +366,31 @@ def _open_store(cfg: CacheTeacherConfig, out: Path, plan: _Plan, model, existing
     with tempfile.TemporaryDirectory() as tmp:
         plan.tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        writer = CacheWriter.create(out, manifest, texts, plan.offsets, plan.prompt_len, specs, head, Path(tmp))
-    return writer, info, specs
+        return CacheWriter.create(location, manifest, texts, plan.offsets, plan.prompt_len, specs, head, Path(tmp))
 
 
-def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, info, specs) -> dict:
-    """Every uncommitted block: length-sorted token-budget batches -> teacher forward -> stored rows copied to
-    the host -> the background writer assembles, writes and commits the block. A resumed pass runs exactly
-    the batches of the original one (the manifest's blocks and batch budget), so the arrays are bit-identical."""
+def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, info, specs, part: int) -> dict:
+    """Every uncommitted block of this rank's part: length-sorted token-budget batches -> teacher forward ->
+    stored rows copied to the host -> the background writer assembles, writes and commits the block. A resumed
+    pass runs exactly the batches of the original one (the manifest's blocks and batch budget), so the arrays
+    are bit-identical."""
     block_starts = writer.manifest["progress"]["blocks"]
     batch_tokens = writer.manifest["settings"]["batch_tokens"]
-    blocks_done = writer.manifest["progress"]["blocks_done"]
+    first_block, end_block = writer.manifest["store"]["parts"][part]["blocks"]
+    done = writer.blocks_done(part)
     device = next(model.parameters()).device
     pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
     counts = {"tokens": 0, "rows": 0, "forward_seconds": 0.0}
-    bar = tqdm(total=len(plan.sequences), initial=block_starts[blocks_done], unit="ex", desc="teacher pass",
-               dynamic_ncols=True, disable=None)
+    bar = tqdm(total=block_starts[end_block] - block_starts[first_block],
+               initial=block_starts[first_block + done] - block_starts[first_block], unit="ex",
+               desc=f"teacher pass{f' (part {part})' if len(writer.manifest['store']['parts']) > 1 else ''}",
+               dynamic_ncols=True, disable=None, position=part)
     t_pass = time.perf_counter()
-    background = _BackgroundWriter(writer, specs, block_starts, plan.offsets,
-                                   lambda block: writer.commit(block + 1, block_starts[block + 1]))
+    background = _BackgroundWriter(writer, specs, block_starts, plan.offsets, part,
+                                   lambda block: writer.commit(part, block + 1 - first_block))
     background.start()
     try:
-        for block in range(blocks_done, len(block_starts) - 1):
+        for block in range(first_block + done, end_block):
             _run_block(cfg, plan, model, info, block_starts, block, batch_tokens, pad_id, device, background, counts,
                        bar, t_pass)
             background.put(("end", block, None))
@@ -373,8 +471,8 @@ def _to_host(result: dict, device: torch.device):
     return host, event
 
 
-def _manifest(cfg, model, plan: _Plan, weights, info, specs, vocab_size, hidden_size, block_starts, block_max_rows,
-              dtype) -> dict:
+def _manifest(cfg, model, plan: _Plan, weights, info, specs, vocab_size, hidden_size, block_starts, parts,
+              block_max_rows, dtype) -> dict:
     tokenizer, records, source, trunc = plan.tokenizer, plan.records, plan.source, plan.trunc
     cot_texts = [r.get("cot_output") or "" for r in records]
     config = model.config
@@ -411,11 +509,11 @@ def _manifest(cfg, model, plan: _Plan, weights, info, specs, vocab_size, hidden_
             "dtypes": {k: np.dtype(v["dtype"]).name for k, v in specs.items()},
             "chunk_rows": {k: v["chunk"] for k, v in specs.items()},
             "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": plan.hidden_codec,
-            "checksum": "crc32c",
+            "checksum": "crc32c", "parts": parts,
         },
         "settings": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
                      "batch_tokens": cfg.batch_tokens, "block_examples": cfg.block_examples,
                      "block_max_rows": block_max_rows},
         "fingerprint": {"inputs": plan.fingerprint, "weights": weights},
-        "progress": {"blocks": block_starts, "blocks_done": 0, "examples_done": 0},
+        "progress": {"blocks": block_starts},     # each part's blocks_done is in parts/<p>/zarr.json
     }

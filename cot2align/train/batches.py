@@ -66,7 +66,7 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, vocab,
                                  cache.tokenizer() if mined else None, log=log)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
-                      range(len(cache)) if indices is None else indices, str(cache.path),
+                      range(len(cache)) if indices is None else indices, cache.url,
                       teacher_arrays(method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
                       num_workers, pin_memory, rank, world)
 

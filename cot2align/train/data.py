@@ -40,17 +40,18 @@ def student_view_ids(tokenizer, prompt: str, response: str, with_eos: bool, max_
     return prompt_ids + response_ids[:max_length - len(prompt_ids)], len(prompt_ids)
 
 
-def memo_path(cache_path: str | Path, tokenizer_hash: str, max_length: int, mined: bool) -> Path:
-    cache_path = Path(cache_path)
+def memo_path(cache, tokenizer_hash: str, max_length: int, mined: bool) -> Path:
+    """Beside a local, writable cache (<cache>.students/), else in a local directory keyed by the cache's
+    identity: a cache on an object store or read-only storage is never written."""
     key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{mined}|{MEMO_VERSION}".encode()).hexdigest()[:16]
-    return cache_path.parent / f"{cache_path.name}.students" / f"{key}.npz"
+    return cache.local_dir("students") / f"{key}.npz"
 
 
 def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab_map=None, teacher_tokenizer=None,
                    log=print) -> dict[str, np.ndarray]:
     """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
     a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
-    path = memo_path(cache.path, tokenizer_hash, max_length, vocab_map is not None)
+    path = memo_path(cache, tokenizer_hash, max_length, vocab_map is not None)
     manifest_key = np.frombuffer(hashlib.sha256(repr(cache.manifest.get("data")).encode()).digest(), dtype=np.uint8)
     if path.exists():
         with np.load(path) as stored:
@@ -96,7 +97,7 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tup
                 ids, prompt_len = student_view_ids(tokenizer, texts[f"prompt_{view}"][i], texts[f"response_{view}"][i],
                                                    with_eos, max_length)
             except ValueError as e:
-                raise CacheError(f"{cache.path}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None
+                raise CacheError(f"{cache.url}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None
             unencodable += unk is not None and unk != tokenizer.eos_token_id and unk in ids[prompt_len:]
             if aligner is not None:
                 mined_rows.extend(aligned_teacher_rows(ids[prompt_len - 1:len(ids) - 1], teacher_inputs[a:b],

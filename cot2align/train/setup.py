@@ -214,7 +214,7 @@ def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: 
     indices, val_records = split_validation(cfg, cache, list(range(n_examples)))
     workers = cfg.num_workers if cfg.num_workers is not None else (2 if device.type == "cuda" else 0)
     arrays = teacher_arrays(cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
-    loader = dataloader(student_ids, views, indices, str(cache.path) if cache is not None else None, arrays,
+    loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
                         pad_id(tokenizer), cfg.batch_size, cfg.seed, workers, device.type == "cuda", rank, world)
     return loader, val_records, views
 

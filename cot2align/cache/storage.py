@@ -1,0 +1,147 @@
+"""Where a cache lives: a local directory, or any fsspec URL — s3://bucket/prefix, gs://…, az://…, file://…,
+memory://… (tests).
+
+Zarr v3 opens both with its own stores (`LocalStore`, `FsspecStore`); the few files outside Zarr (the teacher's
+tokenizer files and head weights) go through the same fsspec filesystem. Credentials and endpoints come from the
+usual environment of each backend (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_PROFILE for
+S3; GOOGLE_APPLICATION_CREDENTIALS for GCS; …), or as fsspec options in COT2ALIGN_STORAGE_OPTIONS (a JSON
+object, e.g. {"client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}).
+
+A remote cache is read-only to a trainer: what a trainer keeps beside a local cache (the student's memoised
+tokenisation) goes to a local directory keyed by the cache's identity instead (`local_dir`).
+
+`COT2ALIGN_CHUNK_CACHE=DIR` keeps a local copy of every chunk object read from a remote cache (fsspec's
+`filecache`), so a second epoch, or a second student, reads from local disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from zarr.storage import FsspecStore, LocalStore
+
+from cot2align.cache.format import CacheError
+
+
+def is_url(where) -> bool:
+    return "://" in str(where)
+
+
+def storage_options() -> dict:
+    raw = os.environ.get("COT2ALIGN_STORAGE_OPTIONS")
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"COT2ALIGN_STORAGE_OPTIONS: not a JSON object ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise CacheError("COT2ALIGN_STORAGE_OPTIONS: expected a JSON object of fsspec options")
+    return options
+
+
+class Location:
+    """A cache's root: `url` as given; `fs` + `root` for files; `zarr_store()` for the arrays."""
+
+    def __init__(self, where: str | Path):
+        self.url = str(where)
+        if is_url(where) and not self.url.startswith("file://"):
+            self.local_path: Path | None = None
+            self.fs, self.root = fsspec.url_to_fs(self.url, **storage_options())
+            self.root = self.root.rstrip("/")
+        else:
+            self.local_path = Path(self.url.removeprefix("file://"))
+            self.fs, self.root = LocalFileSystem(), str(self.local_path.absolute())
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_path is not None
+
+    def path(self, relative: str = "") -> str:
+        return f"{self.root}/{relative}".rstrip("/") if relative else self.root
+
+    def zarr_store(self, read_only: bool):
+        if self.is_local:
+            return LocalStore(self.root, read_only=read_only)
+        url, options = self.url, storage_options()
+        chunk_cache = os.environ.get("COT2ALIGN_CHUNK_CACHE")
+        if read_only and chunk_cache:    # a local copy of each chunk object, kept across epochs and runs
+            protocol = self.url.split("://", 1)[0]
+            url = f"filecache::{self.url}"
+            options = {"filecache": {"cache_storage": chunk_cache, "same_names": False}, protocol: options}
+        return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+
+    # ------------------------------------------------------------------ files outside zarr
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def is_empty(self) -> bool:
+        """Nothing at the root (a missing root is empty too)."""
+        if not self.fs.exists(self.root):
+            return True
+        return not self.fs.ls(self.root, detail=False)
+
+    def read_text(self, relative: str) -> str | None:
+        try:
+            with self.fs.open(self.path(relative), "rb") as f:
+                return f.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def upload(self, local: Path, relative: str) -> None:
+        """A local file or directory to `relative` (each file one whole-object write)."""
+        if local.is_dir():
+            for item in sorted(local.iterdir()):
+                self.upload(item, f"{relative}/{item.name}")
+        else:
+            self.fs.makedirs(self.path(relative).rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(local), self.path(relative))
+
+    def size(self, relative: str = "", chunks_only: bool = False) -> int:
+        """Stored bytes under `relative` (a directory or prefix); chunks_only leaves out zarr.json metadata."""
+        target = self.path(relative)
+        if not self.fs.exists(target):
+            return 0
+        files = self.fs.find(target, detail=True)
+        return int(sum(info["size"] for name, info in files.items()
+                       if not (chunks_only and name.rsplit("/", 1)[-1] == "zarr.json")))
+
+    def identity(self, manifest: dict) -> str:
+        """A short key of this cache's contents and place, for local directories kept on its behalf."""
+        key = json.dumps({"url": self.url, "fingerprint": manifest.get("fingerprint"),
+                          "created_at": manifest.get("created_at")}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def local_copy(self, relative: str, target: Path) -> Path:
+        """A local directory holding the files under `relative` (a remote cache: downloaded once into `target`,
+        atomically; a local cache: the directory itself)."""
+        if self.is_local:
+            return self.local_path / relative
+        if target.exists():
+            return target
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for remote in self.fs.find(self.path(relative)):
+            name = remote[len(self.path(relative)) + 1:]
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(tmp / name))
+        try:
+            os.replace(tmp, target)
+        except OSError:        # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+
+def writable_parent(path: Path) -> bool:
+    return os.access(path.parent if path.parent.exists() else Path.cwd(), os.W_OK)
