@@ -1,0 +1,130 @@
+"""Reading a teacher cache from object storage: does the loader keep up?
+
+Prints, measured in one run on the same cache, written once to local disk and once to a real S3-compatible
+server on 127.0.0.1 (SeaweedFS, bench/s3server.py):
+  * examples/s streaming every batch of the cache through the trainer's loader (`cache_dataloader`, the
+    arrays DSKD + CoT2Align reads, same workers and batch size) from S3, from S3 through the local chunk cache
+    (COT2ALIGN_CHUNK_CACHE, its second pass), and from local disk; the ratio S3 / local (target >= 0.8);
+  * the loader's wait share of step time in a real `distill` from the S3 cache and from the local one
+    (target < 2%);
+  * the teacher pass writing to S3 vs to local disk (seconds).
+
+CPU:  python bench/remote_read.py --work /tmp/remote_read
+GPU:  python bench/remote_read.py --work W --model random:tinyllama-1.1b --student random:gpt2-30m --n 300
+
+The server runs on this machine, so the figures measure the request path (HTTP, S3 protocol, per-object
+latency of ~1 ms), not a WAN's bandwidth; with a far bucket, more DataLoader workers hide more latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from s3server import seaweedfs  # noqa: E402
+
+from cot2align.cache import open_cache  # noqa: E402
+from cot2align.config import CacheTeacherConfig, DistillConfig, build_config  # noqa: E402
+from cot2align.data import load_records  # noqa: E402
+from cot2align.modeling import load_tokenizer  # noqa: E402
+from cot2align.teacher.cache_pass import cache_teacher  # noqa: E402
+from cot2align.train.batches import cache_dataloader  # noqa: E402
+from cot2align.train.distill import distill  # noqa: E402
+
+
+def records_with_rationales(path: Path, n: int) -> Path:
+    """n real sample records, every other one with a rationale (the CoT view needs one)."""
+    records, _ = load_records("sample", "train")
+    with path.open("w") as f:
+        for i, r in enumerate(records[:n]):
+            rec = {k: r[k] for k in ("id", "instruction", "input", "output")}
+            if i % 2 == 0:
+                rec["rationale"] = "First find who speaks and what they want; then say it in one sentence."
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path
+
+
+def examples_per_s(url: str, student: str, workers: int, batch_size: int, passes: int) -> float:
+    """Every batch of the cache, `passes` times, through the trainer's loader; tokenisation (memoised, done
+    when the loader is built) is outside the clock."""
+    cache = open_cache(url)
+    loader = cache_dataloader(cache, load_tokenizer(student), method="dskd", cot2align=True, batch_size=batch_size,
+                              num_workers=workers, log=lambda m: None)
+    started, seen = time.perf_counter(), 0
+    for _ in range(passes):
+        for batch in loader:
+            seen += len(batch["index"])
+    return seen / (time.perf_counter() - started)
+
+
+def wait_share(url: str, student: str, workers: int, batch_size: int, out: Path) -> dict:
+    distill(build_config(DistillConfig, cache=url, student=student, method="dskd", cot2align=True, alpha=0.5,
+                         epochs=1, batch_size=batch_size, lr=1e-3, num_workers=workers, val_examples=0, out=str(out),
+                         overwrite=True), log=lambda m: None, progress=False)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"data_wait_share"' in line][-1]
+    return {"data_wait_share": last["data_wait_share"], "tokens_per_s": last["tokens_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", required=True)
+    parser.add_argument("--model", default="tiny-llama", help="teacher (a tiny or random: preset, or a path)")
+    parser.add_argument("--student", default="tiny-gpt2")
+    parser.add_argument("--n", type=int, default=200, help="examples (the shipped sample has 300)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    data = records_with_rationales(work / "data.jsonl", args.n)
+    settings = dict(model=args.model, data=str(data), topk=16, max_length=512, max_prompt_length=384)
+    result: dict = {"model": args.model, "student": args.student, "examples": args.n, "workers": args.workers,
+                    "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d")}
+    import torch
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+
+    local = work / "local_cache"
+    t0 = time.perf_counter()
+    cache_teacher(build_config(CacheTeacherConfig, out=str(local), **settings), log=lambda m: None)
+    result["write_local_s"] = time.perf_counter() - t0
+    with seaweedfs(work / "seaweed") as s3:
+        url = f"{s3['bucket']}/caches/bench"
+        t0 = time.perf_counter()
+        cache_teacher(build_config(CacheTeacherConfig, out=url, **settings), log=lambda m: None)
+        result["write_s3_s"] = time.perf_counter() - t0
+        result["cache_bytes"] = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+        read = dict(student=args.student, workers=args.workers, batch_size=args.batch_size, passes=args.passes)
+        result["local_examples_per_s"] = examples_per_s(str(local), **read)
+        result["s3_examples_per_s"] = examples_per_s(url, **read)
+        os.environ["COT2ALIGN_CHUNK_CACHE"] = str(work / "chunk_cache")
+        examples_per_s(url, **dict(read, passes=1))                   # fills the local chunk cache
+        result["s3_chunk_cache_examples_per_s"] = examples_per_s(url, **read)
+        del os.environ["COT2ALIGN_CHUNK_CACHE"]
+        train = dict(student=args.student, workers=args.workers, batch_size=args.batch_size)
+        result["distill_s3"] = wait_share(url, **train, out=work / "run_s3")
+        result["distill_local"] = wait_share(str(local), **train, out=work / "run_local")
+    result["ratio_s3_over_local"] = result["s3_examples_per_s"] / result["local_examples_per_s"]
+    result["ratio_s3_chunk_cache_over_local"] = result["s3_chunk_cache_examples_per_s"] / result["local_examples_per_s"]
+    print(f"[{result['device']}] streaming {args.n} examples x {args.passes} passes, {args.workers} workers, "
+          f"batch {args.batch_size}: local {result['local_examples_per_s']:.1f} ex/s, S3 "
+          f"{result['s3_examples_per_s']:.1f} ex/s (ratio {result['ratio_s3_over_local']:.2f}), S3 + chunk cache "
+          f"{result['s3_chunk_cache_examples_per_s']:.1f} ex/s (ratio {result['ratio_s3_chunk_cache_over_local']:.2f})")
+    print(f"distill loader wait share: S3 {100 * result['distill_s3']['data_wait_share']:.2f}%, local "
+          f"{100 * result['distill_local']['data_wait_share']:.2f}%; teacher pass to S3 {result['write_s3_s']:.1f} s, "
+          f"to local disk {result['write_local_s']:.1f} s")
+    (work / "remote_read.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
