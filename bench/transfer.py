@@ -158,7 +158,9 @@ def teacher_cache(teacher: str, paths: dict, s: dict, root: Path, stages: Stages
 
 
 def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out: Path, stages: Stages, tag: str) -> dict:
-    """Train one student and evaluate it on the test split: CE (nats/token, bits/byte) and greedy ROUGE-L."""
+    """Train one student and evaluate its final weights on the test split: CE (nats/token, bits/byte) and greedy
+    ROUGE-L. Every row gets the same steps (`--select-by last`): with 8 validation examples, greedy ROUGE-L —
+    the paper's best-epoch rule — crowned an epoch-0 model in some runs (0.8 nats worse held-out CE)."""
     import shutil
 
     from cot2align.config import DistillConfig, build_config
@@ -172,15 +174,45 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
     stages.run(f"{tag} train", out / "summary.json", lambda: distill(build_config(
         DistillConfig, student=STUDENT, out=str(out), lr=s["lr"], epochs=s["epochs"], batch_size=s["batch_size"],
         warmup_ratio=0.05, val_data=paths["dev"], val_examples=s["val"], val_max_new_tokens=s["val_new_tokens"],
-        max_length=s["max_length"], seed=seed, num_workers=0, **source, **settings), log=lambda m: None, progress=False))
-    results = out / "eval" / "results.json"
-    stages.run(f"{tag} evaluate", results, lambda: evaluate_model(
-        str(out), paths["test"], "test", greedy=True, metric="all", out=str(out / "eval"),
+        max_length=s["max_length"], seed=seed, num_workers=0, select_by="last", **source, **settings),
+        log=lambda m: None, progress=False))
+    summary = json.loads((out / "summary.json").read_text())
+    model, name = out, "eval"
+    if summary["best_epoch"] != summary["history"][-1]["epoch"]:     # trained before select_by="last" was used here
+        model, name = final_weights(out), "eval_final"
+    results = out / name / "results.json"
+    stages.run(f"{tag} {name.replace('_', ' ').replace('eval', 'evaluate')}", results, lambda: evaluate_model(
+        str(model), paths["test"], "test", greedy=True, metric="all", out=str(out / name),
         max_new_tokens=s["test_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"] + 40, log=lambda m: None))
     result = json.loads(results.read_text())
-    summary = json.loads((out / "summary.json").read_text())
     return {"ce": result["ce"]["nats_per_token"], "bpb": result["ce"]["bits_per_byte"], "rougeL": result["mean"],
             "steps": summary["steps"]}
+
+
+def final_weights(out: Path) -> Path:
+    """out/final: the run's last checkpoint as a loadable model (its config and tokenizer are out's)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    final = out / "final"
+    if final.exists():
+        return final
+    checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    missing, unexpected = model.load_state_dict(load_file(str(checkpoint / "trainable.safetensors")), strict=False)
+    tied = {"lm_head.weight"}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"{checkpoint}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for item in out.iterdir():
+        if item.name.startswith("tokenizer") or item.name == "special_tokens_map.json":
+            shutil.copy2(item, tmp / item.name)
+    tmp.replace(final)
+    return final
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

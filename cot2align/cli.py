@@ -130,6 +130,9 @@ _TRAINING_OPTIONS = [
                       "across ranks (FSDP2) instead of replicating them (DDP). For students too large to replicate."),
     click.option("--val-data"),
     click.option("--val-examples", type=int),
+    click.option("--select-by", type=click.Choice(["rougeL", "ce", "last"]),
+                 help="Which epoch's model --out gets: best greedy validation ROUGE-L (default, the paper's rule), "
+                      "lowest validation cross-entropy, or the last."),
     click.option("--val-max-new-tokens", type=int),
     click.option("--save-every", type=int, help="Also checkpoint every N optimiser steps."),
     click.option("--resume", is_flag=True, default=None),

@@ -204,6 +204,8 @@ class DistillConfig:
     val_data: str | None = None        # default: the dev split of the cache's dataset, else held-out cache examples
     val_examples: int = 50             # bounded validation subset (loss and greedy ROUGE-L)
     val_max_new_tokens: int = 128
+    select_by: str = "rougeL"          # which epoch's model --out gets: rougeL (greedy validation ROUGE-L, ties to the
+                                       # lower validation CE: the paper's rule), ce (lowest validation CE), last
     save_every: int = 0                # also checkpoint every N optimiser steps (0: each epoch only)
     resume: bool = False
     overwrite: bool = False
@@ -223,8 +225,9 @@ class DistillConfig:
             raise ConfigError(f"kl_variant: expected one of {', '.join(VARIANTS)}, got {self.kl_variant!r}")
         if self.teacher_dist not in ("exact", "topk"):
             raise ConfigError(f"teacher_dist: expected exact or topk, got {self.teacher_dist!r}")
-        if self.ot_grad not in ("envelope", "unrolled"):
-            raise ConfigError(f"ot_grad: expected envelope or unrolled, got {self.ot_grad!r}")
+        for name, choices in (("ot_grad", ("envelope", "unrolled")), ("select_by", ("rougeL", "ce", "last"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}: expected {' or '.join(choices)}, got {getattr(self, name)!r}")
         if self.cot2align is None:     # on by default; plain data (no cache) has no teacher views to align
             self.cot2align = not (self.cache is None and self.method == "sft")
         if self.cache is None and (self.method != "sft" or self.cot2align):

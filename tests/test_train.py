@@ -385,6 +385,18 @@ def test_best_epoch_is_the_highest_rouge_then_the_lowest_validation_loss():
     assert is_better(None, None, state)                     # no validation at all: the latest epoch
 
 
+def test_select_by_ce_or_last_ignores_a_lucky_rouge():
+    """--select-by ce / last: on a small validation set an early epoch's one lucky greedy summary must not
+    decide which model --out gets (bench/transfer.py: an epoch-0 model with 0.8 nats more held-out CE won)."""
+    state = {"best_epoch": 0, "best_rougeL": 12.4, "best_val_loss": 5.56}
+    assert not is_better(8.4, 4.25, state)                          # the paper's rule keeps epoch 0
+    assert is_better(8.4, 4.25, state, select_by="ce")
+    assert not is_better(20.0, 5.60, state, select_by="ce")
+    assert is_better(0.0, 9.0, state, select_by="last")
+    with pytest.raises(ConfigError, match="select_by: expected rougeL or ce or last"):
+        build_config(DistillConfig, cache="c", select_by="best").validate()
+
+
 def test_cot2align_trains_every_example_with_or_without_a_rationale(tmp_path):
     """Examples whose rationale was dropped keep their standard view in a CoT2Align run (the authors' layout):
     16 examples, 8 with a rationale, 1 held out for validation -> 15 train -> 4 batches of 4, not 2."""

@@ -143,7 +143,7 @@ def end_of_epoch(run: Run, epoch: int, batch_no: int) -> None:
             log_metrics(run, record, "val")
         run.say(f"epoch {epoch + 1}/{run.cfg.epochs}: step {run.step}, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         rouge, ce = scores.get("val_rougeL"), scores.get("val_ce")
-        if is_better(rouge, ce, run.state):
+        if is_better(rouge, ce, run.state, run.cfg.select_by):
             run.state.update(best_rougeL=rouge, best_val_loss=ce, best_epoch=epoch)
             whole = whole_model(run.model, run.cfg, run.is_main)
             if run.is_main:

@@ -53,13 +53,17 @@ def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, synced_g
             "val_rougeL": float(np.mean(scores))}
 
 
-def is_better(rouge: float | None, val_loss: float | None, state: dict) -> bool:
-    """Does this epoch beat the best so far? Higher validation ROUGE-L wins; a tie (e.g. 0 at every epoch of a
-    student that cannot yet write a summary) goes to the lower validation cross-entropy (val_loss). Without any
-    validation the latest epoch counts as the best."""
-    if state["best_epoch"] is None or (rouge is None and val_loss is None):
+def is_better(rouge: float | None, val_loss: float | None, state: dict, select_by: str = "rougeL") -> bool:
+    """Does this epoch beat the best so far (`--select-by`)?
+
+    rougeL (the paper's rule): higher validation ROUGE-L wins; a tie (e.g. 0 at every epoch of a student that
+    cannot yet write a summary) goes to the lower validation cross-entropy (val_loss). On a small validation set
+    greedy ROUGE-L is mostly noise: an early, worse model can win by one lucky summary.
+    ce: the lower validation cross-entropy wins. last: every epoch replaces the previous one (a fixed budget).
+    Without any validation the latest epoch counts as the best."""
+    if select_by == "last" or state["best_epoch"] is None or (rouge is None and val_loss is None):
         return True
     best_rouge, best_loss = state["best_rougeL"], state.get("best_val_loss")
-    if rouge is not None and best_rouge is not None and rouge != best_rouge:
+    if select_by == "rougeL" and rouge is not None and best_rouge is not None and rouge != best_rouge:
         return rouge > best_rouge
     return val_loss is not None and (best_loss is None or val_loss < best_loss)
