@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--n", type=int, default=300, help="examples (the shipped sample has 300)")
     parser.add_argument("--procs", default="1,2", help="comma-separated process counts")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: the cores shared out, cores // N)")
     args = parser.parse_args()
     import torch
 
@@ -75,7 +77,7 @@ def main() -> None:
     device = f"{gpus} x {torch.cuda.get_device_name()}" if gpus else f"CPU, {os.cpu_count()} cores (gloo)"
     runs = []
     for procs in [int(p) for p in args.procs.split(",")]:
-        threads = 1 if gpus else max(1, (os.cpu_count() or 1) // procs)
+        threads = args.threads or (1 if gpus else max(1, (os.cpu_count() or 1) // procs))
         runs.append(run_pass(procs, data, work / f"cache_{procs}", args.model, threads))
         print(f"[{device}] {procs} process(es) x {threads} thread(s): {runs[-1]['tokens_per_s']:,.0f} teacher tokens/s "
               f"(pass {runs[-1]['pass_seconds']:.1f} s, wall {runs[-1]['wall_seconds']:.1f} s)", flush=True)

@@ -190,14 +190,14 @@ def test_refuses_cache_of_other_inputs_and_keeps_it(tmp_path, cot_jsonl):
 def test_corrupted_chunk_is_named_by_verify(tmp_path, cot_jsonl):
     path = build(tmp_path, "tiny-llama", cot_jsonl)
     assert verify_cache(path) == []
-    chunk = path / "std" / "hidden" / "c" / "0" / "0"
+    chunk = path / "parts" / "0" / "std" / "hidden" / "c" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     problems = verify_cache(path)
-    assert problems and problems[0].startswith("std/hidden: chunk 0")
+    assert problems and problems[0].startswith("parts/0/std/hidden: chunk 0")
     result = _run_cli(["cache", "verify", str(path)])
-    assert result.returncode == 1 and "std/hidden: chunk 0" in result.stderr
+    assert result.returncode == 1 and "parts/0/std/hidden: chunk 0" in result.stderr
 
 
 def test_reader_refuses_unknown_format_version_and_bad_tokenizer(tmp_path, cot_jsonl):

@@ -124,6 +124,7 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     print(f"quickstart (24 records): {time.perf_counter() - started:.0f} s")
 
 
+@pytest.mark.slow
 def test_smollm2_alias_loads_when_installed(tmp_path):
     import importlib.util
 

@@ -126,6 +126,13 @@ def test_cache_on_s3_equals_local_and_trains_the_same_student(s3, data, single, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_cache(url, single)
     assert verify_cache(url) == []
+    # read again through a local chunk cache (COT2ALIGN_CHUNK_CACHE): the same arrays, the chunks kept on disk
+    os.environ["COT2ALIGN_CHUNK_CACHE"] = str(tmp_path / "chunks")
+    try:
+        assert_same_cache(url, single)
+    finally:
+        del os.environ["COT2ALIGN_CHUNK_CACHE"]
+    assert len(list((tmp_path / "chunks").iterdir())) > 10
     info = _cli(["cache", "info", url], env=s3["env"])
     assert info.returncode == 0 and url in info.stdout
     # a student trained from the remote cache equals the one trained from local disk

@@ -185,7 +185,8 @@ def _train_losses(out):
     return [r["loss"] if "loss" in r else r["ce"] for r in rows if "ce" in r]
 
 
-@pytest.mark.parametrize("method", ["sft", "kl", "uld", "mined", "dskd"])
+# the fast tier keeps SFT; the KD methods' short runs (~12 s each on 2 cores) are slow-tier
+@pytest.mark.parametrize("method", ["sft", *(pytest.param(m, marks=pytest.mark.slow) for m in ("kl", "uld", "mined", "dskd"))])
 def test_short_run_lowers_the_loss_and_output_loads(cache_dir, tmp_path, method):
     student = TEACHER if method == "kl" else STUDENT
     summary = _run(cache_dir, tmp_path / "run", method=method, student=student, epochs=3)
@@ -408,3 +409,20 @@ def test_cot2align_trains_every_example_with_or_without_a_rationale(tmp_path):
     assert summary["steps"] == 4
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_val_examples_zero_holds_out_nothing():
+    """--val-examples 0 trains on every example with no validation (indices[-0:] once held out all of them)."""
+    from cot2align.train.validation import split_validation
+
+    class Cache:       # the two things split_validation reads of a cache of a plain file (no dev split)
+        manifest = {"data": {"name": "records.jsonl"}}
+
+        def texts(self):
+            return {"prompt_std": [f"p{i}" for i in range(40)], "response_std": [f"r{i}" for i in range(40)]}
+
+    indices = list(range(40))
+    train, records = split_validation(build_config(DistillConfig, cache="c", val_examples=0), Cache(), indices)
+    assert train == indices and records == []
+    train, records = split_validation(build_config(DistillConfig, cache="c", val_examples=3), Cache(), indices)
+    assert train == indices[:37] and [r["prompt"] for r in records] == ["p37", "p38", "p39"]

@@ -10,8 +10,9 @@ object, e.g. {"client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}).
 A remote cache is read-only to a trainer: what a trainer keeps beside a local cache (the student's memoised
 tokenisation) goes to a local directory keyed by the cache's identity instead (`local_dir`).
 
-`COT2ALIGN_CHUNK_CACHE=DIR` keeps a local copy of every chunk object read from a remote cache (fsspec's
-`filecache`), so a second epoch, or a second student, reads from local disk.
+`COT2ALIGN_CHUNK_CACHE=DIR` keeps a local copy of every chunk object read from a remote cache
+(`ChunkCacheStore`, safe across DataLoader worker processes), so a second epoch, or a second student, reads
+from local disk.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from cot2align.cache.format import CacheError
 
@@ -72,13 +73,11 @@ class Location:
     def zarr_store(self, read_only: bool):
         if self.is_local:
             return LocalStore(self.root, read_only=read_only)
-        url, options = self.url, storage_options()
+        store = FsspecStore.from_url(self.url, storage_options=storage_options(), read_only=read_only)
         chunk_cache = os.environ.get("COT2ALIGN_CHUNK_CACHE")
-        if read_only and chunk_cache:    # a local copy of each chunk object, kept across epochs and runs
-            protocol = self.url.split("://", 1)[0]
-            url = f"filecache::{self.url}"
-            options = {"filecache": {"cache_storage": chunk_cache, "same_names": False}, protocol: options}
-        return FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+        if read_only and chunk_cache:    # a local copy of each object read, kept across epochs, workers and runs
+            store = ChunkCacheStore(store, Path(chunk_cache) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
+        return store
 
     # ------------------------------------------------------------------ files outside zarr
 
@@ -141,6 +140,37 @@ class Location:
         except OSError:        # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+
+class ChunkCacheStore(WrapperStore):
+    """A read-only store that keeps a local file of every whole object it reads from the wrapped (remote) one.
+
+    A cache's objects never change once it is complete, so a local copy is always valid. Each copy is written
+    to a temporary file and renamed into place: DataLoader workers in several processes share the directory
+    safely (a reader sees a whole object or none). Ranged reads pass through uncached.
+    """
+
+    def __init__(self, store, directory: Path):
+        super().__init__(store)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _with_store(self, store):
+        return type(self)(store, self.directory)
+
+    async def get(self, key, prototype, byte_range=None):
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        local = self.directory / key
+        if local.exists():
+            return prototype.buffer.from_bytes(local.read_bytes())
+        value = await self._store.get(key, prototype)
+        if value is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.{os.getpid()}.{id(value)}")
+            tmp.write_bytes(value.to_bytes())
+            os.replace(tmp, local)
+        return value
 
 
 def writable_parent(path: Path) -> bool:

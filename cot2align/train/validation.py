@@ -32,9 +32,9 @@ def split_validation(cfg: DistillConfig, cache, indices: list[int]) -> tuple[lis
     """(training indices, validation records): without a dev split, the last tenth of the examples (at most
     val_examples) is held out for validation."""
     records = validation_records(cfg, cache, [])
-    if records or len(indices) <= 10:
+    if records or len(indices) <= 10 or cfg.val_examples <= 0:     # --val-examples 0: no validation at all
         return indices, records
-    held_out = indices[-min(cfg.val_examples, max(1, len(indices) // 10)):]
+    held_out = indices[len(indices) - min(cfg.val_examples, max(1, len(indices) // 10)):]
     return indices[:len(indices) - len(held_out)], validation_records(cfg, cache, held_out)
 
 
