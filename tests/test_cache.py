@@ -108,12 +108,15 @@ def _run_cli(args, env_extra=None):
 
 
 def _arrays(path):
+    """Every per-row array of each view, all examples' rows in order, and the offsets."""
     cache = open_cache(path)
     out = {}
     for view in ("std", "cot"):
-        for name, arr in cache.views[view]["arrays"].items():
-            out[f"{view}/{name}"] = arr[:]
-        out[f"{view}/offsets"] = cache.views[view]["offsets"]
+        rows = [cache.view(i, view) for i in range(len(cache))]
+        for name, value in rows[0].items():
+            if isinstance(value, np.ndarray):
+                out[f"{view}/{name}"] = np.concatenate([r[name] for r in rows])
+        out[f"{view}/offsets"] = cache.offsets(view)
     return out
 
 
