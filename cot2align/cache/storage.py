@@ -10,7 +10,9 @@ object, e.g. {"client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}).
 A remote cache is read-only to a trainer: what a trainer keeps beside a local cache (the student's memoised
 tokenisation) goes to a local directory keyed by the cache's identity instead (`local_dir`).
 
-`COT2ALIGN_CHUNK_CACHE=DIR` keeps a local copy of every chunk object read from a remote cache
+Reads of a remote cache keep the last COT2ALIGN_REMOTE_MEMORY_MB (default 512) of chunk objects in memory per
+process (`MemoryChunkStore`): an example's rows are a slice of a chunk its neighbours share, so each chunk is
+fetched once rather than once per example. `COT2ALIGN_CHUNK_CACHE=DIR` keeps a local copy of every chunk object read from a remote cache
 (`ChunkCacheStore`, safe across DataLoader worker processes), so a second epoch, or a second student, reads
 from local disk.
 """
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import fsspec
@@ -74,10 +77,13 @@ class Location:
         if self.is_local:
             return LocalStore(self.root, read_only=read_only)
         store = FsspecStore.from_url(self.url, storage_options=storage_options(), read_only=read_only)
+        if not read_only:
+            return store
         chunk_cache = os.environ.get("COT2ALIGN_CHUNK_CACHE")
-        if read_only and chunk_cache:    # a local copy of each object read, kept across epochs, workers and runs
+        if chunk_cache:    # a local copy of each object read, kept across epochs, workers and runs
             store = ChunkCacheStore(store, Path(chunk_cache) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
-        return store
+        # an example's rows are a slice of a chunk its neighbours share: fetch each chunk once, not per example
+        return MemoryChunkStore(store, int(os.environ.get("COT2ALIGN_REMOTE_MEMORY_MB", "512")) << 20)
 
     # ------------------------------------------------------------------ files outside zarr
 
@@ -170,6 +176,38 @@ class ChunkCacheStore(WrapperStore):
             tmp = local.with_name(f".{local.name}.{os.getpid()}.{id(value)}")
             tmp.write_bytes(value.to_bytes())
             os.replace(tmp, local)
+        return value
+
+
+class MemoryChunkStore(WrapperStore):
+    """A read-only store that keeps the most recently read whole objects in memory (least recently used out,
+    up to `capacity` bytes; per process, so per DataLoader worker).
+
+    A remote read is one request per chunk; an example's rows are a slice of a chunk shared with its neighbours,
+    and batches are drawn across the whole cache, so without this every example would fetch its chunks again.
+    """
+
+    def __init__(self, store, capacity: int):
+        super().__init__(store)
+        self.capacity, self.size = capacity, 0
+        self.kept: OrderedDict[str, object] = OrderedDict()
+
+    def _with_store(self, store):
+        return type(self)(store, self.capacity)
+
+    async def get(self, key, prototype, byte_range=None):
+        if byte_range is not None:
+            return await self._store.get(key, prototype, byte_range)
+        if key in self.kept:
+            self.kept.move_to_end(key)
+            return self.kept[key]
+        value = await self._store.get(key, prototype)
+        if value is not None and len(value) <= self.capacity:
+            self.kept[key] = value
+            self.size += len(value)
+            while self.size > self.capacity:
+                _, dropped = self.kept.popitem(last=False)
+                self.size -= len(dropped)
         return value
 
 

@@ -79,7 +79,7 @@ def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_pa
     sampler = LengthBucketSampler([dataset.length(k) for k in range(len(dataset))], batch_size, seed, rank, world)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        collate_fn=lambda items: collate(items, views_used, pad), persistent_workers=False,
+        collate_fn=lambda items: collate(items, views_used, pad), persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if num_workers else None)
 
 
