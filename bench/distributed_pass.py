@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from remote_read import records_with_rationales  # noqa: E402
@@ -53,7 +55,7 @@ def same_arrays(a: Path, b: Path) -> bool:
     for i in range(len(a)):
         for view in ("std", "cot"):
             ra, rb = a.view(i, view), b.view(i, view)
-            if any(hasattr(v, "shape") and not (v == rb[k]).all() for k, v in ra.items()):
+            if any(isinstance(v, np.ndarray) and not np.array_equal(v, rb[k]) for k, v in ra.items()):
                 return False
     return len(a) == len(b)
 

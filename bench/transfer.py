@@ -188,7 +188,7 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
     results = out / name / "results.json"
     if report_only and not results.exists():
         return None
-    stages.run(f"{tag} {name.replace('_', ' ').replace('eval', 'evaluate')}", results, lambda: evaluate_model(
+    stages.run(f"{tag} {'evaluate' if name == 'eval' else 'evaluate final'}", results, lambda: evaluate_model(
         str(model), paths["test"], "test", greedy=True, metric="all", out=str(out / name),
         max_new_tokens=s["test_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"] + 40, log=lambda m: None))
     result = json.loads(results.read_text())

@@ -87,9 +87,6 @@ class Location:
 
     # ------------------------------------------------------------------ files outside zarr
 
-    def exists(self, relative: str = "") -> bool:
-        return self.fs.exists(self.path(relative))
-
     def is_empty(self) -> bool:
         """Nothing at the root (a missing root is empty too)."""
         if not self.fs.exists(self.root):
