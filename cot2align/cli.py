@@ -24,8 +24,17 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+    """The message of a user error. An error raised in a DataLoader worker comes back re-raised by torch with the
+    worker's traceback in its message; its last line is the original message."""
+    message = str(error).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return message
 
 
 @click.group(cls=_Group)
@@ -180,8 +189,14 @@ def _print_summary(summary: dict) -> None:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
-def _list(value: str | None, cast=str) -> list:
-    return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else []
+def _list(value: str | None, cast=str, flag: str = "list") -> list:
+    """A comma-separated flag as a list, or a one-line error naming the flag and the item."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if value else []
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        kind = {int: "integers", float: "numbers"}.get(cast, "values")
+        raise ConfigError(f"{flag}: expected comma-separated {kind}, got {value!r}") from None
 
 
 @main.command("sweep")
@@ -205,7 +220,11 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
     """Train students x methods x alpha from one cache; write one results table and a plot."""
     from cot2align.train.sweep import sweep
 
-    rows = sweep(cache, _list(student) or [None], _list(method), _list(alpha, float), out, config_file,
+    alphas = _list(alpha, float, "--alpha")
+    for a in alphas:
+        if not 0.0 <= a <= 1.0:
+            raise ConfigError(f"--alpha: expected values in [0, 1], got {a}")
+    rows = sweep(cache, _list(student) or [None], _list(method), alphas, out, config_file,
                  log=lambda msg: click.echo(msg, err=True), **flags)
     click.echo(f"{len(rows)} runs; results in {out}/results.md")
 
@@ -226,25 +245,30 @@ def sft_cmd(config_file, model, **flags):
 
 
 @main.command("augment-cot")
-@click.option("--model", required=True, help="The (fine-tuned) teacher that writes the rationales.")
-@click.option("--data", required=True)
-@click.option("--out", required=True, help="Output JSONL (appended to; a rerun resumes).")
-@click.option("--split", default="train", type=click.Choice(["train", "dev", "test"]), show_default=True)
+@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
+@click.option("--model", help="The (fine-tuned) teacher that writes the rationales.")
+@click.option("--data", help="Dataset alias or JSON/JSONL file.")
+@click.option("--out", help="Output JSONL (appended to; a rerun resumes).")
+@click.option("--split", type=click.Choice(["train", "dev", "test"]), help="[default: train]")
 @click.option("--data-root")
-@click.option("--backend", default="hf", type=click.Choice(["hf", "vllm"]), show_default=True)
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), help="[default: hf]")
+@click.option("--max-new-tokens", type=int, help="[default: 256]")
+@click.option("--temperature", type=float, help="[default: 1.0]")
+@click.option("--seed", type=int, help="[default: 0]")
+@click.option("--batch-size", type=int, help="[default: 16]")
 @click.option("--limit", type=int)
 @click.option("--adapter")
 @click.option("--device")
-@click.option("--trust-remote-code", is_flag=True)
-def augment_cot_cmd(**flags):
+@click.option("--trust-remote-code", is_flag=True, default=None)
+def augment_cot_cmd(config_file, **flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
     from cot2align.data.augment import AugmentConfig, augment_cot
 
-    summary = augment_cot(AugmentConfig(**flags), log=lambda m: click.echo(m, err=True))
+    cfg = build_config(AugmentConfig, config_file, **flags)
+    for required in ("model", "data", "out"):
+        if getattr(cfg, required) is None:
+            raise ConfigError(f"--{required}: required (as a flag or in --config)")
+    summary = augment_cot(cfg, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(summary))
 
 
@@ -267,7 +291,10 @@ def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
     from cot2align.eval import evaluate_model
 
-    summary = evaluate_model(model, data, split, _list(seeds, int), greedy, out, limit, max_new_tokens,
+    seed_list = _list(seeds, int, "--seeds")
+    if metric != "ce" and not greedy and not seed_list:
+        raise ConfigError("--seeds: expected at least one seed (or --greedy)")
+    summary = evaluate_model(model, data, split, seed_list, greedy, out, limit, max_new_tokens,
                              batch_size=batch_size, data_root=data_root, device=device, metric=metric,
                              log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))

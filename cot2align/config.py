@@ -8,6 +8,7 @@ flag that was given (None means "not given"). The resolved config is what gets r
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,30 +268,111 @@ def sft_defaults(model: str, flags: dict) -> dict:
     return {**defaults, **{k: v for k, v in flags.items() if v is not None}}
 
 
+# Range rules by setting name, shared by every config (a name means the same thing in each command).
+_POSITIVE_INT = {"epochs", "max_steps", "batch_size", "grad_accum", "limit", "topk", "batch_tokens", "block_examples",
+                 "ot_iters", "val_max_new_tokens", "max_new_tokens", "lora_alpha"}
+_NON_NEGATIVE_INT = {"save_every", "val_examples", "num_workers", "lora_rank", "seed"}
+_POSITIVE_FLOAT = {"lr", "projector_lr", "kd_temperature", "ot_epsilon", "max_grad_norm", "temperature"}
+_UNIT_INTERVAL = {"alpha": "[0, 1]", "warmup_ratio": "[0, 1)", "lora_dropout": "[0, 1)", "weight_decay": "[0, 1]"}
+_MIN_LENGTH = 16     # max_length: a prompt, a response token and EOS must fit; below this nothing trains
+
+
+def _check_range(key: str, value, where: str) -> None:
+    """One-line error for a value of the right type but outside its range (NaN and inf included)."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value}")
+    if key in _POSITIVE_INT and value < 1:
+        raise ConfigError(f"{where}: expected a positive integer, got {value}")
+    if key in _NON_NEGATIVE_INT and value < 0:
+        raise ConfigError(f"{where}: expected an integer >= 0, got {value}")
+    if key in _POSITIVE_FLOAT and value <= 0:
+        raise ConfigError(f"{where}: expected a number > 0, got {value}")
+    if key in _UNIT_INTERVAL:
+        interval = _UNIT_INTERVAL[key]
+        if not (0 <= value <= 1) or (interval.endswith(")") and value == 1):
+            raise ConfigError(f"{where}: expected a value in {interval}, got {value}")
+    if key == "max_length" and value < _MIN_LENGTH:
+        raise ConfigError(f"{where}: expected at least {_MIN_LENGTH} tokens, got {value}")
+    if key == "max_prompt_length" and value < 1:
+        raise ConfigError(f"{where}: expected a positive integer, got {value}")
+
+
+def _coerce(value, hint: str, where: str):
+    """`value` as the field's declared type (the dataclass annotation, a string here), or a one-line error.
+
+    YAML reads `lr: 1e-3` as the string '1e-3' (YAML 1.1 wants a dot: 1.0e-3), so numbers written as strings
+    are parsed; anything that is not a number where one is expected is refused, naming the key and the file."""
+    if value is None:
+        if "None" in hint:
+            return None
+        raise ConfigError(f"{where}: expected a value, got nothing")
+    base = hint.replace("| None", "").replace("None |", "").strip()
+    if base in ("int", "float"):
+        return _number(value, base, where)
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    expected = {"str": (str, "a string"), "dict": (dict, "a mapping")}.get(base)
+    if expected is not None and not isinstance(value, expected[0]):
+        raise ConfigError(f"{where}: expected {expected[1]}, got {value!r}")
+    return value
+
+
+def _number(value, base: str, where: str):
+    kind = "an integer" if base == "int" else "a number"
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value) if isinstance(value, str) else value
+        if base == "float":
+            return float(number)
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+
+
+def _read_yaml(config_file: str | Path) -> dict:
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: {'is a directory' if path.is_dir() else 'file not found'}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    return loaded
+
+
 def build_config(cls, config_file: str | Path | None = None, **flags):
-    """Defaults <- YAML file <- given flags (None = not given)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Defaults <- YAML file <- given flags (None = not given); every value coerced to its field's type and
+    range-checked, a problem reported in one line naming the file and key (or the flag)."""
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     values: dict = {}
     if config_file is not None:
-        path = Path(config_file)
-        if not path.exists():
-            raise ConfigError(f"--config {path}: file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
-        for key, value in loaded.items():
+        for key, value in _read_yaml(config_file).items():
             key_norm = str(key).replace("-", "_")
-            if key_norm not in names:
-                raise ConfigError(f"{path}: unknown setting '{key}' (known: {', '.join(sorted(names))})")
-            values[key_norm] = value
+            if key_norm not in hints:
+                raise ConfigError(f"{config_file}: unknown setting '{key}' (known: {', '.join(sorted(hints))})")
+            where = f"{config_file}: {key}"
+            values[key_norm] = _coerce(value, hints[key_norm], where)
+            _check_range(key_norm, values[key_norm], where)
     for key, value in flags.items():
-        if key not in names:
+        if key not in hints:
             raise ConfigError(f"unknown setting '{key}'")
         if value is not None:
-            values[key] = value
+            where = f"--{key.replace('_', '-')}"
+            values[key] = _coerce(value, hints[key], where)
+            _check_range(key, values[key], where)
     cfg = cls(**values)
     if hasattr(cfg, "validate"):
         cfg.validate()

@@ -36,9 +36,9 @@ SEPARATOR = "Therefore, the answer is"
 
 @dataclass
 class AugmentConfig:
-    model: str = "tiny-qwen2"
-    data: str = "sample"
-    out: str = "data/cot.jsonl"
+    model: str | None = None           # required: the (fine-tuned) teacher
+    data: str | None = None            # required: dataset alias or JSON/JSONL file
+    out: str | None = None             # required: the output JSONL
     split: str = "train"
     data_root: str | None = None
     backend: str = "hf"

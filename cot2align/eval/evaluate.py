@@ -32,6 +32,9 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
     """
     if metric not in METRICS:
         raise ConfigError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    for name, value in (("limit", limit), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name}: expected a positive integer, got {value}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records, source = load_records(data, split, data_root)
     examples = group_references(records)[:limit] if limit else group_references(records)
