@@ -142,6 +142,9 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         if path.exists() and (path / "adapter_config.json").exists() and adapter is None:
             adapter = str(path)
             name_or_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            if Path(name_or_path).resolve() == path.resolve():
+                raise ConfigError(f"{path / 'adapter_config.json'}: base_model_name_or_path names the adapter itself; "
+                                  "expected the base model it was trained on")
             return load_model(name_or_path, dtype=dtype, device=device, seed=seed, adapter=adapter,
                               trust_remote_code=trust_remote_code)
         hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
@@ -167,6 +170,34 @@ def weights_fingerprint(model) -> str:
         if total <= 50_000_000:
             h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return ("full:" if total <= 50_000_000 else "shapes:") + h.hexdigest()[:32]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def model_files_fingerprint(name_or_path: str | None) -> str | None:
+    """A fingerprint of a local model's weight files, computed without loading them: each file's name, size and
+    sha256 of its content — whole for files up to 256 MiB, else of 256 evenly spaced 64 KiB windows (16 MiB read
+    per file; a fine-tuned model changes every window). None for anything not a local directory or file (aliases,
+    presets, hub ids, whose content is fixed by their name and revision)."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path)
+    if not path.exists():
+        return None
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{size}".encode())
+        with file.open("rb") as f:
+            if size <= 256 << 20:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+                continue
+            for i in range(256):
+                f.seek((size - (64 << 10)) * i // 255)
+                h.update(f.read(64 << 10))
+    return h.hexdigest()[:32]
 
 
 def tokenizer_hash(tokenizer) -> str:

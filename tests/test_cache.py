@@ -198,9 +198,10 @@ def test_corrupted_chunk_is_named_by_verify(tmp_path, cot_jsonl):
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     problems = verify_cache(path)
-    assert problems and problems[0].startswith("parts/0/std/hidden: chunk 0")
+    assert len(problems) == 1 and problems[0].startswith(f"{path}/parts/0/std/hidden/c/0/0: unreadable chunk")
+    assert "examples 0.." in problems[0]
     result = _run_cli(["cache", "verify", str(path)])
-    assert result.returncode == 1 and "parts/0/std/hidden: chunk 0" in result.stderr
+    assert result.returncode == 1 and "parts/0/std/hidden/c/0/0: unreadable chunk" in result.stderr
 
 
 def test_reader_refuses_unknown_format_version_and_bad_tokenizer(tmp_path, cot_jsonl):

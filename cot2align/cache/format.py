@@ -31,10 +31,17 @@ renamed, an object PUT), and the part's progress moves only after all of a block
 reader refuses anything but "complete", and never reads rows past a part's committed blocks. (3) When every part
 is complete, the manifest's status becomes "complete" (one last write). Every chunk carries a crc32c checksum,
 so `cache verify` detects a corrupted chunk.
+
+Version 3 adds integrity for what the chunks' crc32c does not cover: `manifest.checksum` (sha256 of the
+manifest's canonical JSON without that field, renewed on every manifest write) and `teacher.files_sha256`
+(sha256 of each file under teacher/: head.safetensors, the tokenizer files, config.json). `open_cache` checks
+the manifest and the tokenizer files on open and head.safetensors when it is read; `cache verify` checks all.
+A hand-edited manifest value (say `eos_id`) or one flipped byte in the head is refused, naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,8 +49,8 @@ import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 FORMAT = "cot2align-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 VIEWS = ("std", "cot")
 TEXT_FIELDS = ("id", "prompt_std", "response_std", "prompt_cot", "response_cot")
 
@@ -71,6 +78,49 @@ def check_format(manifest: dict, path: Path) -> None:
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path}: cache format_version {manifest.get('format_version')} is not supported "
                          f"(this cot2align reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys) without its own `checksum` field."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_checksum(manifest: dict) -> dict:
+    """A JSON-clean copy of the manifest carrying its checksum (what every manifest write stores)."""
+    clean = json.loads(json.dumps(manifest))
+    clean["checksum"] = manifest_checksum(clean)
+    return clean
+
+
+def check_manifest_integrity(manifest: dict, where) -> None:
+    """Refuse a version-3 manifest whose checksum does not match its content (hand-edited or corrupted)."""
+    if manifest.get("format_version", 0) < 3:
+        return                                  # versions 1 and 2 carry no manifest checksum
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise CacheError(f"{where}/zarr.json: the manifest does not match its checksum (edited by hand or corrupted); "
+                         "its values cannot be trusted — rebuild the cache with cache-teacher")
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_teacher_files(manifest: dict, teacher_dir: Path, where, names=None) -> None:
+    """Each file under teacher/ (or just `names`) against the sha256 the manifest recorded (version 3)."""
+    recorded = manifest.get("teacher", {}).get("files_sha256")
+    if recorded is None:
+        return                                  # versions 1 and 2 recorded none
+    for name, digest in recorded.items():
+        if names is not None and name not in names:
+            continue
+        path = Path(teacher_dir) / name
+        if not path.is_file():
+            raise CacheError(f"{where}/teacher/{name}: missing (the manifest lists it)")
+        if file_sha256(path) != digest:
+            raise CacheError(f"{where}/teacher/{name}: sha256 does not match the manifest (corrupted or replaced); "
+                             "rebuild the cache with cache-teacher")
 
 
 # Rows per chunk for 1-D per-row arrays (ids, tail) and per-example arrays.

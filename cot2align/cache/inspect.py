@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_format, read_manifest
+from cot2align.cache.format import (TEXT_FIELDS, VIEWS, CacheError, check_format, check_manifest_integrity,
+                                    check_teacher_files, read_manifest)
 from cot2align.cache.storage import Location
 
 
@@ -91,9 +93,10 @@ def format_info(info: dict) -> str:
 
 
 def verify_cache(path: str | Path, log=None) -> list[str]:
-    """Read every chunk (crc32c-checked) of every part and check offsets, shapes, dtypes and the manifest.
+    """Check everything the trainer trusts: the manifest against its checksum, every file under teacher/ against
+    the manifest's sha256, then every chunk of every array (crc32c) and the offsets, shapes, dtypes and values.
 
-    Returns a list of problems (empty = intact); the first names the array and chunk.
+    Returns a list of problems (empty = intact); a bad chunk is named by its file and the examples it holds.
     """
     try:
         location, manifest, root = _open(path)
@@ -102,50 +105,75 @@ def verify_cache(path: str | Path, log=None) -> list[str]:
     problems: list[str] = []
     if manifest.get("status") != "complete":
         problems.append(f"{location}: status is '{manifest.get('status')}', not complete")
-    n = manifest["data"]["n_examples"]
     try:
-        for name in TEXT_FIELDS:
-            arr = root["examples"][name]
-            if arr.shape != (n,):
-                problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")
-            _read_all(arr, f"examples/{name}")
-        for view in VIEWS:
-            problems += _verify_view(root, view, manifest, n)
+        check_manifest_integrity(manifest, location.url)
     except CacheError as e:
-        problems.insert(0, str(e))
+        return [str(e)]                     # nothing else the manifest says can be relied on
+    try:
+        with tempfile.TemporaryDirectory() as scratch:    # a remote cache's teacher files, downloaded to check
+            check_teacher_files(manifest, location.local_copy("teacher", Path(scratch) / "teacher"), location.url)
+    except CacheError as e:
+        problems.append(str(e))
+    n = manifest["data"]["n_examples"]
+    for name in TEXT_FIELDS:
+        arr = root["examples"][name]
+        if arr.shape != (n,):
+            problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")
+        problems += _read_all(arr, location, lambda a, b: (a, b))[1]
+    for view in VIEWS:
+        problems += _verify_view(root, location, view, manifest, n)
     return problems
 
 
-def _read_all(arr, label: str) -> np.ndarray:
-    """Read chunk by chunk so a failure names the chunk."""
+def _read_all(arr, location: Location, examples_of) -> tuple[np.ndarray | None, list[str]]:
+    """Read an array chunk by chunk; every unreadable chunk is named by its file and the examples whose rows it
+    holds (`examples_of(first_row, end_row) -> (first_example, end_example)`). Returns (values or None, problems)."""
     chunk = arr.chunks[0]
-    parts = []
+    pieces, problems = [], []
     for c, start in enumerate(range(0, arr.shape[0], chunk)):
+        end = min(start + chunk, arr.shape[0])
         try:
-            parts.append(arr[start:start + chunk])
+            pieces.append(arr[start:end])
         except Exception as e:  # checksum mismatch, truncated file, codec error
-            raise CacheError(f"{label}: chunk {c} (rows {start}..{min(start + chunk, arr.shape[0]) - 1}) "
-                             f"unreadable: {type(e).__name__}: {e}") from None
-    return np.concatenate(parts) if parts else arr[:]
+            key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+            first, last = examples_of(start, end)
+            problems.append(f"{location}/{arr.path}/{key}: unreadable chunk (rows {start}..{end - 1}, examples "
+                            f"{first}..{max(last - 1, first)}): {type(e).__name__}: {e}")
+    if problems:
+        return None, problems
+    return (np.concatenate(pieces) if pieces else arr[:]), []
 
 
-def _verify_view(root, view: str, manifest: dict, n: int) -> list[str]:
+def _verify_view(root, location: Location, view: str, manifest: dict, n: int) -> list[str]:
     """One view: the global offsets, then each part's per-row arrays: shape and dtype, then (when those hold)
     their values over the part's rows."""
-    offsets = _read_all(root[view]["offsets"], f"{view}/offsets")
-    prompt_len = _read_all(root[view]["prompt_len"], f"{view}/prompt_len")
+    offsets, problems = _read_all(root[view]["offsets"], location, lambda a, b: (a, b))
+    prompt_len, more = _read_all(root[view]["prompt_len"], location, lambda a, b: (a, b))
+    problems += more
+    if offsets is None or prompt_len is None:
+        return problems
     if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
         return [f"{view}/offsets: not a non-decreasing [n+1] array starting at 0"]
     spans = [(0, n)] if manifest["format_version"] == 1 else [tuple(p["examples"]) for p in manifest["store"]["parts"]]
-    problems = []
     for prefix, (first, end) in zip(_part_prefixes(manifest), spans):
         g, label = root[f"{prefix}{view}"], f"{prefix}{view}"
         part_offsets = offsets[first:end + 1] - offsets[first]
+
+        def examples_of(row_a, row_b, part_offsets=part_offsets, first=first):
+            # the examples whose rows intersect [row_a, row_b) of this part
+            return (first + int(np.searchsorted(part_offsets, row_a, side="right")) - 1,
+                    first + int(np.searchsorted(part_offsets, row_b, side="left")))
+
         found = _verify_shapes(g, label, manifest, int(part_offsets[-1]))
         if not found:
-            values = {name: _read_all(g[name], f"{label}/{name}") for name in g.array_keys()
-                      if name not in ("offsets", "prompt_len")}
-            found = _verify_values(values, label, part_offsets, prompt_len[first:end], manifest["teacher"]["vocab_size"])
+            values = {}
+            for name in g.array_keys():
+                if name not in ("offsets", "prompt_len"):
+                    values[name], bad = _read_all(g[name], location, examples_of)
+                    found += bad
+            if not found:
+                found = _verify_values(values, label, part_offsets, prompt_len[first:end],
+                                       manifest["teacher"]["vocab_size"])
         problems += found
     return problems
 

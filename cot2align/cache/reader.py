@@ -27,7 +27,8 @@ import zarr
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_format, read_manifest
+from cot2align.cache.format import (TEXT_FIELDS, VIEWS, CacheError, check_format, check_manifest_integrity,
+                                    check_teacher_files, read_manifest)
 from cot2align.cache.storage import Location, writable_parent
 from cot2align.modeling import cot2align_home, tokenizer_hash
 
@@ -53,6 +54,7 @@ class TeacherCache:
         if manifest is None:
             raise CacheError(f"{self.url}: no cache here (zarr.json not found)")
         check_format(manifest, self.url)
+        check_manifest_integrity(manifest, self.url)
         status = manifest.get("status")
         if status != "complete" and not allow_incomplete:
             raise CacheError(f"{self.url}: cache status is '{status}', not complete (still being written or "
@@ -69,6 +71,8 @@ class TeacherCache:
         self._n = n if self.complete else _readable_prefix(self.parts)
         self._texts = None
         if check_tokenizer:
+            tokenizer_files = [n for n in manifest["teacher"].get("files_sha256", {}) if n != "head.safetensors"]
+            check_teacher_files(manifest, self.teacher_dir(), f"{self.url}", names=tokenizer_files)
             if tokenizer_hash(self.tokenizer()) != manifest["tokenizer"]["vocab_hash"]:
                 raise CacheError(f"{self.url}/teacher: tokenizer files do not match the manifest's vocab_hash")
 
@@ -90,7 +94,8 @@ class TeacherCache:
         if self._texts is None:
             ex = self.group["examples"]
             n = self.manifest["data"]["n_examples"]
-            self._texts = {name: [str(x) for x in ex[name][:]] if n else [] for name in TEXT_FIELDS}
+            self._texts = {name: [str(x) for x in self._read(ex[name], slice(None), "the texts")] if n else []
+                           for name in TEXT_FIELDS}
         if i is None:
             return self._texts
         return {name: values[i] for name, values in self._texts.items()}
@@ -142,8 +147,19 @@ class TeacherCache:
         for name, arr in part.arrays[view].items():
             if names is not None and name not in names:
                 continue
-            out[name] = arr[local:local + b - a] if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+            out[name] = (self._read(arr, slice(local, local + b - a), f"example {i}") if b > a
+                         else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
         return out
+
+    def _read(self, arr, rows: slice, what: str) -> np.ndarray:
+        """arr[rows], or a CacheError naming the array: a crc32c mismatch, a truncated or missing chunk is never
+        trained on."""
+        try:
+            return arr[rows]
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else ""
+            raise CacheError(f"{self.url}/{arr.path}: unreadable chunk holding {what} ({type(e).__name__}: {reason}); "
+                             f"run `cot2align cache verify {self.url}` to list every damaged chunk") from None
 
     # ------------------------------------------------------------------ local places kept for this cache
 
@@ -168,6 +184,7 @@ class TeacherCache:
 
     def head(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The teacher's embedding table and LM head, stored once in teacher/head.safetensors."""
+        check_teacher_files(self.manifest, self.teacher_dir(), self.url, names=["head.safetensors"])
         tensors = load_file(str(self.teacher_dir() / "head.safetensors"), device=str(device))
         if dtype is not None:
             tensors = {k: v.to(dtype) for k, v in tensors.items()}

@@ -13,7 +13,6 @@ equal those of an uninterrupted run; rows past a part's committed blocks are nev
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import zarr
 from safetensors.torch import save_file
 
-from cot2align.cache.format import EXAMPLE_CHUNK, TEXT_FIELDS, VIEWS, checksum_codecs
+from cot2align.cache.format import EXAMPLE_CHUNK, TEXT_FIELDS, VIEWS, checksum_codecs, file_sha256, with_checksum
 from cot2align.cache.storage import Location
 
 
@@ -38,7 +37,7 @@ class CacheWriter:
                prompt_len: dict[str, np.ndarray], specs: dict[str, dict], head: dict, teacher_files_dir: Path | None):
         """A new cache (or an interrupted creation redone) with everything but the per-row teacher outputs."""
         manifest = dict(manifest, status="creating")
-        root = zarr.open_group(store=location.zarr_store(read_only=False), mode="w", attributes=_copy(manifest))
+        root = zarr.open_group(store=location.zarr_store(read_only=False), mode="w", attributes=with_checksum(manifest))
         _write_texts(root, texts)
         for view in VIEWS:
             _write_view_index(root.create_group(view), offsets[view], prompt_len[view])
@@ -47,14 +46,19 @@ class CacheWriter:
             for view in VIEWS:
                 rows = part["rows"][view][1] - part["rows"][view][0]
                 _create_row_arrays(group.create_group(view), rows, specs)
+        files_sha256 = {}
         if teacher_files_dir is not None:
             location.upload(Path(teacher_files_dir), "teacher")
+            files_sha256 = {str(f.relative_to(teacher_files_dir)): file_sha256(f)
+                            for f in sorted(Path(teacher_files_dir).rglob("*")) if f.is_file()}
         with tempfile.TemporaryDirectory() as tmp:
             # clone(): tied embeddings share storage, and each is stored under its own name
             save_file({k: v.detach().cpu().clone().contiguous() for k, v in head.items()}, f"{tmp}/head.safetensors")
+            files_sha256["head.safetensors"] = file_sha256(Path(tmp) / "head.safetensors")
             location.upload(Path(tmp) / "head.safetensors", "teacher/head.safetensors")
+        manifest["teacher"] = dict(manifest["teacher"], files_sha256=files_sha256)
         manifest["status"] = "writing"
-        root.attrs.put(_copy(manifest))
+        root.attrs.put(with_checksum(manifest))
         return cls(location, root, manifest)
 
     @classmethod
@@ -81,7 +85,7 @@ class CacheWriter:
     def finalize(self, extra: dict) -> None:
         self.manifest.update(extra)
         self.manifest["status"] = "complete"
-        self.group.attrs.put(_copy(self.manifest))
+        self.group.attrs.put(with_checksum(self.manifest))
 
 
 def _write_texts(root: zarr.Group, texts: dict[str, list[str]]) -> None:
@@ -110,8 +114,3 @@ def _create_row_arrays(g: zarr.Group, rows: int, specs: dict[str, dict]) -> None
         g.create_array(name, shape=(rows, *spec["trailing"]), dtype=spec["dtype"],
                        chunks=(spec["chunk"], *spec["trailing"]), compressors=checksum_codecs(spec["codec"]),
                        fill_value=0)
-
-
-def _copy(manifest: dict) -> dict:
-    # A deep, JSON-clean copy: zarr clears the dict it is handed on the next put().
-    return json.loads(json.dumps(manifest))

@@ -35,7 +35,7 @@ from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
 from cot2align.faults import fault_point
 from cot2align.data.templates import load_templates
-from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash, weights_fingerprint
+from cot2align.modeling import load_model, load_tokenizer, model_files_fingerprint, tokenizer_hash, weights_fingerprint
 from cot2align.teacher.batching import plan_batches, plan_blocks
 from cot2align.teacher.forward import probe_head, teacher_batch
 from cot2align.teacher.sequences import build_sequences
@@ -52,9 +52,13 @@ def _sha(obj) -> str:
 
 
 def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: str, hidden_codec: str) -> dict:
-    """Everything that determines the cache contents, except the teacher weights (checked after load)."""
+    """Everything that determines the cache contents, including a fingerprint of a local teacher's weight files
+    (so a teacher changed at the same path is a different cache, found before loading it); the loaded weights
+    are checked again after load."""
+    files = {"model": model_files_fingerprint(cfg.model), "adapter": model_files_fingerprint(cfg.adapter)}
     return {
-        "teacher": {"name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed},
+        "teacher": {"name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
+                    **({"files": files} if any(files.values()) else {})},
         "tokenizer": tok_hash,
         "data": {"sha256": data_source["sha256"], "split": cfg.split, "limit": cfg.limit, "field_map": cfg.field_map},
         "templates": _sha(load_templates()),
@@ -274,8 +278,14 @@ def _existing_cache(location: Location, fingerprint: dict, world: int, log) -> d
         return None
     check_format(existing, location.url)
     old = existing.get("fingerprint", {}).get("inputs", {})
+    if "files" not in old.get("teacher", {}):      # a cache written before the weight files were fingerprinted
+        fingerprint = dict(fingerprint, teacher={k: v for k, v in fingerprint["teacher"].items() if k != "files"})
     if old != fingerprint:
-        raise CacheError(f"{location}: holds a cache of other inputs ({_describe_difference(old, fingerprint)}); "
+        difference = _describe_difference(old, fingerprint)
+        if difference.startswith("teacher.files"):
+            raise CacheError(f"{location}: stale — the teacher's weight files changed since this cache was written "
+                             f"({difference}); refusing to reuse or overwrite it — choose another --out")
+        raise CacheError(f"{location}: holds a cache of other inputs ({difference}); "
                          "refusing to overwrite it — choose another --out")
     status = existing.get("status")
     if status == "complete":

@@ -6,8 +6,11 @@ A checkpoint is a directory `checkpoints/step-<N>/` holding
   optimizer.safetensors   AdamW state tensors; param groups and scalars in its metadata (JSON)
   state.json              scheduler state, data position (epoch, batches done), step, best metric,
                           Python/NumPy RNG states; torch RNG states are in rng.safetensors
+  checksums.json          sha256 of each file above
 It is written to a hidden sibling directory and renamed into place, then `checkpoints/latest` (a text
 file, replaced atomically) points at it, so a crash at any moment leaves the previous checkpoint intact.
+`--resume` takes the newest checkpoint whose files match their checksums: a truncated or bit-flipped one is
+named and skipped for the one before it (two are kept); with none intact it refuses, naming them.
 
 Under FSDP (train/fsdp.py) the tensors are sharded: every rank calls save_checkpoint (gathering a whole
 tensor is a collective) and only rank 0 writes; on load every rank reads the whole tensors and keeps its
@@ -16,6 +19,7 @@ shard. The files are the same as a single-process run's, so a run can resume wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -27,7 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
+from cot2align.train import TrainingError
 from cot2align.train.fsdp import full_tensor, shard_like
+
+CHECKSUMS = "checksums.json"
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -90,6 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
                       python_rng=[py_state[0], list(py_state[1]), py_state[2]],
                       numpy_rng=[np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])])
     (tmp / "state.json").write_text(json.dumps(full_state))
+    (tmp / CHECKSUMS).write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -99,12 +107,49 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if path.exists() else None
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (a missing, truncated or altered file), or None."""
+    sums = path / CHECKSUMS
+    if not sums.is_file():
+        return None if (path / "state.json").is_file() else "state.json missing"   # written before checksums existed
+    try:
+        expected = json.loads(sums.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{CHECKSUMS} unreadable"
+    for name, digest in expected.items():
+        if not (path / name).is_file():
+            return f"{name} missing"
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its checksum (truncated or corrupted)"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
+    """The newest intact checkpoint: the one `latest` points at, else (named in the log) the one before it.
+    None when the run has none; a TrainingError naming them when every one is damaged."""
+    checkpoints = run_dir / "checkpoints"
+    pointer = checkpoints / "latest"
+    candidates = sorted(checkpoints.glob("step-*"), reverse=True) if checkpoints.is_dir() else []
+    if pointer.exists():
+        named = checkpoints / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named] if named.exists() else candidates
+    damaged = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if damaged and log is not None:
+                log(f"resume: skipped damaged checkpoint(s) {'; '.join(damaged)}; using {path}")
+            return path
+        damaged.append(f"{path}: {problem}")
+    if damaged:
+        raise TrainingError(f"cannot resume: no intact checkpoint ({'; '.join(damaged)}); "
+                            "start again with --overwrite")
+    return None
 
 
 def load_checkpoint(path: Path, model, projectors: torch.nn.Module, optimizer, scheduler, device) -> dict:

@@ -17,6 +17,7 @@ run with other world sizes must repeat exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -130,7 +131,7 @@ def setup(cfg: DistillConfig, log=print, cache=None) -> Run:
               compute_dtype=compute_dtype,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
-        run.metrics_file, run.writer = _setup_logging(cfg, out, teacher_name)
+        run.metrics_file, run.writer = _setup_logging(cfg, out, teacher_name, cache)
     return run
 
 
@@ -161,7 +162,7 @@ def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say):
             f"{f', LoRA r={cfg.lora_rank}' if cfg.lora_rank else ', full fine-tuning'}")
     out = Path(cfg.out or default_out(cfg))
     if rank == 0:
-        prepare_out_dir(out, cfg)
+        prepare_out_dir(out, cfg, cache)
     if world > 1:
         torch.distributed.barrier()
     return cache, teacher_name, out
@@ -237,15 +238,18 @@ def _setup_resume(cfg: DistillConfig, out: Path, model, projectors, optimizer, s
     state = {"epoch": 0, "batches_done": 0, "step": 0, "best_rougeL": None, "best_val_loss": None, "best_epoch": None,
              "history": []}
     if cfg.resume:
-        checkpoint = latest_checkpoint(out)
+        checkpoint = latest_checkpoint(out, log=say)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, model, projectors, optimizer, scheduler, device)
             say(f"resumed from {checkpoint} (epoch {state['epoch']}, step {state['step']})")
     return state
 
 
-def _setup_logging(cfg: DistillConfig, out: Path, teacher_name):
-    (out / RUN_MARKER).write_text(json.dumps({"config": config_to_dict(cfg), "teacher": teacher_name}, indent=1))
+def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache):
+    marker = {"config": config_to_dict(cfg), "teacher": teacher_name, "cache_identity": cache_identity(cache)}
+    tmp = out / f".{RUN_MARKER}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, out / RUN_MARKER)
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return (out / "metrics.jsonl").open("a"), tensorboard_writer(out)
 
@@ -263,21 +267,54 @@ def default_out(cfg: DistillConfig) -> str:
     return str(Path("runs") / tag)
 
 
-def prepare_out_dir(out: Path, cfg: DistillConfig) -> None:
-    """Refuse a directory holding another run unless --resume or --overwrite."""
+# What makes a run the same run: --resume refuses to continue one under any other of these.
+RUN_IDENTITY = ("student", "method", "cot2align", "lora_rank", "lora_targets", "data", "split", "limit")
+
+
+def cache_identity(cache) -> str | None:
+    """The teacher cache a run trains on, by content (its fingerprint), not by path: a moved cache is the same."""
+    if cache is None:
+        return None
+    return hashlib.sha256(json.dumps(cache.manifest.get("fingerprint"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
+    """Refuse a directory holding another run unless --resume (the same run: same cache, student, method ...) or
+    --overwrite (which deletes only a cot2align run directory, never anything else)."""
     marker = out / RUN_MARKER
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a directory for the run")
     if out.exists() and any(out.iterdir()):
         if cfg.resume:
             if not marker.exists():
                 raise ConfigError(f"--out {out}: --resume given but the directory holds no cot2align run")
+            _check_same_run(marker, cfg, cache)
             return
         if not cfg.overwrite:
             raise ConfigError(f"--out {out}: the directory is not empty (another run?); pass --resume to continue it "
                               "or --overwrite to replace it")
+        if not marker.exists():
+            raise ConfigError(f"--out {out}: --overwrite refused — the directory holds files that are not a cot2align "
+                              f"run ({RUN_MARKER} not found); choose another --out")
         shutil.rmtree(out)
     elif cfg.resume and not marker.exists():
         cfg.resume = False
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:
+    try:
+        recorded = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{marker}: unreadable (not JSON); cannot tell which run this is — cannot --resume") from None
+    old = recorded.get("config", {})
+    for name in RUN_IDENTITY:
+        if name in old and old[name] != getattr(cfg, name):
+            raise ConfigError(f"--resume {marker.parent}: the run was started with {name}={old[name]!r}, this command "
+                              f"has {name}={getattr(cfg, name)!r}; resume with the same settings or choose another --out")
+    if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
+        raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
+                          f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
 
 
 def load_student(cfg: DistillConfig, device):
