@@ -27,7 +27,10 @@ def _method_of(results_file: Path) -> str:
     for parent in results_file.parents:
         marker = parent / "run.json"
         if marker.exists():
-            cfg = json.loads(marker.read_text())["config"]
+            try:
+                cfg = json.loads(marker.read_text())["config"]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"{marker}: not a readable cot2align run marker (expected JSON with a 'config')") from None
             return f"{cfg['method'].upper() if cfg['method'] != 'sft' else 'SFT'}{' + CoT2Align' if cfg.get('cot2align') else ''}"
     return results_file.parents[2].name if len(results_file.parents) > 2 else results_file.parent.name
 

@@ -324,6 +324,8 @@ def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model,
     info = probe_head(model, plan.sequences[0].views["std"].input_ids[:16])
     head_in, head_out = model.get_input_embeddings(), model.get_output_embeddings()
     hidden_size, vocab_size = head_out.weight.shape[1], head_out.weight.shape[0]
+    if cfg.topk > vocab_size:      # checked before anything is written: such a cache could never be finished
+        raise CacheError(f"--topk {cfg.topk}: expected at most the teacher's vocabulary size ({vocab_size})")
     specs = view_array_specs(hidden_size, cfg.topk, vocab_size, cfg.hidden_dtype, info.embed_kind == "stored",
                              plan.hidden_codec)
     if existing is not None and existing.get("status") == "writing":
