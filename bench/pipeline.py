@@ -182,7 +182,7 @@ def student_chain(args, work: Path, name: str, paths: dict) -> None:
         DistillConfig, student=args.student, alpha=args.alpha, out=str(out), lr=args.student_lr,
         epochs=args.student_epochs, batch_size=args.student_batch, warmup_ratio=args.student_warmup,
         val_data=paths["dev"], val_examples=args.val, val_max_new_tokens=64, max_length=args.student_max_length,
-        resume=True, seed=args.seed, **source, **variant), progress=args.progress))
+        resume=out.exists(), seed=args.seed, **source, **variant), progress=args.progress))
     evaluate_chain(args, stages, name, out, paths["test"], [int(s) for s in args.seeds.split(",")])
 
 
@@ -237,7 +237,7 @@ def real_row(args) -> None:
         DistillConfig, student=args.teacher, method="sft", cot2align=False, data=paths["train"], val_data=paths["dev"],
         val_examples=args.val, val_max_new_tokens=64, epochs=args.teacher_epochs, lr=args.teacher_lr,
         batch_size=args.teacher_batch, alpha=0.0, max_length=args.student_max_length, out=str(teacher_dir),
-        resume=True, seed=0), progress=args.progress))
+        resume=teacher_dir.exists(), seed=0), progress=args.progress))
     start("teacher")
 
     # 2. rationales from the fine-tuned teacher (zero-shot CoT prompt), 3. the teacher cache over both views

@@ -18,7 +18,22 @@ USER_ERRORS = (CacheError, ConfigError, DataError, TrainingError)
 
 
 class _Group(click.Group):
-    """Turn known user errors into one line on stderr and exit code 2 (no traceback)."""
+    """Turn known user errors and click's usage errors into one line on stderr and exit code 2 (no traceback)."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.ClickException as e:       # a bad flag value, a missing option, an unknown command
+            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort as e:
+            if isinstance(e.__cause__, EOFError):   # click turns an EOFError into Abort: a truncated input
+                click.echo("error: unexpected end of input (a truncated or incomplete file?)", err=True)
+                sys.exit(2)
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
 
     def invoke(self, ctx):
         try:

@@ -297,8 +297,10 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
             raise ConfigError(f"--out {out}: --overwrite refused — the directory holds files that are not a cot2align "
                               f"run ({RUN_MARKER} not found); choose another --out")
         shutil.rmtree(out)
-    elif cfg.resume and not marker.exists():
-        cfg.resume = False
+    elif cfg.resume and not out.exists():
+        raise ConfigError(f"--resume: {out} does not exist, so there is no run to resume; drop --resume to start one")
+    elif cfg.resume:
+        cfg.resume = False     # an empty directory: a run killed before its first write starts afresh
     out.mkdir(parents=True, exist_ok=True)
 
 
