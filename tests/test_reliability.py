@@ -297,3 +297,22 @@ def test_adapter_whose_base_is_itself_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path)}))
     with pytest.raises(ConfigError, match="names the adapter itself"):
         load_model(str(tmp_path))
+
+
+def test_a_student_tokenizer_that_cannot_spell_the_cache_is_refused(tmp_path, world):
+    """A word-level student vocabulary (no bytes, no fallback): nearly every response token is unknown."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "[EOS]": 1, "the": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    student = tmp_path / "word_student"
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(student)
+    GPT2LMHeadModel(GPT2Config(vocab_size=3, n_embd=16, n_layer=1, n_head=2, eos_token_id=1,
+                               bos_token_id=1)).save_pretrained(student)
+    before = tree_hash(world / "cache")
+    result = CliRunner().invoke(main, ["distill", "--cache", str(world / "cache"), "--student", str(student), "--out",
+                                       str(tmp_path / "run"), "--max-steps", "1", "--val-examples", "0"])
+    assert result.exit_code == 2, result.output
+    assert "the student tokenizer cannot spell the cached text" in result.stderr.strip().splitlines()[-1]
+    assert tree_hash(world / "cache") == before

@@ -29,6 +29,7 @@ from cot2align.cache import open_cache
 from cot2align.cache.format import VIEWS, CacheError
 
 MEMO_VERSION = 1
+MAX_UNKNOWN_SHARE = 0.05     # above this share of unknown-token response tokens, the student cannot learn the data
 
 
 def student_view_ids(tokenizer, prompt: str, response: str, with_eos: bool, max_length: int) -> tuple[list[int], int]:
@@ -61,11 +62,16 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     if vocab_map is not None:
         aligner = (token_strings(tokenizer), token_strings(teacher_tokenizer), vocab_map.tea2stu)
     out: dict[str, np.ndarray] = {"manifest_key": manifest_key}
-    unencodable = 0
+    counts = np.zeros(3, dtype=np.int64)     # responses with an unknown token, unknown tokens, response tokens
     for view in VIEWS:
-        arrays, unknown = _tokenize_view(cache, view, tokenizer, max_length, aligner)
+        arrays, view_counts = _tokenize_view(cache, view, tokenizer, max_length, aligner)
         out.update({f"{view}_{name}": array for name, array in arrays.items()})
-        unencodable += unknown
+        counts += view_counts
+    unencodable, unknown_tokens, response_tokens = (int(c) for c in counts)
+    if unknown_tokens > MAX_UNKNOWN_SHARE * max(response_tokens, 1):
+        raise CacheError(f"{cache.url}: the student tokenizer cannot spell the cached text: {unknown_tokens} of "
+                         f"{response_tokens} response tokens are its unknown token (id {tokenizer.unk_token_id}); "
+                         "expected a tokenizer that covers the data (byte-level or with byte fallback)")
     if unencodable:
         log(f"warning: the student tokenizer maps part of {unencodable} cached responses to its unknown token "
             f"(id {tokenizer.unk_token_id}); those characters cannot be learned")
@@ -76,9 +82,10 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     return out
 
 
-def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tuple[dict[str, np.ndarray], int]:
+def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tuple[dict[str, np.ndarray], tuple]:
     """One view of every example: the student's ids, offsets, prompt lengths (and MinED rows with an aligner
-    = (student strings, teacher strings, tea2stu)); and how many responses hit the student's unknown token."""
+    = (student strings, teacher strings, tea2stu)); and (responses that hit the student's unknown token,
+    unknown response tokens, response tokens)."""
     texts = cache.texts()
     eos_teacher = cache.manifest["tokenizer"]["eos_id"]
     teacher_offsets = cache.offsets(view)
@@ -86,7 +93,7 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tup
     teacher_inputs = cache.column(view, "input_ids") if aligner is not None else None
     unk = getattr(tokenizer, "unk_token_id", None)
     ids_all, offsets, prompt_lens, mined_rows, mined_offsets = [], [0], [], [], [0]
-    unencodable = 0
+    unencodable, unknown_tokens, response_tokens = 0, 0, 0
     for i in range(len(cache)):
         a, b = int(teacher_offsets[i]), int(teacher_offsets[i + 1])
         ids, prompt_len = [], 0
@@ -98,7 +105,11 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tup
                                                    with_eos, max_length)
             except ValueError as e:
                 raise CacheError(f"{cache.url}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None
-            unencodable += unk is not None and unk != tokenizer.eos_token_id and unk in ids[prompt_len:]
+            if unk is not None and unk != tokenizer.eos_token_id:
+                unknown_here = ids[prompt_len:].count(unk)
+                unencodable += unknown_here > 0
+                unknown_tokens += unknown_here
+            response_tokens += len(ids) - prompt_len
             if aligner is not None:
                 mined_rows.extend(aligned_teacher_rows(ids[prompt_len - 1:len(ids) - 1], teacher_inputs[a:b],
                                                        *aligner).tolist())
@@ -111,7 +122,7 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tup
     if aligner is not None:
         arrays["mined_rows"] = np.asarray(mined_rows, dtype=np.int32)
         arrays["mined_offsets"] = np.asarray(mined_offsets, dtype=np.int64)
-    return arrays, unencodable
+    return arrays, (unencodable, unknown_tokens, response_tokens)
 
 
 class DistillDataset(torch.utils.data.Dataset):
