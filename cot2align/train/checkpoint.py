@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
+from cot2align.train import TrainingError
 from cot2align.train.fsdp import full_tensor, shard_like
 
 
@@ -100,10 +102,15 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names: a step-<N> directory beside it, nothing else (the pointer is
+    a file in the run directory, and a name such as ../../x must not send a resume elsewhere)."""
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.exists():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not re.fullmatch(r"step-\d{8,}", name):
+        raise TrainingError(f"{pointer}: expected the name of a step-<N> checkpoint, got {name[:80]!r}")
+    path = run_dir / "checkpoints" / name
     return path if path.exists() else None
 
 
