@@ -278,6 +278,27 @@ def test_report_labels_runs_but_writes_only_its_two_files(tmp_path):
         report(str(runs), log=lambda m: None)
 
 
+def test_a_manifest_naming_a_path_as_its_dataset_is_never_read_as_one(tmp_path, monkeypatch):
+    """Validation loads the dev split of the cache's dataset only when the manifest names a known alias; a
+    manifest saying ../../etc/passwd (or any path) falls back to held-out cached examples."""
+    from cot2align.config import DistillConfig
+    from cot2align.train import validation
+
+    class Cache:
+        manifest = {"data": {"name": None}}
+
+        def texts(self):
+            return {"prompt_std": ["p0", "p1"], "response_std": ["r0", "r1"]}
+
+    opened = []
+    monkeypatch.setattr(validation, "load_records", lambda source, *a, **k: opened.append(source) or ([], {}))
+    for name in ("../../etc/passwd", "/etc/passwd", "a/b.jsonl", "..", str(tmp_path)):
+        Cache.manifest["data"]["name"] = name
+        records = validation.validation_records(DistillConfig(cache="c"), Cache(), [1])
+        assert records == [{"prompt": "p1", "references": ["r1"]}]
+    assert opened == []
+
+
 @pytest.mark.slow
 def test_hostile_ids_and_a_poisoned_manifest_stay_inside_and_never_enable_remote_code(tmp_path, monkeypatch):
     """Records whose ids look like paths go through augment-cot, the teacher cache and two distill runs (the second

@@ -56,7 +56,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
             f"over {ce['n_pairs']} references ({ce['n_tokens']} tokens)")
 
     if metric in ("rougeL", "all"):
-        runs = [("greedy", None)] if greedy else [(f"seed-{s}", s) for s in (seeds or [10, 20, 30, 40, 50])]
+        # the seed names a generations file: an integer, whatever an API caller passes
+        runs = [("greedy", None)] if greedy else [(f"seed-{int(s)}", int(s)) for s in (seeds or [10, 20, 30, 40, 50])]
         per_run = {}
         for name, seed in runs:
             predictions = generate(model, tokenizer, prompts, max_new_tokens, greedy=seed is None, seed=seed or 0,
