@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,14 @@ RANDOM_PRESETS: dict[str, dict] = {
 }
 
 
+def safe_name(text: str, fallback: str) -> str:
+    """One path component made of free text — a model or dataset name, which can come from a cache manifest:
+    letters, digits, '.', '_' and '-' are kept, any other run of characters becomes '_', and a leading dot
+    goes (so never '.', '..', a hidden name, or a separator)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).lstrip(".")
+    return name[:100] or fallback
+
+
 def model_family(name_or_path: str) -> str:
     """Short family name for default output paths: alias family, preset name, or the dir name."""
     if name_or_path in MODEL_ALIASES:
@@ -93,12 +102,13 @@ def model_family(name_or_path: str) -> str:
         return name_or_path
     if name_or_path in RANDOM_PRESETS:
         return RANDOM_PRESETS[name_or_path]["family"]
-    return Path(name_or_path.rstrip("/")).name.split("/")[-1].lower() or "model"
+    return safe_name(Path(str(name_or_path).rstrip("/")).name.lower(), "model")
 
 
 def data_name(data: str) -> str:
     """Short dataset name for default output paths: the alias or the file stem."""
-    return Path(data).name.split(".")[0] if ("/" in data or "." in data) else data
+    data = str(data)
+    return safe_name(Path(data).name.split(".")[0] if ("/" in data or "." in data) else data, "data")
 
 
 # --------------------------------------------------------------------------------------------

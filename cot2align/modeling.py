@@ -66,6 +66,59 @@ def is_known_model(name: str) -> bool:
     return name in MODEL_ALIASES or name in TINY_PRESETS or name in RANDOM_PRESETS or Path(name).exists() or "/" in name
 
 
+# Names that can only be meant as local paths: a hub id is exactly owner/name, never a file.
+_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".pt", ".pth", ".jsonl", ".gz")
+
+
+def _local_path_reason(name: str) -> str | None:
+    """Why `name` is a local path rather than a hub id (None: it may be a hub id)."""
+    if name.startswith(("/", "./", "../", "~")) or "\\" in name:
+        return "it starts like a path"
+    if name.lower().endswith(_FILE_SUFFIXES):
+        return "it ends like a file name"
+    if name.count("/") > 1:
+        return "a hub id has one '/' (owner/name)"
+    owner = name.split("/", 1)[0]
+    if "/" in name and owner and Path(owner).is_dir():
+        return f"'{owner}' is a local directory"
+    return None
+
+
+def _check_local(name: str) -> None:
+    """Fail at once on a missing local path: as a hub id it would wait on network retries, then fail with a
+    message about the hub."""
+    reason = _local_path_reason(name)
+    if reason is not None and not Path(name).exists():
+        raise ConfigError(f"model {name}: no such local path (taken as a path, not a hub id: {reason})")
+
+
+def _adapter_base(path: Path) -> str:
+    """The base model a LoRA adapter directory names (adapter_config.json's base_model_name_or_path)."""
+    config = path / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{config}: not a readable adapter config ({type(e).__name__})") from None
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{config}: no base_model_name_or_path (a string) naming the base model")
+    if Path(base).resolve() == path.resolve():
+        raise ConfigError(f"{config}: base_model_name_or_path names the adapter itself; expected the base model "
+                          "it was trained on")
+    return base
+
+
+def _from_hub(loader, name: str, **kwargs):
+    """`loader.from_pretrained(name)`; a hub id that cannot be loaded (offline, no such repo, gated) is one
+    line, not transformers' paragraph and traceback."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:
+        if Path(name).exists():      # a local directory that is damaged: the full error is the useful one
+            raise
+        raise ConfigError(f"model {name}: not a local path, and the hub could not provide it "
+                          f"({str(e).strip().splitlines()[0][:200]})") from None
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     for presets in (TINY_PRESETS, RANDOM_PRESETS):
         if name_or_path in presets:
@@ -75,13 +128,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         if "tokenizer" in spec:
             return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(spec["tokenizer"]))
         return AutoTokenizer.from_pretrained(spec["hub"], trust_remote_code=trust_remote_code)
+    _check_local(name_or_path)
     path = Path(name_or_path)
     if path.exists() and (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return load_tokenizer(base, trust_remote_code)
+        return load_tokenizer(_adapter_base(path), trust_remote_code)
     if not path.exists() and "/" not in name_or_path:
         raise ConfigError(_unknown_model_message(name_or_path))
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return _from_hub(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code)
 
 
 def _unknown_model_message(name: str) -> str:
@@ -138,26 +191,31 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
+        _check_local(name_or_path)
         path = Path(name_or_path)
         if path.exists() and (path / "adapter_config.json").exists() and adapter is None:
-            adapter = str(path)
-            name_or_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            if Path(name_or_path).resolve() == path.resolve():
-                raise ConfigError(f"{path / 'adapter_config.json'}: base_model_name_or_path names the adapter itself; "
-                                  "expected the base model it was trained on")
-            return load_model(name_or_path, dtype=dtype, device=device, seed=seed, adapter=adapter,
+            return load_model(_adapter_base(path), dtype=dtype, device=device, seed=seed, adapter=str(path),
                               trust_remote_code=trust_remote_code)
         hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
         if not path.exists() and "/" not in hub:
             raise ConfigError(_unknown_model_message(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(hub, dtype=dtype, use_safetensors=True,
-                                                     attn_implementation="sdpa",
-                                                     trust_remote_code=trust_remote_code)
+        model = _from_hub(AutoModelForCausalLM, hub, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
+                          trust_remote_code=trust_remote_code)
     if adapter is not None:
+        _check_adapter(adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
+
+
+def _check_adapter(adapter: str) -> None:
+    """A local LoRA adapter must be safetensors: adapter_model.bin is a pickle, which loading can execute."""
+    _check_local(adapter)
+    path = Path(adapter)
+    if path.is_dir() and not (path / "adapter_model.safetensors").exists():
+        raise ConfigError(f"adapter {adapter}: no adapter_model.safetensors (only safetensors adapters are loaded; "
+                          "a .bin adapter is a pickle)")
 
 
 def weights_fingerprint(model) -> str:

@@ -112,8 +112,10 @@ def test_bad_input_is_one_line_naming_file_and_line(tmp_path, content, message):
 
 
 def test_missing_file_and_unknown_alias(tmp_path):
-    with pytest.raises(DataError, match="no such file, and not a known dataset alias"):
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):     # a path: no list of aliases
         load_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="no such file, and not a known dataset alias"):
+        load_records("dolyl")
     with pytest.raises(DataError, match=r"split 'train' not found locally"):
         load_records("alpaca", "train", data_root=tmp_path)  # no local file, hub unreachable in tests
     with pytest.raises(DataError, match="--split"):

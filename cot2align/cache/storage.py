@@ -136,8 +136,9 @@ class Location:
         tmp.mkdir(parents=True)
         for remote in self.fs.find(self.path(relative)):
             name = remote[len(self.path(relative)) + 1:]
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(remote, str(tmp / name))
+            local = contained(tmp, name, f"{self.url}/{relative}")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(local))
         try:
             os.replace(tmp, target)
         except OSError:        # another process finished first
@@ -206,6 +207,15 @@ class MemoryChunkStore(WrapperStore):
                 _, dropped = self.kept.popitem(last=False)
                 self.size -= len(dropped)
         return value
+
+
+def contained(root: Path, name: str, where: str) -> Path:
+    """root / name, where `name` comes from a store's listing: an object key may hold '..' or start with '/'
+    (S3 allows any key), and a copy must never be written outside `root`."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise CacheError(f"{where}: refusing the object name {name!r} (it would be written outside {root})")
+    return root.joinpath(*parts)
 
 
 def writable_parent(path: Path) -> bool:

@@ -10,8 +10,9 @@ times), or stopped by the length limit without reaching an answer. Their records
 `rationale: null` and the reason), so a resumed run does not generate them again; they get no CoT view.
 
 The output JSONL is append-only and keyed by id: a run killed at any point resumes without repeating a
-finished id (a torn last line is cut off first). Generation is batched, length-sorted and left-padded
-(transformers), or done by vllm with `--backend vllm`.
+finished id (a torn last line is cut off first). A file augment-cot did not write is refused and left
+untouched. Generation is batched, length-sorted and left-padded (transformers), or done by vllm with
+`--backend vllm`.
 """
 
 from __future__ import annotations
@@ -73,20 +74,61 @@ def extract_rationale(generated: str) -> tuple[str, bool]:
     return generated.strip(), False
 
 
+# Every line augment-cot writes is a JSON object with these fields (rationale and cot_output null when the
+# rationale was degenerate): what tells its own output apart from any other JSONL a user points --out at.
+OUTPUT_FIELDS = ("id", "rationale", "cot_output")
+
+
+def _not_ours(path: Path, lineno: int, why: str) -> ConfigError:
+    return ConfigError(f"--out {path}:{lineno}: {why}; this file was not written by augment-cot, and it is "
+                       "appended to and repaired only if it was — choose another --out")
+
+
+def _output_record(path: Path, lineno: int, line: bytes) -> dict:
+    """One complete line of an augment-cot output, or ConfigError saying why it is not one."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):    # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _not_ours(path, lineno, "not a JSON record in UTF-8") from None
+    if not isinstance(row, dict) or not all(k in row for k in OUTPUT_FIELDS) or not isinstance(row["id"], str):
+        raise _not_ours(path, lineno, f"the record lacks the fields augment-cot writes ({', '.join(OUTPUT_FIELDS)})")
+    return row
+
+
 def finished_ids(path: Path) -> set[str]:
-    """Ids already written; a torn last line (a crash mid-write) is removed from the file first."""
+    """Ids already written to an augment-cot output, which a rerun then skips.
+
+    Only a file augment-cot wrote is taken up: every complete line must be one of its records, else the file
+    is refused (ConfigError) and left as it is. A crash in the middle of a write leaves a torn last line — no
+    trailing newline and not valid JSON — and only that line is cut off; a last line that lacks only its
+    newline is a whole record, and the newline is added."""
     if not path.exists():
         return set()
+    if not path.is_file():
+        raise ConfigError(f"--out {path}: not a file")
     data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        with path.open("r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
+    lines = data.split(b"\n")
+    tail = lines.pop()            # b"" when the file ends in a newline
     ids = set()
-    for line in data.decode("utf-8").splitlines():
+    for lineno, line in enumerate(lines, start=1):
         if line.strip():
-            ids.add(json.loads(line)["id"])
+            ids.add(_output_record(path, lineno, line)["id"])
+    if not tail:
+        return ids
+    try:
+        ids.add(_output_record(path, len(lines) + 1, tail)["id"])
+        repair = b"\n"               # a whole record whose newline is missing
+    except ConfigError:
+        # torn: cut off, but only a piece of what augment-cot writes (json.dumps of a row starting with "id")
+        if not tail.startswith(b'{"id": '):
+            raise
+        repair = None
+    with path.open("r+b") as f:
+        if repair is None:
+            f.truncate(len(data) - len(tail))
+        else:
+            f.seek(0, os.SEEK_END)
+            f.write(repair)
     return ids
 
 

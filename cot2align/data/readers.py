@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -93,10 +94,16 @@ def default_data_root() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+# Decompression failures of a truncated or damaged .gz (BadGzipFile is an OSError: caught first).
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+_UTF8_BOM = b"\xef\xbb\xbf"
+# What makes `--data` a file path rather than a dataset alias (the readers never send a path to the hub).
+DATA_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".csv")
+
+
+def looks_like_path(name: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> bool:
+    """A name the user meant as a local path: it has a path separator or a file suffix."""
+    return "/" in name or os.sep in name or name.lower().endswith(suffixes)
 
 
 def file_sha256(path: Path) -> str:
@@ -107,51 +114,152 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_json_records(path: str | Path) -> list[tuple[int, dict]]:
-    """Read a .jsonl / .jsonl.gz / .json (array) file as [(line_number, object)]."""
-    path = Path(path)
+def _check_readable_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a .json, .jsonl or .jsonl.gz file")
+
+
+def _binary_lines(path: Path):
+    """(line number, byte offset of the line, raw bytes) of a file, decompressed when it is a .gz.
+
+    A truncated or damaged .gz raises DataError naming the last good line (gzip itself raises EOFError or
+    zlib.error, which would otherwise end the CLI with a bare traceback or click's 'Aborted!')."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    lineno, offset = 0, 0
+    try:
+        with opener(path, "rb") as f:
+            for raw in f:
+                lineno += 1
+                yield lineno, offset, raw
+                offset += len(raw)
+    except _GZIP_ERRORS as e:
+        raise DataError(f"{path}: truncated or corrupt gzip data after line {lineno} ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _decode(raw: bytes, path: Path, lineno: int, offset: int) -> str:
+    """UTF-8 text of one line (a leading byte-order mark dropped); bad bytes name the line and byte offset."""
+    if lineno == 1 and raw.startswith(_UTF8_BOM):
+        raw, offset = raw[len(_UTF8_BOM):], offset + len(_UTF8_BOM)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        compressed = " of the uncompressed data" if path.suffix == ".gz" else ""
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset "
+                        f"{offset + e.start}{compressed})") from None
+
+
+def _parse_json(text: str, path: Path, lineno: int | None = None):
+    """json.loads, with every way it can fail turned into a one-line DataError: malformed text, nesting deeper
+    than the interpreter's recursion limit, an integer of more digits than int() accepts. `lineno`: the line of
+    a JSONL file the text is (None: the text is a whole file)."""
+    where = f"{path}:{lineno}" if lineno is not None else str(path)
+    what = "malformed JSON line" if lineno is not None else "malformed JSON"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if lineno is None:
+            raise DataError(f"{path}:{e.lineno}: {what} ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{where}: {what} ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: {what} (nested too deeply)") from None
+    except ValueError as e:
+        raise DataError(f"{where}: {what} ({str(e).splitlines()[0][:120]})") from None
+
+
+def _read_json_array(path: Path) -> list[tuple[int, dict]]:
+    """A .json file holding one array of record objects: [(record number, object)]."""
+    text = "".join(_decode(raw, path, lineno, offset) for lineno, offset, raw in _binary_lines(path))
+    records = _parse_json(text, path)
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+    for number, obj in enumerate(records, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: record {number} of the array is not a JSON object (got {type(obj).__name__})")
+    return list(enumerate(records, start=1))
+
+
+def read_json_records(path: str | Path) -> list[tuple[int, dict]]:
+    """Read a .jsonl / .jsonl.gz / .json (array) file as [(line_number, object)] (for an array: record number).
+
+    Blank lines are skipped; everything else must be a JSON object per line, in UTF-8."""
+    path = Path(path)
+    _check_readable_file(path)
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith(".json"):
+        return _read_json_array(path)
     rows: list[tuple[int, dict]] = []
-    with _open_text(path) as f:
-        if name.endswith(".json"):
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-            return [(i + 1, obj) for i, obj in enumerate(data)]
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    for lineno, offset, raw in _binary_lines(path):
+        line = _decode(raw, path, lineno, offset)
+        if not line.strip():
+            continue
+        obj = _parse_json(line.rstrip("\r\n"), path, lineno)
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
     return rows
 
 
+def _show(name) -> str:
+    """A field name or id as it can appear in a one-line message: quoted, escaped (repr), shortened."""
+    text = repr(str(name))
+    return text if len(text) <= 60 else text[:56] + "...'"
+
+
 def _as_text(value, where: str, field: str) -> str:
+    """A text field: a string (None reads as empty); anything else, or text Python cannot encode as UTF-8
+    (an unpaired surrogate from a \\ud800 escape), is a DataError naming the field."""
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field {_show(field)} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field {_show(field)} holds an unpaired surrogate (\\u{ord(value[e.start]):04x} "
+                        f"at character {e.start}), not valid Unicode text") from None
     return value
+
+
+def _as_id(value, where: str, field: str) -> str:
+    """A record id: a string or an integer (kept as its decimal text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {_show(field)} (the record id) must be a string or an integer, "
+                        f"got {type(value).__name__}")
+    return _as_text(value, where, field)
+
+
+def _record_id(raw: dict, keys: tuple[str, ...], where: str, default_id: str) -> str:
+    """The first of `keys` the record gives a value (not null or empty), else `default_id`."""
+    for key in keys:
+        if raw.get(key) not in (None, ""):
+            return _as_id(raw[key], where, key)
+    return default_id
+
+
+def _references(raw: dict, where: str) -> list[str] | None:
+    """The optional `references` field: a list of strings (several gold outputs of a test record)."""
+    value = raw.get("references")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field 'references' must be a list of strings, got {type(value).__name__}")
+    return [_as_text(r, where, "references") for r in value]
 
 
 def _dialogsum_record(raw: dict, where: str, default_id: str) -> tuple[dict, list[str] | None]:
     """DialogSum's own release: topic (test: topic1) in the instruction, the dialogue as input, up to three
     summaries (the first is the output; all are references)."""
-    topic = raw.get("topic") or raw.get("topic1") or ""
-    summaries = [raw[k] for k in ("summary", "summary1", "summary2", "summary3") if raw.get(k)]
+    topic = _as_text(raw.get("topic") or raw.get("topic1"), where, "topic")
+    summaries = [_as_text(raw[k], where, k) for k in ("summary", "summary1", "summary2", "summary3") if raw.get(k)]
     if not summaries:
         raise DataError(f"{where}: DialogSum record has no 'summary' field")
-    record = {"id": str(raw.get("fname") or raw.get("id") or default_id),
+    record = {"id": _record_id(raw, ("fname", "id"), where, default_id),
               "instruction": DIALOGSUM_INSTRUCTION.format(topic=topic),
               "input": _as_text(raw["dialogue"], where, "dialogue"), "output": summaries[0]}
     return record, (summaries if len(summaries) > 1 else None)
@@ -162,27 +270,40 @@ def _generic_record(raw: dict, where: str, default_id: str, field_map: dict | No
     fm = {"id": "id", "instruction": "instruction", "input": "input", "output": "output", **(field_map or {})}
     for ours in ("instruction", "output"):
         if fm[ours] not in raw:
-            raise DataError(f"{where}: record has no '{fm[ours]}' field (fields: {', '.join(sorted(raw))})")
-    record = {"id": str(raw.get(fm["id"], raw.get("fname", default_id))),
+            fields = ", ".join(_show(k) for k in sorted(raw)[:20]) + (", ..." if len(raw) > 20 else "")
+            raise DataError(f"{where}: record has no {_show(fm[ours])} field (fields: {fields or 'none'})")
+    record = {"id": _record_id(raw, (fm["id"], "fname"), where, default_id),
               "instruction": _as_text(raw[fm["instruction"]], where, fm["instruction"]),
               "input": _as_text(raw.get(fm["input"]), where, fm["input"]),
               "output": _as_text(raw[fm["output"]], where, fm["output"])}
-    references = [str(r) for r in raw["references"]] if isinstance(raw.get("references"), list) else None
-    return record, references
+    return record, _references(raw, where)
+
+
+def _add_cot(record: dict, raw: dict, where: str) -> None:
+    """The CoT view's fields. A rationale that is null, empty or only whitespace is no rationale: augment-cot
+    writes degenerate rationales (empty ones included) as null, and such a record trains without a CoT view."""
+    rationale = _as_text(raw.get("rationale"), where, "rationale")
+    cot = _as_text(raw.get("cot_output"), where, "cot_output")
+    if rationale.strip():
+        record["rationale"] = rationale
+        record["cot_output"] = cot if cot.strip() else make_cot_output(rationale, record["output"])
+    elif cot.strip():
+        record["cot_output"] = cot
 
 
 def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | None = None) -> dict:
     """Map one raw object (authors' jsonl, DialogSum, Dolly hub, generic) to a record dict.
 
     `where` is "file:line" for error messages; `field_map` maps our field names to the file's
-    (e.g. {"output": "answer"}).
+    (e.g. {"output": "answer"}). An empty or whitespace-only output or instruction is an error (every record
+    trains on its response); an empty rationale is no rationale.
     """
     references = None
     if field_map is None and "dialogue" in raw:  # DialogSum original release
         record, references = _dialogsum_record(raw, where, default_id)
     elif field_map is None and "response" in raw and "output" not in raw:  # Dolly hub schema
         record = {
-            "id": str(raw.get("id", default_id)),
+            "id": _record_id(raw, ("id",), where, default_id),
             "instruction": _as_text(raw.get("instruction"), where, "instruction"),
             "input": _as_text(raw.get("context"), where, "context"),
             "output": _as_text(raw["response"], where, "response"),
@@ -193,20 +314,29 @@ def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | N
         raise DataError(f"{where}: field 'output' is empty (a response is needed for every record)")
     if not record["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
-    rationale = raw.get("rationale")
-    if rationale is not None:
-        record["rationale"] = _as_text(rationale, where, "rationale")
-        record["cot_output"] = raw.get("cot_output") or make_cot_output(record["rationale"], record["output"])
-    elif raw.get("cot_output"):
-        record["cot_output"] = _as_text(raw["cot_output"], where, "cot_output")
+    _add_cot(record, raw, where)
     if references:
         record["references"] = references
     return record
 
 
+def check_field_map(field_map) -> dict | None:
+    """A field map is {ours: theirs} with ours among id, instruction, input, output and theirs a field name."""
+    if field_map is None:
+        return None
+    if not isinstance(field_map, dict):
+        raise DataError(f"field_map: expected a mapping of OURS: THEIRS field names, got {type(field_map).__name__}")
+    for ours, theirs in field_map.items():
+        if ours not in ("id", "instruction", "input", "output") or not isinstance(theirs, str) or not theirs:
+            raise DataError(f"field_map: {_show(ours)}: expected OURS (id, instruction, input or output) mapped to "
+                            "a field name")
+    return field_map
+
+
 def read_file(path: str | Path, field_map: dict | None = None) -> list[dict]:
     """Read any supported file into records; ids default to `<file stem>-<line>`."""
     path = Path(path)
+    field_map = check_field_map(field_map)
     stem = path.name.split(".")[0]
     records = []
     for lineno, raw in read_json_records(path):
@@ -216,7 +346,7 @@ def read_file(path: str | Path, field_map: dict | None = None) -> list[dict]:
     seen: dict[str, int] = {}
     for i, r in enumerate(records):
         if r["id"] in seen:
-            raise DataError(f"{path}: duplicate record id {r['id']!r} (records {seen[r['id']] + 1} and {i + 1})")
+            raise DataError(f"{path}: duplicate record id {_show(r['id'])} (records {seen[r['id']] + 1} and {i + 1})")
         seen[r["id"]] = i
     return records
 
@@ -309,6 +439,8 @@ def load_records(data: str, split: str = "train", data_root: str | Path | None =
         return records, {"name": data, "split": split, "hub": DATASETS[data]["hub"], "sha256": hashlib.sha256(blob).hexdigest()}
     path = Path(data)
     if not path.exists():
+        if looks_like_path(data):    # a mistyped path: say so, rather than list the aliases
+            raise DataError(f"--data {data}: file not found")
         known = ", ".join(sorted(DATASETS) + ["sample"])
         raise DataError(f"--data {data}: no such file, and not a known dataset alias ({known})")
     records = read_file(path, field_map)

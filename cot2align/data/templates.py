@@ -7,6 +7,7 @@ stores them verbatim, so a cache built with other templates is never mistaken fo
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 
 import yaml
@@ -19,9 +20,15 @@ def load_templates() -> dict:
     return yaml.safe_load(text)
 
 
+# The template's own placeholders. One pass over the template, not str.format (instructions and code inputs
+# contain braces) and not one str.replace per field (an instruction holding the text "{input}" would then
+# have the input pasted into it).
+_PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
+
+
 def fill(template: str, instruction: str, input_text: str = "") -> str:
-    # Plain replacement, not str.format: instructions and code inputs may contain braces.
-    return template.replace("{instruction}", instruction).replace("{input}", input_text)
+    values = {"instruction": instruction, "input": input_text}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def standard_prompt(instruction: str, input_text: str = "") -> str:

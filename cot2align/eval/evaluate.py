@@ -9,13 +9,18 @@ from pathlib import Path
 
 import torch
 
-from cot2align.config import ConfigError
+from cot2align.config import ConfigError, data_name, safe_name
 from cot2align.data import group_references, load_records, standard_prompt
 from cot2align.eval.generation import generate
 from cot2align.eval.metrics import reference_cross_entropy, rouge_l
 from cot2align.modeling import load_model, load_tokenizer
 
 METRICS = ("rougeL", "ce", "all")
+
+
+def default_eval_dir(model_path: str, data: str, split: str) -> Path:
+    """MODEL/eval/<data>_<split>: one directory below the model's, whatever the --data text holds."""
+    return Path(model_path) / "eval" / f"{data_name(data)}_{safe_name(split, 'split')}"
 
 
 def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[int] | None = None, greedy: bool = False,
@@ -41,7 +46,7 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
     model = load_model(model_path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
     tokenizer = load_tokenizer(model_path)
     prompts = [standard_prompt(r["instruction"], r.get("input", "")) for r in examples]
-    out_dir = Path(out) if out else Path(model_path) / "eval" / f"{Path(str(data)).name.split('.')[0]}_{split}"
+    out_dir = Path(out) if out else default_eval_dir(model_path, data, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     summary = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -54,7 +59,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
             f"over {ce['n_pairs']} references ({ce['n_tokens']} tokens)")
 
     if metric in ("rougeL", "all"):
-        runs = [("greedy", None)] if greedy else [(f"seed-{s}", s) for s in (seeds or [10, 20, 30, 40, 50])]
+        # the seed names a generations file: an integer, whatever an API caller passes
+        runs = [("greedy", None)] if greedy else [(f"seed-{int(s)}", int(s)) for s in (seeds or [10, 20, 30, 40, 50])]
         per_run = {}
         for name, seed in runs:
             predictions = generate(model, tokenizer, prompts, max_new_tokens, greedy=seed is None, seed=seed or 0,

@@ -24,14 +24,20 @@ from cot2align.plotting import pyplot
 
 
 def _method_of(results_file: Path) -> str:
+    """The row label: the method of the run the result belongs to (its run.json), else a directory's name.
+    Labels only ever go into the table; no path is built from them."""
     for parent in results_file.parents:
         marker = parent / "run.json"
         if marker.exists():
             try:
-                cfg = json.loads(marker.read_text())["config"]
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{marker}: not a readable cot2align run marker (expected JSON with a 'config')") from None
-            return f"{cfg['method'].upper() if cfg['method'] != 'sft' else 'SFT'}{' + CoT2Align' if cfg.get('cot2align') else ''}"
+                cfg = json.loads(marker.read_text(encoding="utf-8"))["config"]
+                method = cfg["method"]
+                if not isinstance(method, str):
+                    raise TypeError("method is not a string")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{marker}: not a readable run marker ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            return f"{method.upper() if method != 'sft' else 'SFT'}{' + CoT2Align' if cfg.get('cot2align') else ''}"
     return results_file.parents[2].name if len(results_file.parents) > 2 else results_file.parent.name
 
 
@@ -42,6 +48,13 @@ def _read(results_file: Path) -> dict | None:
         raise ConfigError(f"{results_file}: not a readable evaluate result ({str(e).splitlines()[0]})") from None
     if not isinstance(result, dict) or "data" not in result:
         raise ConfigError(f"{results_file}: not an evaluate result (no 'data' field)")
+    numbers = [("mean", result.get("mean")), ("std", result.get("std", 0.0))] if "mean" in result else []
+    if "ce" in result:
+        ce = result["ce"] if isinstance(result["ce"], dict) else {}
+        numbers += [(f"ce.{k}", ce.get(k)) for k in ("nats_per_token", "bits_per_byte")]
+    for name, value in numbers:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{results_file}: field '{name}' must be a number, got {type(value).__name__}")
     return result
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -136,7 +137,10 @@ def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
     pointer = checkpoints / "latest"
     candidates = sorted(checkpoints.glob("step-*"), reverse=True) if checkpoints.is_dir() else []
     if pointer.exists():
-        named = checkpoints / pointer.read_text().strip()
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not re.fullmatch(r"step-\d{8,}", name):    # a name such as ../../x must not send a resume elsewhere
+            raise TrainingError(f"{pointer}: expected the name of a step-<N> checkpoint, got {name[:80]!r}")
+        named = checkpoints / name
         candidates = [named] + [c for c in candidates if c != named] if named.exists() else candidates
     damaged = []
     for path in candidates:
