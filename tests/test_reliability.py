@@ -190,6 +190,7 @@ def _flip(path: Path, at: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_any_chunk_is_named_by_verify_and_stops_distill(tmp_path, world):
     """One bit in the first chunk of every array of the cache, one array at a time."""
     arrays = sorted(p.parent.relative_to(world / "cache") for p in (world / "cache").rglob("zarr.json")
@@ -247,6 +248,7 @@ def test_manifest_head_and_tokenizer_bytes_are_checked(tmp_path, world):
 # ------------------------------------------------------------------------------------------ 3. damaged checkpoints
 
 
+@pytest.mark.slow
 def test_resume_falls_back_from_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp_path, world):
     run = tmp_path / "run"
     shutil.copytree(world / "run", run)
@@ -273,6 +275,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_refuses_when_none_is_in
 # ------------------------------------------------------------------------------------------ 4. a stale cache
 
 
+@pytest.mark.slow
 def test_a_teacher_changed_at_the_same_path_makes_the_cache_stale(tmp_path, world):
     from cot2align.modeling import load_model, load_tokenizer
 
