@@ -319,3 +319,15 @@ def test_a_student_tokenizer_that_cannot_spell_the_cache_is_refused(tmp_path, wo
     assert result.exit_code == 2, result.output
     assert "the student tokenizer cannot spell the cached text" in result.stderr.strip().splitlines()[-1]
     assert tree_hash(world / "cache") == before
+
+
+def test_report_counts_every_run_that_shares_a_method(tmp_path):
+    from cot2align.eval import report
+
+    for run, score in (("seed1", 20.0), ("seed2", 24.0), ("seed3", 22.0)):
+        (tmp_path / run / "eval" / "d").mkdir(parents=True)
+        (tmp_path / run / "run.json").write_text(json.dumps({"config": {"method": "dskd", "cot2align": True}}))
+        (tmp_path / run / "eval" / "d" / "results.json").write_text(json.dumps(
+            {"data": "dialogsum", "decoding": "greedy", "per_run": {"greedy": score}, "mean": score, "std": 0.0}))
+    table = report(str(tmp_path), log=lambda m: None)
+    assert "| DSKD + CoT2Align | 22.00 ± 2.00 [3 runs] |" in table, table

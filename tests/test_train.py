@@ -338,8 +338,11 @@ def test_bare_distill_uses_the_paper_setting_and_announces_it(tmp_path):
     assert messages[0].startswith("paper setting: tiny-gpt2 <- tiny-qwen2") and "dskd + CoT2Align" in messages[0]
 
 
-def test_a_student_tokenizer_that_cannot_encode_the_text_is_reported(cache_dir):
-    """A word-level tokenizer with an unknown token: responses it cannot spell are counted in a warning."""
+def test_a_student_tokenizer_that_cannot_encode_the_text_is_reported(cache_dir, monkeypatch):
+    """A word-level tokenizer with an unknown token: refused when over 5% of response tokens are unknown,
+    else the responses it cannot spell are counted in a warning."""
+    import cot2align.train.data as data_module
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -348,6 +351,9 @@ def test_a_student_tokenizer_that_cannot_encode_the_text_is_reported(cache_dir):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", bos_token="<s>")
     cache = open_cache(cache_dir)
+    with pytest.raises(CacheError, match="cannot spell the cached text"):
+        tokenize_cache(cache, tok, "word-level-test", 512, log=lambda m: None)
+    monkeypatch.setattr(data_module, "MAX_UNKNOWN_SHARE", 1.0)
     messages = []
     ids = tokenize_cache(cache, tok, "word-level-test", 512, log=messages.append)
     assert any("unknown token" in m and "cannot be learned" in m for m in messages), messages
