@@ -8,10 +8,8 @@ import sys
 
 import click
 
-from cot2align.cache.format import CacheError
-from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
-from cot2align.data.readers import DataError
-from cot2align.train import TrainingError
+from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
+from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 
 
 USER_ERRORS = (CacheError, ConfigError, DataError, TrainingError)

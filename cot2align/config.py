@@ -15,9 +15,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A one-line, user-facing configuration problem."""
+from cot2align.errors import ConfigError  # noqa: F401  (re-exported: raised here)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,16 +48,13 @@ from pathlib import Path
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from cot2align.errors import CacheError  # noqa: F401  (re-exported: raised here)
+
 FORMAT = "cot2align-cache"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 VIEWS = ("std", "cot")
 TEXT_FIELDS = ("id", "prompt_std", "response_std", "prompt_cot", "response_cot")
-
-
-
-class CacheError(ValueError):
-    """A one-line, user-facing problem with a cache."""
 
 
 def read_manifest(location) -> dict | None:

@@ -23,12 +23,9 @@ from importlib import resources
 from pathlib import Path
 
 from cot2align.data.templates import cot_output as make_cot_output
+from cot2align.errors import DataError  # noqa: F401  (re-exported: raised here)
 
 DIALOGSUM_INSTRUCTION = "Generate a summary of the dialogue, focusing specifically on the provided topic: {topic}."
-
-
-class DataError(ValueError):
-    """A one-line, user-facing problem with the input data."""
 
 
 # --------------------------------------------------------------------------------------------

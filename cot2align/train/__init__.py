@@ -10,6 +10,6 @@
     fsdp.py        FSDP2 sharding helpers; online.py: the teacher run online (tests, benchmarks); sweep.py
 """
 
+from cot2align.errors import TrainingError  # noqa: F401  (re-exported: raised here)
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. a non-finite loss); what was already written stays intact."""
+
