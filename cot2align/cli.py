@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 
 import click
 
-from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
+from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 
 
@@ -50,7 +51,7 @@ def _one_line(error: Exception) -> str:
     return message
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"max_content_width": 120, "terminal_width": 120})
 @click.version_option(package_name="cot2align")
 def main():
     """Distil a large teacher LLM into a student with another tokenizer (CoT2Align)."""
@@ -68,32 +69,89 @@ def _field_map(pairs: tuple[str, ...]) -> dict | None:
     return out
 
 
+# ------------------------------------------------------------------------------------------ options from the configs
+#
+# Every option of a command that has a config is one field of that config's dataclass (config.py): same name,
+# same type, the dataclass default shown in the help, and None when not given — so a value from --config is
+# never overridden by a flag the user did not pass. tests/test_cli.py checks that each command's options and
+# its dataclass's fields match one to one.
+
+SPLITS = click.Choice(["train", "dev", "test"])
+
+
+def _field(cls, name: str, *decls: str, help: str = "", default_text: str | None = None, **kwargs):
+    """A click option for the field `name` of the config dataclass `cls`."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    base = str(field.type).replace("| None", "").strip()
+    if base == "bool" and not any("/" in d for d in decls):
+        kwargs.setdefault("is_flag", True)
+    elif base != "bool":
+        kwargs.setdefault("type", {"int": int, "float": float}.get(base, str))
+    default = field.default if field.default is not dataclasses.MISSING else None
+    hidden = default is None or default is False or default == "" or default == {}
+    shown = default_text if default_text is not None else (None if hidden else default)
+    if shown is not None:
+        help = f"{help} [default: {shown}]".strip()
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, default=None, help=help, **kwargs)
+
+
+def _config_options(cls):
+    """--config FILE and --print-config, shared by every command that has a config."""
+    def decorate(command):
+        command = click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")(command)
+        return click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")(command)
+    return decorate
+
+
+def _print_config(cfg) -> None:
+    import yaml
+
+    click.echo(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).rstrip())
+
+
+def _field_map(pairs: tuple[str, ...]) -> dict | None:
+    if not pairs:
+        return None
+    out = {}
+    for pair in pairs:
+        ours, _, theirs = pair.partition("=")
+        if not theirs or ours not in ("id", "instruction", "input", "output"):
+            raise ConfigError(f"--field-map {pair}: expected OURS=THEIRS with OURS one of id, instruction, input, output")
+        out[ours] = theirs
+    return out
+
+
+C = CacheTeacherConfig
+
+
 @main.command("cache-teacher")
-@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
-@click.option("--model", help="Teacher: alias, hub id, local path, or LoRA adapter dir.")
-@click.option("--adapter", help="A LoRA adapter (peft) merged into --model.")
-@click.option("--data", help="Dataset alias (dolly, alpaca, sni, dialogsum, sample) or a JSON/JSONL file.")
-@click.option("--split", type=click.Choice(["train", "dev", "test"]))
-@click.option("--out", help="Cache directory [default: cache/<teacher family>_<data>].")
-@click.option("--topk", type=int)
-@click.option("--batch-tokens", type=int, help="Padded tokens per teacher batch.")
-@click.option("--max-length", type=int)
-@click.option("--max-prompt-length", type=int)
-@click.option("--hidden-dtype", type=click.Choice(["bf16", "int8"]))
-@click.option("--hidden-codec", type=click.Choice(["auto", "raw", "zstd", "lz4"]))
-@click.option("--resume", is_flag=True, default=None, help="Continue an unfinished cache (a plain re-run does too).")
-@click.option("--data-root", help="Root of local dataset files [default: $COT2ALIGN_DATA_ROOT or ./data].")
-@click.option("--field-map", multiple=True, help="OURS=THEIRS field name mapping for generic JSON/JSONL.")
-@click.option("--device")
-@click.option("--seed", type=int, help="Seed of a tiny-* preset teacher.")
-@click.option("--limit", type=int, help="Only the first N records.")
-@click.option("--block-examples", type=int, help="Examples per committed block.")
-@click.option("--trust-remote-code", is_flag=True, default=None)
-def cache_teacher_cmd(config_file, field_map, **flags):
+@_config_options(C)
+@_field(C, "model", help="Teacher: alias, hub id, local path, or LoRA adapter dir.")
+@_field(C, "adapter", help="A LoRA adapter (peft) merged into --model.")
+@_field(C, "data", help="Dataset alias or a JSON/JSONL file.")
+@_field(C, "split", type=SPLITS)
+@_field(C, "out", help="Cache directory.", default_text="cache/<teacher family>_<data>")
+@_field(C, "topk", help="Teacher log-probs kept per row.")
+@_field(C, "batch_tokens", help="Padded tokens per teacher batch.")
+@_field(C, "max_length", help="Teacher tokens per sequence.")
+@_field(C, "max_prompt_length", help="Teacher tokens of the prompt.")
+@_field(C, "hidden_dtype", type=click.Choice(["bf16", "int8"]), help="Storage of the hidden states.")
+@_field(C, "hidden_codec", type=click.Choice(["auto", "raw", "zstd", "lz4"]), help="Compression of the hidden states.")
+@_field(C, "resume", help="Continue an unfinished cache (a plain re-run does too).")
+@_field(C, "data_root", help="Local dataset files.", default_text="$COT2ALIGN_DATA_ROOT or ./data")
+@_field(C, "field_map", "--field-map", multiple=True, help="OURS=THEIRS field name mapping (repeatable).")
+@_field(C, "device", default_text="cuda if available, else cpu")
+@_field(C, "seed", help="Seed of a tiny-* preset teacher.")
+@_field(C, "limit", help="Only the first N records.")
+@_field(C, "block_examples", help="Examples per committed block.")
+@_field(C, "trust_remote_code", help="Run the model repo's own code (only on this flag).")
+def cache_teacher_cmd(config_file, print_config, field_map, **flags):
     """Run the teacher once over the std and CoT views of a dataset and write the Zarr cache."""
+    cfg = build_config(CacheTeacherConfig, config_file, field_map=_field_map(field_map), **flags)
+    if print_config:
+        return _print_config(cfg)
     from cot2align.teacher.cache_pass import cache_teacher
 
-    cfg = build_config(CacheTeacherConfig, config_file, field_map=_field_map(field_map), **flags)
     cache_teacher(cfg, log=lambda m: click.echo(m, err=True))
 
 
@@ -116,7 +174,7 @@ def cache_info_cmd(path, as_json):
 @cache_group.command("verify")
 @click.argument("path")
 def cache_verify_cmd(path):
-    """Read every chunk (crc32c) and check offsets, shapes, dtypes; exit 1 naming the first problem."""
+    """Check the manifest, the teacher files and every chunk; exit 1 naming each problem."""
     from cot2align.cache.inspect import verify_cache
 
     problems = verify_cache(path)
@@ -127,73 +185,89 @@ def cache_verify_cmd(path):
     click.echo(f"OK {path}: every chunk read and checked")
 
 
+D = DistillConfig
+_PAPER = "the paper's setting"
+
+# The training flags `distill` and `sft` share (DistillConfig fields).
 _TRAINING_OPTIONS = [
-    click.option("--split", type=click.Choice(["train", "dev", "test"])),
-    click.option("--data-root"),
-    click.option("--epochs", type=int),
-    click.option("--max-steps", type=int, help="Stop after this many optimiser steps."),
-    click.option("--lr", type=float),
-    click.option("--batch-size", type=int),
-    click.option("--grad-accum", type=int),
-    click.option("--warmup-ratio", type=float),
-    click.option("--weight-decay", type=float),
-    click.option("--max-grad-norm", type=float),
-    click.option("--lora-rank", type=int, help="LoRA rank (0 or absent: full fine-tuning, unless the paper setting uses LoRA)."),
-    click.option("--lora-alpha", type=int),
-    click.option("--lora-dropout", type=float),
-    click.option("--lora-targets", help="Comma-separated module names, or all-linear."),
-    click.option("--keep-adapter", is_flag=True, default=None, help="Save the LoRA adapter instead of merged weights."),
-    click.option("--seed", type=int),
-    click.option("--max-length", type=int),
-    click.option("--device"),
-    click.option("--num-workers", type=int),
-    click.option("--fsdp", is_flag=True, default=None,
-                 help="Under torchrun/accelerate launch: shard the student's blocks, gradients and optimiser state "
-                      "across ranks (FSDP2) instead of replicating them (DDP). For students too large to replicate."),
-    click.option("--val-data"),
-    click.option("--val-examples", type=int),
-    click.option("--select-by", type=click.Choice(["rougeL", "ce", "last"]),
-                 help="Which epoch's model --out gets: best greedy validation ROUGE-L (default, the paper's rule), "
-                      "lowest validation cross-entropy, or the last."),
-    click.option("--val-max-new-tokens", type=int),
-    click.option("--save-every", type=int, help="Also checkpoint every N optimiser steps."),
-    click.option("--resume", is_flag=True, default=None),
-    click.option("--overwrite", is_flag=True, default=None),
-    click.option("--limit", type=int),
-    click.option("--trust-remote-code", is_flag=True, default=None),
+    _field(D, "split", type=SPLITS),
+    _field(D, "data_root", default_text="$COT2ALIGN_DATA_ROOT or ./data"),
+    _field(D, "epochs", default_text=_PAPER),
+    _field(D, "max_steps", help="Stop after this many optimiser steps."),
+    _field(D, "lr", help="Peak learning rate (cosine schedule).", default_text=_PAPER),
+    _field(D, "batch_size", help="Examples per step and process.", default_text=_PAPER),
+    _field(D, "grad_accum", help="Batches per optimiser step.", default_text=_PAPER),
+    _field(D, "warmup_ratio"),
+    _field(D, "weight_decay"),
+    _field(D, "max_grad_norm"),
+    _field(D, "lora_rank", help="LoRA rank; 0: full fine-tuning.", default_text=_PAPER),
+    _field(D, "lora_alpha", default_text="8"),
+    _field(D, "lora_dropout", default_text="0.1"),
+    _field(D, "lora_targets", help="Module names, comma-separated."),
+    _field(D, "keep_adapter", help="Save the LoRA adapter, not merged weights."),
+    _field(D, "seed"),
+    _field(D, "max_length", help="Student tokens per sequence."),
+    _field(D, "device", default_text="cuda if available, else cpu"),
+    _field(D, "num_workers", help="DataLoader workers.", default_text="2 on GPU, 0 on CPU"),
+    _field(D, "fsdp", help="Under torchrun: shard the student (FSDP2), not DDP."),
+    _field(D, "val_data", help="Validation data.", default_text="the dev split, else held-out examples"),
+    _field(D, "val_examples", help="Validation examples (0: none)."),
+    _field(D, "select_by", type=click.Choice(["rougeL", "ce", "last"]), help="Which epoch --out gets."),
+    _field(D, "val_max_new_tokens", help="Greedy validation generation length."),
+    _field(D, "save_every", help="Also checkpoint every N steps (0: each epoch)."),
+    _field(D, "resume", help="Continue the run in --out."),
+    _field(D, "overwrite", help="Replace the run in --out."),
+    _field(D, "limit", help="Only the first N training examples."),
+    _field(D, "trust_remote_code", help="Run the model repo's own code."),
 ]
 
 
 def _training_options(command):
-    """The training flags `distill` and `sft` share (DistillConfig fields; None = not given)."""
     for option in reversed(_TRAINING_OPTIONS):
         command = option(command)
     return command
 
 
+def _resolved(cfg: DistillConfig) -> DistillConfig:
+    """The config as distill will run it: unset fields filled from the paper's setting for the cache's teacher."""
+    if cfg.cache:
+        from cot2align.cache import open_cache
+        from cot2align.config import model_family
+
+        teacher = open_cache(cfg.cache, check_tokenizer=False).manifest["teacher"]["name_or_path"]
+        cfg.resolve(model_family(teacher))
+    else:
+        cfg.resolve(None)
+    return cfg
+
+
 @main.command("distill")
-@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
-@click.option("--cache", help="Teacher cache directory (from cache-teacher).")
-@click.option("--student", help="Student: alias, hub id or local path [default: the paper's student for the teacher].")
-@click.option("--method", type=click.Choice(["sft", "kl", "uld", "mined", "dskd"]))
-@click.option("--cot2align/--no-cot2align", default=None, help="Add the CoT view and the Cross-CoT OT loss [default: on].")
-@click.option("--alpha", type=float, help="Weight of the distillation terms: (1-a) CE + a (KD + CCoT).")
-@click.option("--out", help="Output directory [default: runs/<student>_<method>...].")
-@click.option("--data", help="--method sft without a cache: dataset alias or JSON/JSONL file.")
-@click.option("--projector-lr", type=float)
-@click.option("--kd-temperature", type=float)
-@click.option("--kl-variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]))
-@click.option("--ot-epsilon", type=float)
-@click.option("--ot-iters", type=int)
-@click.option("--ot-grad", type=click.Choice(["envelope", "unrolled"]))
-@click.option("--ot-compile", is_flag=True, default=None)
-@click.option("--teacher-dist", type=click.Choice(["exact", "topk"]))
+@_config_options(D)
+@_field(D, "cache", help="Teacher cache directory or URL (from cache-teacher).")
+@_field(D, "student", help="Alias, hub id or local path.", default_text=_PAPER)
+@_field(D, "method", type=click.Choice(["sft", "kl", "uld", "mined", "dskd"]), help="The KD loss.")
+@_field(D, "cot2align", "--cot2align/--no-cot2align", help="Add the CoT view and the Cross-CoT OT loss.",
+        default_text="on")
+@_field(D, "alpha", help="L = (1-a) CE + a (KD + CCoT).", default_text=_PAPER)
+@_field(D, "out", help="Output directory.", default_text="runs/<student>_<method>...")
+@_field(D, "data", help="--method sft without a cache: dataset alias or file.")
+@_field(D, "projector_lr")
+@_field(D, "kd_temperature")
+@_field(D, "kl_variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]),
+        default_text=_PAPER)
+@_field(D, "ot_epsilon", help="Sinkhorn entropic regularisation.")
+@_field(D, "ot_iters", help="Sinkhorn iterations.")
+@_field(D, "ot_grad", type=click.Choice(["envelope", "unrolled"]), help="OT gradient.")
+@_field(D, "ot_compile", help="torch.compile the Sinkhorn loop.")
+@_field(D, "teacher_dist", type=click.Choice(["exact", "topk"]), help="Teacher distribution.")
 @_training_options
-def distill_cmd(config_file, **flags):
+def distill_cmd(config_file, print_config, **flags):
     """Train a student from a teacher cache (DSKD + CoT2Align by default)."""
+    cfg = build_config(DistillConfig, config_file, **flags)
+    if print_config:
+        return _print_config(_resolved(cfg))
     from cot2align.train.distill import distill
 
-    cfg = build_config(DistillConfig, config_file, **flags)
     _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
 
 
@@ -212,72 +286,86 @@ def _list(value: str | None, cast=str, flag: str = "list") -> list:
         raise ConfigError(f"{flag}: expected comma-separated {kind}, got {value!r}") from None
 
 
+# sweep: lists where distill takes one value; the other flags are DistillConfig fields shared by every run.
+SWEEP_LISTS = ("student", "method", "alpha")
+
+
 @main.command("sweep")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config shared by every run.")
-@click.option("--cache", required=True, help="Teacher cache directory.")
-@click.option("--student", help="Comma-separated students [default: the paper's student for the teacher].")
+@click.option("--cache", required=True, help="Teacher cache directory or URL.")
+@click.option("--student", help="Comma-separated students.", default=None, show_default=_PAPER)
 @click.option("--method", default="dskd", show_default=True, help="Comma-separated methods.")
 @click.option("--alpha", required=True, help="Comma-separated alpha values, e.g. 0.1,0.5,0.9.")
 @click.option("--out", required=True, help="Directory for the runs and the results table.")
-@click.option("--cot2align/--no-cot2align", default=None)
-@click.option("--epochs", type=int)
-@click.option("--max-steps", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--lr", type=float)
-@click.option("--seed", type=int)
-@click.option("--device")
-@click.option("--val-examples", type=int)
-@click.option("--val-max-new-tokens", type=int)
-@click.option("--overwrite", is_flag=True, default=None)
+@_field(D, "cot2align", "--cot2align/--no-cot2align", default_text="on")
+@_field(D, "epochs", default_text=_PAPER)
+@_field(D, "max_steps")
+@_field(D, "batch_size", default_text=_PAPER)
+@_field(D, "lr", default_text=_PAPER)
+@_field(D, "seed")
+@_field(D, "device", default_text="cuda if available, else cpu")
+@_field(D, "val_examples")
+@_field(D, "val_max_new_tokens")
+@_field(D, "overwrite")
 def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
     """Train students x methods x alpha from one cache; write one results table and a plot."""
-    from cot2align.train.sweep import sweep
-
     alphas = _list(alpha, float, "--alpha")
     for a in alphas:
         if not 0.0 <= a <= 1.0:
             raise ConfigError(f"--alpha: expected values in [0, 1], got {a}")
+    from cot2align.train.sweep import sweep
+
     rows = sweep(cache, _list(student) or [None], _list(method), alphas, out, config_file,
                  log=lambda msg: click.echo(msg, err=True), **flags)
     click.echo(f"{len(rows)} runs; results in {out}/results.md")
 
 
 @main.command("sft")
-@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
-@click.option("--model", required=True, help="Model to fine-tune (a teacher, or a student baseline).")
-@click.option("--data", required=True, help="Dataset alias or JSON/JSONL file (standard view).")
-@click.option("--out", required=True)
+@_config_options(D)
+@_field(D, "student", "--model", help="Model to fine-tune (a teacher, or a student baseline).")
+@_field(D, "data", help="Dataset alias or file (standard view).")
+@_field(D, "out", help="Output directory.")
 @_training_options
-def sft_cmd(config_file, model, **flags):
+def sft_cmd(config_file, print_config, **flags):
     """Fine-tune a model on the standard view (the paper fine-tunes every teacher first)."""
     from cot2align.config import sft_defaults
+
+    for required in ("student", "data", "out"):
+        if flags[required] is None and config_file is None:
+            raise ConfigError(f"--{'model' if required == 'student' else required}: required")
+    model = flags["student"] or ""
+    cfg = build_config(DistillConfig, config_file, method="sft", cot2align=False, **sft_defaults(model, flags))
+    if print_config:
+        return _print_config(cfg)
     from cot2align.train.distill import distill
 
-    cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
     _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
 
 
 @main.command("augment-cot")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
-@click.option("--model", help="The (fine-tuned) teacher that writes the rationales.")
-@click.option("--data", help="Dataset alias or JSON/JSONL file.")
-@click.option("--out", help="Output JSONL (appended to; a rerun resumes).")
-@click.option("--split", type=click.Choice(["train", "dev", "test"]), help="[default: train]")
-@click.option("--data-root")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--model", help="The (fine-tuned) teacher that writes the rationales. Required.")
+@click.option("--data", help="Dataset alias or JSON/JSONL file. Required.")
+@click.option("--out", help="Output JSONL (appended to; a rerun resumes). Required.")
+@click.option("--split", type=SPLITS, help="[default: train]")
+@click.option("--data-root", help="[default: $COT2ALIGN_DATA_ROOT or ./data]")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), help="[default: hf]")
-@click.option("--max-new-tokens", type=int, help="[default: 256]")
-@click.option("--temperature", type=float, help="[default: 1.0]")
+@click.option("--max-new-tokens", type=int, help="Rationale length limit. [default: 256]")
+@click.option("--temperature", type=float, help="Sampling temperature. [default: 1.0]")
 @click.option("--seed", type=int, help="[default: 0]")
 @click.option("--batch-size", type=int, help="[default: 16]")
-@click.option("--limit", type=int)
-@click.option("--adapter")
-@click.option("--device")
-@click.option("--trust-remote-code", is_flag=True, default=None)
-def augment_cot_cmd(config_file, **flags):
+@click.option("--limit", type=int, help="Only the first N records.")
+@click.option("--adapter", help="A LoRA adapter merged into --model.")
+@click.option("--device", help="[default: cuda if available, else cpu]")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repo's own code.")
+def augment_cot_cmd(config_file, print_config, **flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
     from cot2align.data.augment import AugmentConfig, augment_cot
 
     cfg = build_config(AugmentConfig, config_file, **flags)
+    if print_config:
+        return _print_config(cfg)
     for required in ("model", "data", "out"):
         if getattr(cfg, required) is None:
             raise ConfigError(f"--{required}: required (as a flag or in --config)")
@@ -285,30 +373,39 @@ def augment_cot_cmd(config_file, **flags):
     click.echo(json.dumps(summary))
 
 
+E = EvaluateConfig
+
+
 @main.command("evaluate")
-@click.option("--model", required=True, help="A model directory (e.g. a distill --out).")
-@click.option("--data", required=True)
-@click.option("--split", default="test", type=click.Choice(["train", "dev", "test"]), show_default=True)
-@click.option("--metric", default="rougeL", type=click.Choice(["rougeL", "ce", "all"]), show_default=True,
-              help="rougeL: generations scored with the paper's protocol; ce: held-out cross-entropy of the references "
-                   "(nats/token and bits/byte, no sampling); all: both.")
-@click.option("--seeds", default="10,20,30,40,50", show_default=True)
-@click.option("--greedy", is_flag=True, help="Greedy decoding once instead of sampling per seed.")
-@click.option("--out", help="Directory for generations and results.json [default: MODEL/eval/<data>_<split>].")
-@click.option("--limit", type=int)
-@click.option("--max-new-tokens", default=512, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--data-root")
-@click.option("--device")
-def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_tokens, batch_size, data_root, device):
+@_config_options(E)
+@_field(E, "model", help="A model directory (e.g. a distill --out). Required.")
+@_field(E, "data", help="Dataset alias or file. Required.")
+@_field(E, "split", type=SPLITS)
+@_field(E, "metric", type=click.Choice(["rougeL", "ce", "all"]),
+        help="rougeL: the paper's protocol; ce: held-out cross-entropy; all: both.")
+@_field(E, "seeds", help="Sampling seeds, comma-separated.")
+@_field(E, "greedy", help="Greedy decoding once instead of sampling per seed.")
+@_field(E, "out", help="Directory for generations and results.json.", default_text="MODEL/eval/<data>_<split>")
+@_field(E, "limit", help="Only the first N examples.")
+@_field(E, "max_new_tokens")
+@_field(E, "batch_size")
+@_field(E, "data_root", default_text="$COT2ALIGN_DATA_ROOT or ./data")
+@_field(E, "device", default_text="cuda if available, else cpu")
+def evaluate_cmd(config_file, print_config, **flags):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
+    cfg = build_config(EvaluateConfig, config_file, **flags)
+    if print_config:
+        return _print_config(cfg)
+    for required in ("model", "data"):
+        if getattr(cfg, required) is None:
+            raise ConfigError(f"--{required}: required (as a flag or in --config)")
+    seed_list = _list(cfg.seeds, int, "--seeds")
+    if cfg.metric != "ce" and not cfg.greedy and not seed_list:
+        raise ConfigError("--seeds: expected at least one seed (or --greedy)")
     from cot2align.eval import evaluate_model
 
-    seed_list = _list(seeds, int, "--seeds")
-    if metric != "ce" and not greedy and not seed_list:
-        raise ConfigError("--seeds: expected at least one seed (or --greedy)")
-    summary = evaluate_model(model, data, split, seed_list, greedy, out, limit, max_new_tokens,
-                             batch_size=batch_size, data_root=data_root, device=device, metric=metric,
+    summary = evaluate_model(cfg.model, cfg.data, cfg.split, seed_list, cfg.greedy, cfg.out, cfg.limit, cfg.max_new_tokens,
+                             batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
                              log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 

@@ -267,6 +267,24 @@ class DistillConfig:
         return setting["setting"] if setting is not None and setting["student"] == self.student else None
 
 
+@dataclass
+class EvaluateConfig:
+    """`cot2align evaluate`: one model on one dataset split, the paper's protocol and/or held-out CE."""
+
+    model: str | None = None           # required: a model directory (e.g. a distill --out)
+    data: str | None = None            # required: dataset alias or file
+    split: str = "test"
+    metric: str = "rougeL"             # rougeL | ce | all
+    seeds: str = "10,20,30,40,50"      # sampling seeds (comma-separated)
+    greedy: bool = False               # greedy decoding once instead of sampling per seed
+    out: str | None = None             # default MODEL/eval/<data>_<split>
+    limit: int | None = None
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    data_root: str | None = None
+    device: str | None = None
+
+
 def sft_defaults(model: str, flags: dict) -> dict:
     """`cot2align sft` defaults: the paper fine-tunes 7B teachers with LoRA r=256, alpha 8, lr 1e-3, 10
     epochs (Table 4), and smaller models fully (Qwen1.5-1.8B: lr 2e-5, 10 epochs)."""
