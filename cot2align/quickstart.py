@@ -15,62 +15,91 @@ import json
 import time
 from pathlib import Path
 
-from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
+from cot2align.config import CacheTeacherConfig, DistillConfig, build_config, sft_defaults
 from cot2align.data.augment import AugmentConfig, augment_cot
 from cot2align.eval import evaluate_model, report
 from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.distill import distill
 
 
-def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=print) -> str:
+def command_line(command: str, settings: dict, rename: dict | None = None) -> str:
+    """The `cot2align <command>` line that builds the same config as `settings` (each setting as its flag)."""
+    parts = [f"cot2align {command}"]
+    for name, value in settings.items():
+        flag = "--" + (rename or {}).get(name, name).replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else ("--no-" + flag[2:] if name == "cot2align" else ""))
+        elif value is not None:
+            parts.append(f"{flag} {value}")
+    return " ".join(p for p in parts if p)
 
+
+def stage_settings(out: str, teacher: str, student: str, limit: int) -> dict[str, tuple[str, dict]]:
+    """Each stage's (command, settings): what the quickstart runs, and, as flags, the command it prints."""
+    root = Path(out)
+    teacher_dir, cot_file, cache_dir, runs = root / "teacher", root / "data" / "cot.jsonl", root / "cache", root / "runs"
+    train = dict(epochs=1, batch_size=4, val_examples=4, val_max_new_tokens=16, overwrite=True)
+    teacher_lr = 1e-3 if teacher.startswith("tiny-") else 2e-5       # a real pretrained teacher gets a gentle lr
+    stages = {
+        "sft teacher": ("sft", dict(model=teacher, data="sample", limit=limit, lr=teacher_lr, lora_rank=0,
+                                    out=str(teacher_dir), **train)),
+        "augment-cot": ("augment-cot", dict(model=str(teacher_dir), data="sample", limit=limit, max_new_tokens=48,
+                                            batch_size=32, out=str(cot_file))),
+        "cache-teacher": ("cache-teacher", dict(model=str(teacher_dir), data=str(cot_file), topk=16,
+                                                out=str(cache_dir))),
+    }
+    variants = {"sft": dict(method="sft", cot2align=False), "dskd": dict(method="dskd", cot2align=False),
+                "dskd_cot2align": dict(method="dskd", cot2align=True)}
+    for name, variant in variants.items():
+        stages[f"distill {name}"] = ("distill", dict(cache=str(cache_dir), student=student, **variant, alpha=0.5,
+                                                     lr=1e-3, out=str(runs / name), **train))
+    for name in variants:
+        stages[f"evaluate {name}"] = ("evaluate", dict(model=str(runs / name), data="sample", split="test", limit=20,
+                                                       seeds="10,20", max_new_tokens=32))
+    return stages
+
+
+def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=print) -> str:
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     quiet = lambda message: None  # noqa: E731  (stages' own chatter stays out of the walkthrough)
+    stages = stage_settings(out, teacher, student, limit)
 
-    def stage(name: str, command: str, fn):
-        log(f"$ {command}")
+    def stage(name: str, fn):
+        command, settings = stages[name]
+        log(f"$ {command_line(command, settings)}")
         started = time.perf_counter()
-        result = fn()
+        result = fn(settings)
         timings[name] = time.perf_counter() - started
         log(f"  ({timings[name]:.1f} s)")
         return result
 
-    teacher_dir, cot_file, cache_dir, runs = root / "teacher", root / "data" / "cot.jsonl", root / "cache", root / "runs"
-    common_train = dict(epochs=1, batch_size=4, val_examples=4, val_max_new_tokens=16, overwrite=True)
-    teacher_lr = 1e-3 if teacher.startswith("tiny-") else 2e-5       # a real pretrained teacher gets a gentle lr
-    stage("sft teacher", f"cot2align sft --model {teacher} --data sample --limit {limit} --epochs 1 --lr {teacher_lr} "
-                         f"--out {teacher_dir}",
-          lambda: distill(build_config(DistillConfig, student=teacher, method="sft", cot2align=False, data="sample",
-                                       limit=limit, lr=teacher_lr, alpha=0.0, out=str(teacher_dir), **common_train),
-                          log=quiet, progress=False))
-    kept = stage("augment-cot", f"cot2align augment-cot --model {teacher_dir} --data sample --limit {limit} "
-                                f"--max-new-tokens 48 --out {cot_file}",
-                 lambda: augment_cot(AugmentConfig(model=str(teacher_dir), data="sample", limit=limit, max_new_tokens=48,
-                                                   out=str(cot_file), batch_size=32), log=quiet))
+    stage("sft teacher", lambda s: distill(build_config(DistillConfig, **_sft(s)), log=quiet, progress=False))
+    kept = stage("augment-cot", lambda s: augment_cot(build_config(AugmentConfig, **s), log=quiet))
     log(f"  {kept.get('kept', 0)} rationales kept, degenerate: {kept.get('degenerate') or 'none'}")
-    stage("cache-teacher", f"cot2align cache-teacher --model {teacher_dir} --data {cot_file} --out {cache_dir}",
-          lambda: cache_teacher(build_config(CacheTeacherConfig, model=str(teacher_dir), data=str(cot_file),
-                                             out=str(cache_dir), topk=16), log=quiet))
-    variants = {"sft": dict(method="sft", cot2align=False), "dskd": dict(method="dskd", cot2align=False),
-                "dskd_cot2align": dict(method="dskd", cot2align=True)}
-    for name, variant in variants.items():
-        flag = "--cot2align" if variant["cot2align"] else "--no-cot2align"
-        stage(f"distill {name}", f"cot2align distill --cache {cache_dir} --student {student} --method {variant['method']} "
-                                 f"{flag} --alpha 0.5 --epochs 1 --out {runs / name}",
-              lambda variant=variant, name=name: distill(build_config(
-                  DistillConfig, cache=str(cache_dir), student=student, alpha=0.5, out=str(runs / name), lr=1e-3,
-                  **variant, **common_train), log=quiet, progress=False))
-    for name in variants:
-        stage(f"evaluate {name}", f"cot2align evaluate --model {runs / name} --data sample --split test --limit 20 "
-                                  "--seeds 10,20 --max-new-tokens 32",
-              lambda name=name: evaluate_model(str(runs / name), "sample", "test", [10, 20], limit=20, max_new_tokens=32,
-                                               log=quiet))
-    table = stage("report", f"cot2align report {runs}", lambda: report(str(runs), log=quiet))
+    if not kept.get("kept"):
+        log("  warning: every rationale was dropped, so the CoT view is empty and the CoT2Align run below trains on "
+            "the standard view alone (expected from a random tiny teacher; try --teacher smollm2-135m-instruct)")
+    stage("cache-teacher", lambda s: cache_teacher(build_config(CacheTeacherConfig, **s), log=quiet))
+    runs = root / "runs"
+    for name in ("sft", "dskd", "dskd_cot2align"):
+        stage(f"distill {name}", lambda s: distill(build_config(DistillConfig, **s), log=quiet, progress=False))
+    for name in ("sft", "dskd", "dskd_cot2align"):
+        stage(f"evaluate {name}", lambda s: evaluate_model(s["model"], s["data"], s["split"],
+                                                           [int(seed) for seed in s["seeds"].split(",")],
+                                                           limit=s["limit"], max_new_tokens=s["max_new_tokens"], log=quiet))
+    log(f"$ cot2align report {runs}")
+    table = report(str(runs), log=quiet)
     log("")
     log(table)
     log("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) +
         f"; total {sum(timings.values()):.1f} s")
     (root / "timings.json").write_text(json.dumps(timings, indent=1))
     return table
+
+
+def _sft(settings: dict) -> dict:
+    """`cot2align sft` settings as the DistillConfig the command builds (its defaults, then the flags)."""
+    flags = {("student" if k == "model" else k): v for k, v in settings.items()}
+    return dict(method="sft", cot2align=False, **sft_defaults(flags["student"], flags))

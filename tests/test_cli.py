@@ -79,3 +79,27 @@ def test_help_names_defaults_fits_a_screen_and_starts_without_torch():
     for shown in ("--ot-epsilon FLOAT", "[default: 10.0]", "--weight-decay FLOAT", "[default: 0.01]",
                   "--lr FLOAT", "[default: the paper's setting]"):
         assert shown in distill_help, shown
+
+
+def test_the_quickstart_prints_commands_equivalent_to_what_it_runs(tmp_path):
+    """Each printed `cot2align ...` line, parsed by the CLI, builds exactly the config the quickstart ran."""
+    import shlex
+
+    from cot2align.config import build_config
+    from cot2align.quickstart import _sft, command_line, stage_settings
+
+    configs = {"cache-teacher": CacheTeacherConfig, "augment-cot": AugmentConfig, "evaluate": EvaluateConfig,
+               "distill": DistillConfig, "sft": DistillConfig}
+    for name, (command, settings) in stage_settings(str(tmp_path / "qs"), "tiny-qwen2", "tiny-gpt2", 24).items():
+        line = command_line(command, settings)
+        args = shlex.split(line)[2:]
+        ran = build_config(configs[command], **(_sft(settings) if command == "sft" else settings))
+        if command == "distill":         # --print-config would resolve against a cache that does not exist yet
+            params = main.commands["distill"].make_context("distill", args).params
+            printed = dataclasses.asdict(build_config(DistillConfig, **{k: v for k, v in params.items()
+                                                                        if k not in NOT_FIELDS}))
+        else:
+            result = CliRunner().invoke(main, [command, *args, "--print-config"])
+            assert result.exit_code == 0, (line, result.output)
+            printed = yaml.safe_load(result.stdout)
+        assert printed == dataclasses.asdict(ran), (name, line)

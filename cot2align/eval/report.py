@@ -161,11 +161,16 @@ def _plot(rouge: dict, ce: dict, path: Path) -> None:
             cells = [table[method].get(c) for c in columns]
             means = [(cell[key][0] if key else cell[0]) if cell else 0.0 for cell in cells]
             stds = [(cell[key][1] if key else cell[1]) if cell else 0.0 for cell in cells]
-            ax.bar(xs, means, width, yerr=stds, label=method, capsize=3)
+            # scores are >= 0: an error bar stops at 0 rather than drawing below the axis
+            below = [min(std, mean) for mean, std in zip(means, stds)]
+            ax.bar(xs, means, width, yerr=[below, stds], label=method, capsize=3)
         ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(columns))])
         ax.set_xticklabels(columns, fontsize=8)
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        ax.set_ylim(bottom=0)
+    # one legend for all panels, beside them, never over the bars
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -53,7 +53,8 @@ def progress_bar(total: int, epoch: int, enabled: bool):
 
 def write_outputs(out: Path, cfg: DistillConfig, tokenizer, model, projectors, cache, summary: dict) -> None:
     """The best epoch's model at the top of --out (saving the final weights if no epoch was kept), the
-    projectors, summary.json, the loss plot and the model card."""
+    projectors, summary.json, the loss plot and the model card. The model files are moved up from best/, not
+    copied: one copy of the weights per run."""
     best = out / "best"
     if not best.exists():
         save_model(model, tokenizer, best, cfg)
@@ -61,7 +62,8 @@ def write_outputs(out: Path, cfg: DistillConfig, tokenizer, model, projectors, c
         target = out / item.name
         if target.is_dir():
             shutil.rmtree(target)
-        shutil.copy2(item, target) if item.is_file() else shutil.copytree(item, target)
+        os.replace(item, target)
+    best.rmdir()
     if len(list(projectors.parameters())):
         save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()},
                   str(out / "projectors.safetensors"))
