@@ -13,11 +13,12 @@ from contextlib import contextmanager
 _SAFETENSORS_IO = re.compile(r"I/O error: (.*?)(?: at path .*)?$")
 
 
-def io_failure(error: BaseException) -> str | None:
-    """A short reason when `error` is a failed read or write of storage, else None."""
+def io_failure(error: BaseException, said: str = "") -> str | None:
+    """A short reason when `error` is a failed read or write of storage (naming the file unless `said` does),
+    else None."""
     if isinstance(error, OSError):
         reason = error.strerror or str(error) or type(error).__name__
-        return f"{reason}: {error.filename}" if error.filename else reason
+        return f"{reason}: {error.filename}" if error.filename and str(error.filename) not in said else reason
     if type(error).__name__ == "SafetensorError":
         match = _SAFETENSORS_IO.search(str(error))
         if match:
@@ -27,11 +28,11 @@ def io_failure(error: BaseException) -> str | None:
 
 @contextmanager
 def reported(error, what: str, recovery: str):
-    """Turn a storage failure inside the block into `error` ("<what>: <reason>; <recovery>")."""
+    """Turn a storage failure inside the block into `error` ("<what> (<reason>); <recovery>")."""
     try:
         yield
     except Exception as e:
-        reason = io_failure(e)
+        reason = io_failure(e, what)
         if reason is None:
             raise
-        raise error(f"{what}: {reason}; {recovery}") from None
+        raise error(f"{what} ({reason}); {recovery}") from None

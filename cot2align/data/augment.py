@@ -128,7 +128,7 @@ def _augment(cfg: AugmentConfig, out: Path, log) -> dict:
     records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
     if cfg.limit is not None:
         records = records[:cfg.limit]
-    with reported(DataError, str(out), "nothing was generated yet; free space (or make it writable) and rerun"):
+    with reported(DataError, f"{out}: cannot prepare", "nothing was generated yet; free space (or make it writable) and rerun"):
         out.parent.mkdir(parents=True, exist_ok=True)
         done = finished_ids(out)
     todo = [r for r in records if r["id"] not in done]

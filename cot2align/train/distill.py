@@ -61,23 +61,23 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> int:
     bar = progress_bar(len(sampler), epoch, run.is_main and progress)
     window: list[dict] = []
     batches = iter(run.loader)
-    while True:
-        waited = time.perf_counter()
-        batch = next(batches, None)
-        run.data_wait += time.perf_counter() - waited
-        if batch is None:
-            break
-        accumulate = run.cfg.grad_accum
-        window_size = min(accumulate, (batch_no % accumulate) + run.batches_per_epoch - batch_no)
-        window.append(loss_step(run, batch, epoch, window_size))
-        batch_no += 1
-        if len(window) < window_size:
-            continue
-        optimizer_step(run, window, epoch, batch_no, bar)
-        window = []
-        if run.stopped:
-            break
-    bar.close()
+    with bar:       # closed on an error too: the error line then starts a line of its own
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            run.data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
+            accumulate = run.cfg.grad_accum
+            window_size = min(accumulate, (batch_no % accumulate) + run.batches_per_epoch - batch_no)
+            window.append(loss_step(run, batch, epoch, window_size))
+            batch_no += 1
+            if len(window) < window_size:
+                continue
+            optimizer_step(run, window, epoch, batch_no, bar)
+            window = []
+            if run.stopped:
+                break
     return batch_no
 
 

@@ -51,7 +51,7 @@ def cut_back(path: Path, step: int, validations: int) -> None:
 def open_metrics(out: Path, resumed_state: dict | None):
     """The file to append to: cut back to a resumed checkpoint's `state`, or new lines after a fresh start."""
     path = out / "metrics.jsonl"
-    with reported(TrainingError, str(path), RECOVERY):
+    with reported(TrainingError, f"{path}: cannot rewrite", RECOVERY):
         if resumed_state is not None and path.exists():
             cut_back(path, resumed_state["step"], len(resumed_state.get("history", [])))
         return path.open("ab", buffering=0)
@@ -65,5 +65,5 @@ def _write_all(file, data: bytes) -> None:
 
 def append(file, record: dict) -> None:
     """One record, as one line."""
-    with reported(TrainingError, file.name, RECOVERY):
+    with reported(TrainingError, f"{file.name}: cannot append", RECOVERY):
         _write_all(file, (json.dumps(record) + "\n").encode())

@@ -253,7 +253,7 @@ def _setup_resume(cfg: DistillConfig, out: Path, model, projectors, optimizer, s
 
 
 def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, resumed_state: dict | None):
-    with reported(ConfigError, f"--out {out}", "nothing was trained yet; free space (or make it writable) and rerun"):
+    with reported(ConfigError, f"--out {out}: cannot write the run's files", "nothing was trained yet; free space (or make it writable) and rerun"):
         (out / RUN_MARKER).write_text(json.dumps({"config": config_to_dict(cfg), "teacher": teacher_name}, indent=1))
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return open_metrics(out, resumed_state), tensorboard_writer(out)
