@@ -30,7 +30,7 @@ from pathlib import Path
 def lock_path(out: str | Path, rank: int = 0) -> Path:
     """The lock of an output: `<out>.lock` (rank 0, which every job has, so two jobs always meet there), and
     `<out>.rank<r>.lock` for the other ranks of a torchrun job that each write a part of one output."""
-    out = Path(out)
+    out = Path(out).absolute()      # `--out .` has a name once absolute
     return out.with_name(f"{out.name}.lock" if rank == 0 else f"{out.name}.rank{rank}.lock")
 
 

@@ -108,11 +108,11 @@ class Run:
         return self.cfg.cot2align or self.cfg.method == "dskd"
 
 
-def setup(cfg: DistillConfig, log=print, cache=None, held: ExitStack | None = None) -> Run:
+def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     """`held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
     rank, world, device = _setup_distributed(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
-    cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held if held is not None else ExitStack())
+    cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
