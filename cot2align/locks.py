@@ -10,7 +10,8 @@ from /proc/<pid>/stat: a recycled pid is not the holder). A stale lock is taken 
 of two processes taking over the same stale lock only one moves it), checked to be the stale one just read (else
 the other taker's fresh lock was moved, and is put back), then created again with O_EXCL. A lock held on another
 host cannot be checked from here and is never taken over; the error says which file to delete if that host's
-run is really gone.
+run is really gone. Hosts are told apart by name, pids by this host's process table: containers that share one
+output directory need distinct host names.
 
 Locks are for local paths: an object store (s3://…) has no exclusive create that fsspec exposes everywhere, so
 remote caches are not locked (their writers still never share a chunk or a progress record, format.py).
