@@ -331,3 +331,9 @@ def test_report_counts_every_run_that_shares_a_method(tmp_path):
             {"data": "dialogsum", "decoding": "greedy", "per_run": {"greedy": score}, "mean": score, "std": 0.0}))
     table = report(str(tmp_path), log=lambda m: None)
     assert "| DSKD + CoT2Align | 22.00 ± 2.00 [3 runs] |" in table, table
+
+
+def test_the_readme_states_this_table_size():
+    """The README's Reliability figure is this table's size (add a case, update the README)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"{len(BAD_INPUT)} bad-input cases" in readme

@@ -343,6 +343,11 @@ def test_hostile_ids_and_a_poisoned_manifest_stay_inside_and_never_enable_remote
     group["attributes"]["teacher"]["name_or_path"] = "../../../evil-teacher"
     group["attributes"]["tokenizer"]["name_or_path"] = "../../../evil-tokenizer"
     group["attributes"]["data"]["name"] = "../../../../etc/passwd"
+    # re-sealed with a valid checksum: the attacker who can write the manifest can also recompute it, so what is
+    # tested here is that no manifest value is ever trusted as a path or a permission
+    from cot2align.cache.format import with_checksum
+
+    group["attributes"] = with_checksum(group["attributes"])
     manifest_file.write_text(json.dumps(group))
     for where in (cache, cache / "teacher"):
         (where / "config.yaml").write_text("trust_remote_code: true\n")

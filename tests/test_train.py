@@ -249,8 +249,11 @@ def test_bad_inputs(cache_dir, tmp_path):
     import shutil
 
     shutil.copytree(cache_dir, writing)
+    from cot2align.cache.format import with_checksum
+
     meta = json.loads((writing / "zarr.json").read_text())
     meta["attributes"]["status"] = "writing"
+    meta["attributes"] = with_checksum(meta["attributes"])      # an unfinished cache, as the writer leaves it
     (writing / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="not complete"):
         _run(writing, tmp_path / "w", method="dskd")

@@ -170,6 +170,10 @@ class TeacherCache:
         on read-only storage is never written by a reader."""
         if kind == "students" and self.path is not None and writable_parent(self.path):
             return self.path.parent / f"{self.path.name}.students"
+        return self.home_dir(kind)
+
+    def home_dir(self, kind: str) -> Path:
+        """$COT2ALIGN_HOME/<kind>/<cache identity>/: what is kept for a cache whose own storage cannot take it."""
         return cot2align_home() / kind / self.location.identity(self.manifest)
 
     def teacher_dir(self) -> Path:

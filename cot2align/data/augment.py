@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from cot2align.config import ConfigError
-from cot2align.data.readers import load_records
+from cot2align.data.readers import DataError, load_records
 from cot2align.data.templates import cot_output, cot_prompt
 from cot2align.eval.generation import generate_batch
 from cot2align.faults import fault_point
+from cot2align.locks import writer_lock
 from cot2align.modeling import load_model, load_tokenizer
+from cot2align.write_errors import reported
 
 SEPARATOR = "Therefore, the answer is"
 
@@ -158,12 +160,19 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
 
 
 def augment_cot(cfg: AugmentConfig, log=print) -> dict:
+    out = Path(cfg.out)
+    # one writer per output file (<out>.lock): two runs appending to one JSONL would both generate the same ids
+    with writer_lock(out, ConfigError, f"--out {out}", log=log):
+        return _augment(cfg, out, log)
+
+
+def _augment(cfg: AugmentConfig, out: Path, log) -> dict:
     records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
     if cfg.limit is not None:
         records = records[:cfg.limit]
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = finished_ids(out)
+    with reported(DataError, f"{out}: cannot prepare", "nothing was generated yet; free space (or make it writable) and rerun"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = finished_ids(out)
     todo = [r for r in records if r["id"] not in done]
     log(f"augment-cot: {len(records)} records, {len(done)} already done, {len(todo)} to generate")
     counts = Counter()
@@ -182,7 +191,9 @@ def augment_cot(cfg: AugmentConfig, log=print) -> dict:
         ordered = sorted(todo, key=lambda r: lengths[r["id"]])
         batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
         generated = None
-    with out.open("a", encoding="utf-8") as f:
+    # every finished batch is on disk (fsync) before the next: a rerun continues after the last whole line
+    with reported(DataError, f"{out}: cannot append", "the records written before are kept; free space (or make it "
+                  "writable) and rerun the same command to continue"), out.open("a", encoding="utf-8") as f:
         for number, batch in enumerate(batches):
             if generated is None:
                 # the seed depends on the batch's first id, so a resumed run samples what it would have

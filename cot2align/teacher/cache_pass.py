@@ -15,9 +15,11 @@ import hashlib
 import json
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +36,14 @@ from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
 from cot2align.faults import fault_point
+from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
+from cot2align.locks import writer_lock
 from cot2align.data.templates import load_templates
 from cot2align.modeling import load_model, load_tokenizer, model_files_fingerprint, tokenizer_hash, weights_fingerprint
 from cot2align.teacher.batching import plan_batches, plan_blocks
 from cot2align.teacher.forward import probe_head, teacher_batch
 from cot2align.teacher.sequences import build_sequences
+from cot2align.write_errors import io_failure, reported
 
 HIDDEN_CODEC_AUTO = "zstd"  # chosen by bench/cache_pass.py, see BENCHMARKS.md
 
@@ -188,30 +193,56 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     rank, world, device, own_group = _distributed(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
     location = Location(cfg.out or default_out(cfg))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # one writer per output: a second job on the same --out is refused at once; each rank locks its own part,
+    # and every job has a rank 0, so two jobs always meet on <out>.lock (object stores are not locked: locks.py)
+    lock = writer_lock(location.local_path, CacheError, f"--out {location}", rank, say) if location.is_local else nullcontext()
     try:
-        plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
-        existing = _existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
-        if existing is not None and existing.get("status") == "complete":
-            return {"out": location.url, "status": "complete", "skipped": True}
-        t_start = time.perf_counter()
-        _plan_sequences(cfg, plan)
-        torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
-        if model is None:
-            model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
-                               trust_remote_code=cfg.trust_remote_code)
-        writer, info, specs = _open_store(cfg, location, plan, model, existing, dtype, rank, world)
-        stats = _run_pass(cfg, writer, plan, model, info, specs, rank)  # 4. this rank's part
-        stats["prepare_seconds"] = stats.get("prepare_seconds", 0.0) + stats.pop("started_at") - t_start
-        stats = _complete(writer, stats, rank, world)                   # 5. every part done: complete
+        with lock:
+            return _build(cfg, location, rank, world, device, say, model)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
+
+
+def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, device, say, model) -> dict:
+    """The pass itself, under the writer lock."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
+    _remove_leftovers(location, rank, say)
+    existing = _existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
+    if existing is not None and existing.get("status") == "complete":
+        return {"out": location.url, "status": "complete", "skipped": True}
+    t_start = time.perf_counter()
+    _plan_sequences(cfg, plan)
+    torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
+    if model is None:
+        model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
+                           trust_remote_code=cfg.trust_remote_code)
+    writer, info, specs = _open_store(cfg, location, plan, model, existing, dtype, rank, world)
+    stats = _run_pass(cfg, writer, plan, model, info, specs, rank)  # 4. this rank's part
+    stats["prepare_seconds"] = stats.get("prepare_seconds", 0.0) + stats.pop("started_at") - t_start
+    with reported(CacheError, f"{location}: cannot mark the cache complete",
+                  "every block is committed; rerun the same command to finish it"):
+        stats = _complete(writer, stats, rank, world)               # 5. every part done: complete
     n = len(plan.sequences)
     say(f"{location}: {n} examples, {int(plan.offsets['std'][-1])} std rows, {int(plan.offsets['cot'][-1])} cot rows, "
         f"{stats['tokens_per_s']:.0f} teacher tokens/s" + (f" over {world} ranks" if world > 1 else ""))
     return {"out": location.url, "status": "complete", "skipped": False, "n_examples": n,
             "rows": {v: int(plan.offsets[v][-1]) for v in VIEWS}, "pass": stats}
+
+
+def _remove_leftovers(location: Location, rank: int, say) -> None:
+    """Half-written files of a killed run (leftovers.py): this rank's part, and on rank 0 the rest of the store and
+    a format-1 creation directory beside it. Called under the writer lock: no other writer is at work here."""
+    if not location.is_local:
+        return
+    root = location.local_path.absolute()
+    removed = remove_partial_writes(root / "parts" / str(rank))
+    if rank == 0:
+        removed += remove_partial_writes(root, skip="parts")
+        removed += remove_dead_temporaries(root.parent, re.compile(rf"\.{re.escape(root.name)}\.creating-(\d+)"))
+    if removed:
+        say(f"{location}: removed {len(removed)} half-written file(s) left by a killed run")
 
 
 def _distributed(cfg: CacheTeacherConfig) -> tuple[int, int, torch.device, bool]:
@@ -340,7 +371,9 @@ def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model,
         parts = split_parts(block_starts, plan.offsets, world)
         manifest = _manifest(cfg, model, plan, weights, info, specs, vocab_size, hidden_size, block_starts, parts,
                              block_max_rows, dtype)
-        _create(location, manifest, plan, model, specs, head_in, head_out)
+        with reported(CacheError, f"{location}: cannot create the cache",
+                      "nothing of it is used yet; rerun the same command to create it again"):
+            _create(location, manifest, plan, model, specs, head_in, head_out)
     _barrier(world)
     return CacheWriter.reopen(location), info, specs
 
@@ -410,10 +443,16 @@ def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, 
         background.join()
         if background.error is not None:
             raise background.error
-    except BaseException:
+    except BaseException as e:
         if background.error is None and background.is_alive():
             background.inbox.put(None)  # stop the writer; the uncommitted block is redone on resume
-        raise
+        reason = io_failure(e)
+        if reason is None:
+            raise
+        # disk full, read-only, quota: say what is kept; a rerun redoes the block from the manifest's progress
+        raise CacheError(f"{writer.location}: cannot write the cache ({reason}); its {writer.blocks_done(part)} "
+                         f"committed block(s){f' of part {part}' if part else ''} are intact — free space (or make "
+                         "it writable) and rerun the same command to resume") from None
     finally:
         bar.close()
     return _pass_stats(writer.manifest.get("pass", {}), time.perf_counter() - t_pass, counts,

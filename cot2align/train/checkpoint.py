@@ -32,8 +32,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
+from cot2align.leftovers import remove_dead_temporaries
 from cot2align.train import TrainingError
 from cot2align.train.fsdp import full_tensor, shard_like
+from cot2align.write_errors import io_failure
+
+# a save killed between writing aside and renaming into place (group 1: the writer's pid)
+CHECKPOINT_TEMPORARY = re.compile(r"\.(?:step-\d+|latest)\.(\d+)\.tmp")
 
 CHECKSUMS = "checksums.json"
 
@@ -78,9 +83,25 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     if not write:
         return None
     checkpoints = run_dir / "checkpoints"
+    tmp = checkpoints / f".step-{step:08d}.{os.getpid()}.tmp"
+    try:
+        return _write(checkpoints, tmp, step, trainable, projectors, tensors, meta, scheduler, state, keep)
+    except Exception as e:
+        reason = io_failure(e)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)     # what fitted of it; the previous checkpoint stays the latest
+        last = latest_checkpoint(run_dir)
+        intact = f"the last checkpoint, {last.name}, is intact" if last is not None else "there is no earlier checkpoint"
+        raise TrainingError(f"{checkpoints}: cannot write checkpoint step-{step:08d} ({reason}); {intact} — free "
+                            "space (or make --out writable) and rerun with --resume") from None
+
+
+def _write(checkpoints: Path, tmp: Path, step: int, trainable, projectors, tensors, meta, scheduler, state,
+           keep: int) -> Path:
+    """Write the checkpoint aside in `tmp`, rename it into place, then point `latest` at it."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:08d}"
-    tmp = checkpoints / f".step-{step:08d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
@@ -106,6 +127,11 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     for old in sorted(checkpoints.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_checkpoint_leftovers(run_dir: Path) -> list[Path]:
+    """A killed save's temporaries (leftovers.py), when their writer is dead."""
+    return remove_dead_temporaries(run_dir / "checkpoints", CHECKPOINT_TEMPORARY)
 
 
 def _sha256(path: Path) -> str:

@@ -41,23 +41,52 @@ def student_view_ids(tokenizer, prompt: str, response: str, with_eos: bool, max_
     return prompt_ids + response_ids[:max_length - len(prompt_ids)], len(prompt_ids)
 
 
-def memo_path(cache, tokenizer_hash: str, max_length: int, mined: bool) -> Path:
-    """Beside a local, writable cache (<cache>.students/), else in a local directory keyed by the cache's
-    identity: a cache on an object store or read-only storage is never written."""
+def memo_paths(cache, tokenizer_hash: str, max_length: int, mined: bool) -> list[Path]:
+    """Where the memo may be, in order: beside a local cache (<cache>.students/), then in the local directory keyed
+    by the cache's identity ($COT2ALIGN_HOME/students/<identity>/) — where it goes for a cache on an object store
+    or on storage that refuses the write (read-only, full, not ours): the cache itself is never written."""
     key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{mined}|{MEMO_VERSION}".encode()).hexdigest()[:16]
-    return cache.local_dir("students") / f"{key}.npz"
+    places = dict.fromkeys([cache.local_dir("students"), cache.home_dir("students")])
+    return [place / f"{key}.npz" for place in places]
+
+
+def _read_memo(paths: list[Path], manifest_key: np.ndarray) -> dict[str, np.ndarray] | None:
+    for path in paths:
+        if path.exists():
+            with np.load(path) as stored:
+                if np.array_equal(stored["manifest_key"], manifest_key):
+                    return dict(stored)
+    return None
+
+
+def _write_memo(paths: list[Path], arrays: dict[str, np.ndarray], log) -> None:
+    """Into the first place that takes it (written aside and renamed: readers never see half a memo)."""
+    for number, path in enumerate(paths):
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+            return
+        except OSError as e:
+            if tmp.exists():
+                tmp.unlink()
+            if number + 1 < len(paths):
+                log(f"note: {path.parent}: cannot write the students' memo ({e.strerror}); keeping it in "
+                    f"{paths[number + 1].parent} instead")
+            else:
+                log(f"warning: cannot keep the students' memo anywhere ({e.strerror}); it is recomputed next time")
 
 
 def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab_map=None, teacher_tokenizer=None,
                    log=print) -> dict[str, np.ndarray]:
     """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
     a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
-    path = memo_path(cache, tokenizer_hash, max_length, vocab_map is not None)
+    paths = memo_paths(cache, tokenizer_hash, max_length, vocab_map is not None)
     manifest_key = np.frombuffer(hashlib.sha256(repr(cache.manifest.get("data")).encode()).digest(), dtype=np.uint8)
-    if path.exists():
-        with np.load(path) as stored:
-            if np.array_equal(stored["manifest_key"], manifest_key):
-                return dict(stored)
+    stored = _read_memo(paths, manifest_key)
+    if stored is not None:
+        return stored
     aligner = None
     if vocab_map is not None:
         aligner = (token_strings(tokenizer), token_strings(teacher_tokenizer), vocab_map.tea2stu)
@@ -75,10 +104,7 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     if unencodable:
         log(f"warning: the student tokenizer maps part of {unencodable} cached responses to its unknown token "
             f"(id {tokenizer.unk_token_id}); those characters cannot be learned")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    _write_memo(paths, out, log)
     return out
 
 

@@ -15,8 +15,8 @@ hidden states and LM head when the method needs them.
 
 from __future__ import annotations
 
-import json
 import math
+from contextlib import ExitStack
 import time
 
 import numpy as np
@@ -29,20 +29,26 @@ from cot2align.train import TrainingError
 from cot2align.train.batches import views as batch_views
 from cot2align.train.checkpoint import save_checkpoint
 from cot2align.train.fsdp import average_gradients, clip_grad_norm
+from cot2align.train.metrics import append as append_metrics
 from cot2align.train.outputs import progress_bar, save_best, write_outputs
 from cot2align.train.setup import Run, setup, trainable_state, whole_model
 from cot2align.train.validation import is_better, validate
+from cot2align.write_errors import reported
+
+# a rerun with --resume from the last checkpoint trains what is missing and writes the outputs again
+FINAL_RECOVERY = "the checkpoints are intact; free space (or make --out writable) and rerun with --resume"
 
 
 def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) -> dict:
     """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once)."""
-    run = setup(cfg, log, cache)
-    for epoch in range(run.state["epoch"], cfg.epochs):
-        if run.stopped:
-            break
-        batch_no = train_epoch(run, epoch, progress)
-        end_of_epoch(run, epoch, batch_no)
-    return finalise(run)
+    with ExitStack() as held:      # the writer lock of --out, until the outputs are written or an error stops the run
+        run = setup(cfg, log, cache, held)
+        for epoch in range(run.state["epoch"], cfg.epochs):
+            if run.stopped:
+                break
+            batch_no = train_epoch(run, epoch, progress)
+            end_of_epoch(run, epoch, batch_no)
+        return finalise(run)
 
 
 def train_epoch(run: Run, epoch: int, progress: bool) -> int:
@@ -55,23 +61,23 @@ def train_epoch(run: Run, epoch: int, progress: bool) -> int:
     bar = progress_bar(len(sampler), epoch, run.is_main and progress)
     window: list[dict] = []
     batches = iter(run.loader)
-    while True:
-        waited = time.perf_counter()
-        batch = next(batches, None)
-        run.data_wait += time.perf_counter() - waited
-        if batch is None:
-            break
-        accumulate = run.cfg.grad_accum
-        window_size = min(accumulate, (batch_no % accumulate) + run.batches_per_epoch - batch_no)
-        window.append(loss_step(run, batch, epoch, window_size))
-        batch_no += 1
-        if len(window) < window_size:
-            continue
-        optimizer_step(run, window, epoch, batch_no, bar)
-        window = []
-        if run.stopped:
-            break
-    bar.close()
+    with bar:       # closed on an error too: the error line then starts a line of its own
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            run.data_wait += time.perf_counter() - waited
+            if batch is None:
+                break
+            accumulate = run.cfg.grad_accum
+            window_size = min(accumulate, (batch_no % accumulate) + run.batches_per_epoch - batch_no)
+            window.append(loss_step(run, batch, epoch, window_size))
+            batch_no += 1
+            if len(window) < window_size:
+                continue
+            optimizer_step(run, window, epoch, batch_no, bar)
+            window = []
+            if run.stopped:
+                break
     return batch_no
 
 
@@ -147,7 +153,8 @@ def end_of_epoch(run: Run, epoch: int, batch_no: int) -> None:
             run.state.update(best_rougeL=rouge, best_val_loss=ce, best_epoch=epoch)
             whole = whole_model(run.model, run.cfg, run.is_main)
             if run.is_main:
-                save_best(whole, run.tokenizer, run.out, run.cfg)
+                with reported(TrainingError, f"{run.out / 'best'}: cannot save the best model", FINAL_RECOVERY):
+                    save_best(whole, run.tokenizer, run.out, run.cfg)
         # a finished epoch resumes at the next one; a run stopped by max_steps resumes where it stopped
         position = dict(epoch=epoch, batches_done=batch_no) if run.stopped else dict(epoch=epoch + 1, batches_done=0)
         run.state.update(step=run.step, **position)
@@ -158,9 +165,8 @@ def end_of_epoch(run: Run, epoch: int, batch_no: int) -> None:
 
 
 def log_metrics(run: Run, record: dict, kind: str) -> None:
-    """One JSON line in metrics.jsonl (flushed: a crash loses nothing logged) and the TensorBoard scalars."""
-    run.metrics_file.write(json.dumps(record) + "\n")
-    run.metrics_file.flush()
+    """One JSON line in metrics.jsonl (unbuffered: a crash loses nothing logged) and the TensorBoard scalars."""
+    append_metrics(run.metrics_file, record)
     if run.writer is not None:
         for key, value in record.items():
             if key not in ("step", "epoch"):
@@ -176,7 +182,8 @@ def finalise(run: Run) -> dict:
         run.metrics_file.close()
         if run.writer is not None:
             run.writer.close()
-        write_outputs(run.out, run.cfg, run.tokenizer, final, run.projectors, run.cache, summary)
+        with reported(TrainingError, f"--out {run.out}: cannot write the final model", FINAL_RECOVERY):
+            write_outputs(run.out, run.cfg, run.tokenizer, final, run.projectors, run.cache, summary)
         run.say(f"wrote {run.out} (best epoch {summary['best_epoch']}, val ROUGE-L {summary['best_val_rougeL']})")
     if run.world > 1:
         torch.distributed.barrier()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from cot2align.config import DistillConfig
 from cot2align.plotting import pyplot
+from cot2align.train.metrics import read_records
 
 
 def save_model(model, tokenizer, path: Path, cfg: DistillConfig) -> None:
@@ -93,8 +94,7 @@ def plot_losses(out: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "ce" in r]
+    train = [r for r in read_records(out / "metrics.jsonl") if "ce" in r]
     if not train:
         return
     fig, ax = plt.subplots(figsize=(7, 4))

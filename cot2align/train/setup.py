@@ -2,7 +2,7 @@
 
     setup(cfg) -> Run
       _setup_distributed   rank, world size, device (torchrun / accelerate launch, or one process)
-      _setup_config        the cache, the paper setting that fills unset fields, the output directory
+      _setup_config        the cache, the paper setting that fills unset fields, the output directory (locked)
       _setup_student       the student's tokenizer and model (full fine-tuning or LoRA)
       _setup_heads         both models' heads, MinED's vocabulary map, the trainable projectors
       _setup_fsdp          shard the student's blocks (FSDP2) when asked and launched on several ranks
@@ -24,7 +24,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +38,17 @@ from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache import open_cache
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, model_family
 from cot2align.data import load_records, standard_prompt
+from cot2align.locks import writer_lock
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
 from cot2align.train.batches import dataloader, load_heads, pad_id
-from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint
+from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
 from cot2align.train.data import student_view_ids, tokenize_cache
 from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
+from cot2align.train.metrics import open_metrics
 from cot2align.train.outputs import tensorboard_writer
 from cot2align.train.validation import split_validation
+from cot2align.write_errors import reported
 
 RUN_MARKER = "run.json"
 
@@ -106,10 +109,11 @@ class Run:
         return self.cfg.cot2align or self.cfg.method == "dskd"
 
 
-def setup(cfg: DistillConfig, log=print, cache=None) -> Run:
+def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
+    """`held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
     rank, world, device = _setup_distributed(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
-    cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say)
+    cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -131,7 +135,7 @@ def setup(cfg: DistillConfig, log=print, cache=None) -> Run:
               compute_dtype=compute_dtype,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
-        run.metrics_file, run.writer = _setup_logging(cfg, out, teacher_name, cache)
+        run.metrics_file, run.writer = _setup_logging(cfg, out, teacher_name, cache, state if cfg.resume else None)
     return run
 
 
@@ -150,8 +154,8 @@ def _setup_distributed(cfg: DistillConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say):
-    """Open the cache, fill unset fields from the paper's setting for its teacher, prepare --out."""
+def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say, held: ExitStack):
+    """Open the cache, fill unset fields from the paper's setting for its teacher, lock and prepare --out."""
     if cache is None and cfg.cache:
         cache = open_cache(cfg.cache)
     teacher_name = cache.manifest["teacher"]["name_or_path"] if cache is not None else None
@@ -161,8 +165,12 @@ def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say):
             f"alpha {cfg.alpha}, lr {cfg.lr}, {cfg.epochs} epochs, batch {cfg.batch_size}x{cfg.grad_accum}"
             f"{f', LoRA r={cfg.lora_rank}' if cfg.lora_rank else ', full fine-tuning'}")
     out = Path(cfg.out or default_out(cfg))
-    if rank == 0:
+    if rank == 0:      # rank 0 alone writes --out: one lock per job (locks.py)
+        held.enter_context(writer_lock(out, ConfigError, f"--out {out}", log=say))
         prepare_out_dir(out, cfg, cache)
+        removed = remove_checkpoint_leftovers(out)
+        if removed:
+            say(f"--out {out}: removed {len(removed)} half-written checkpoint file(s) left by a killed run")
     if world > 1:
         torch.distributed.barrier()
     return cache, teacher_name, out
@@ -245,13 +253,14 @@ def _setup_resume(cfg: DistillConfig, out: Path, model, projectors, optimizer, s
     return state
 
 
-def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache):
+def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache, resumed_state: dict | None):
     marker = {"config": config_to_dict(cfg), "teacher": teacher_name, "cache_identity": cache_identity(cache)}
-    tmp = out / f".{RUN_MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(marker, indent=1))
-    os.replace(tmp, out / RUN_MARKER)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return (out / "metrics.jsonl").open("a"), tensorboard_writer(out)
+    with reported(ConfigError, f"--out {out}: cannot write the run's files", "nothing was trained yet; free space (or make it writable) and rerun"):
+        tmp = out / f".{RUN_MARKER}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(marker, indent=1))
+        os.replace(tmp, out / RUN_MARKER)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return open_metrics(out, resumed_state), tensorboard_writer(out)
 
 
 # ------------------------------------------------------------------------------------------ helpers
