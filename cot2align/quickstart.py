@@ -18,11 +18,13 @@ from pathlib import Path
 from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
 from cot2align.data.augment import AugmentConfig, augment_cot
 from cot2align.eval import evaluate_model, report
+from cot2align.logs import reporter
 from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.distill import distill
 
 
-def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=print) -> str:
+def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=None) -> str:
+    log = reporter(log, __name__)
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from cot2align.data.readers import load_records
 from cot2align.data.templates import cot_output, cot_prompt
 from cot2align.eval.generation import generate_batch
 from cot2align.faults import fault_point
+from cot2align.logs import progress_bar, reporter
 from cot2align.modeling import load_model, load_tokenizer
 
 SEPARATOR = "Therefore, the answer is"
@@ -157,7 +158,10 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
     return [(o.outputs[0].text, o.outputs[0].finish_reason == "length") for o in outputs]
 
 
-def augment_cot(cfg: AugmentConfig, log=print) -> dict:
+def augment_cot(cfg: AugmentConfig, log=None) -> dict:
+    """Write a rationale for every record of `cfg.data` not yet in `cfg.out` (a progress bar in records/s on a
+    terminal); messages to the `cot2align.data.augment` logger, or to `log` when given."""
+    say = reporter(log, __name__)
     records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
     if cfg.limit is not None:
         records = records[:cfg.limit]
@@ -165,7 +169,7 @@ def augment_cot(cfg: AugmentConfig, log=print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(out)
     todo = [r for r in records if r["id"] not in done]
-    log(f"augment-cot: {len(records)} records, {len(done)} already done, {len(todo)} to generate")
+    say(f"augment-cot: {len(records)} records, {len(done)} already done, {len(todo)} to generate")
     counts = Counter()
     if not todo:
         return {"generated": 0, "already_done": len(done), "degenerate": {}}
@@ -182,7 +186,7 @@ def augment_cot(cfg: AugmentConfig, log=print) -> dict:
         ordered = sorted(todo, key=lambda r: lengths[r["id"]])
         batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
         generated = None
-    with out.open("a", encoding="utf-8") as f:
+    with out.open("a", encoding="utf-8") as f, progress_bar(len(todo), "augment-cot", unit="record") as bar:
         for number, batch in enumerate(batches):
             if generated is None:
                 # the seed depends on the batch's first id, so a resumed run samples what it would have
@@ -203,8 +207,10 @@ def augment_cot(cfg: AugmentConfig, log=print) -> dict:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(kept=counts["kept"], refresh=False)
             fault_point(f"augment-batch:{number + 1}")
     degenerate = {k: v for k, v in counts.items() if k != "kept"}
-    log(f"augment-cot: wrote {sum(counts.values())} records to {out} ({counts['kept']} with a rationale; "
+    say(f"augment-cot: wrote {sum(counts.values())} records to {out} ({counts['kept']} with a rationale; "
         f"dropped as degenerate: {degenerate or 'none'})")
     return {"generated": sum(counts.values()), "kept": counts["kept"], "already_done": len(done), "degenerate": degenerate}

@@ -34,6 +34,7 @@ from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
 from cot2align.faults import fault_point
+from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
 from cot2align.modeling import load_model, load_tokenizer, model_files_fingerprint, tokenizer_hash, weights_fingerprint
 from cot2align.teacher.batching import plan_batches, plan_blocks
@@ -176,7 +177,7 @@ class _Plan:
     prompt_len: dict = field(default_factory=dict)    # view -> int32 [n]
 
 
-def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
+def cache_teacher(cfg: CacheTeacherConfig, log=None, model=None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict.
 
     Under torchrun / accelerate launch every rank runs this: the examples are split into contiguous parts of
@@ -186,7 +187,7 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     """
     cfg.validate()
     rank, world, device, own_group = _distributed(cfg)
-    say = log if rank == 0 else (lambda *a, **k: None)
+    say = reporter(log, __name__) if rank == 0 else silent
     location = Location(cfg.out or default_out(cfg))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -396,7 +397,7 @@ def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, 
     bar = tqdm(total=block_starts[end_block] - block_starts[first_block],
                initial=block_starts[first_block + done] - block_starts[first_block], unit="ex",
                desc=f"teacher pass{f' (part {part})' if len(writer.manifest['store']['parts']) > 1 else ''}",
-               dynamic_ncols=True, disable=None, position=part)
+               dynamic_ncols=True, disable=progress_disabled(), position=part)
     t_pass = time.perf_counter()
     background = _BackgroundWriter(writer, specs, block_starts, plan.offsets, part,
                                    lambda block: writer.commit(part, block + 1 - first_block))

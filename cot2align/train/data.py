@@ -16,6 +16,7 @@ when that method needs it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 from pathlib import Path
@@ -27,6 +28,7 @@ from cot2align.align.mined import aligned_teacher_rows
 from cot2align.align.vocab import token_strings
 from cot2align.cache import open_cache
 from cot2align.cache.format import VIEWS, CacheError
+from cot2align.logs import reporter
 
 MEMO_VERSION = 1
 MAX_UNKNOWN_SHARE = 0.05     # above this share of unknown-token response tokens, the student cannot learn the data
@@ -49,7 +51,7 @@ def memo_path(cache, tokenizer_hash: str, max_length: int, mined: bool) -> Path:
 
 
 def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab_map=None, teacher_tokenizer=None,
-                   log=print) -> dict[str, np.ndarray]:
+                   log=None) -> dict[str, np.ndarray]:
     """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
     a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
     path = memo_path(cache, tokenizer_hash, max_length, vocab_map is not None)
@@ -73,8 +75,8 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
                          f"{response_tokens} response tokens are its unknown token (id {tokenizer.unk_token_id}); "
                          "expected a tokenizer that covers the data (byte-level or with byte fallback)")
     if unencodable:
-        log(f"warning: the student tokenizer maps part of {unencodable} cached responses to its unknown token "
-            f"(id {tokenizer.unk_token_id}); those characters cannot be learned")
+        reporter(log, __name__)(f"the student tokenizer maps part of {unencodable} cached responses to its unknown "
+                                f"token (id {tokenizer.unk_token_id}); those characters cannot be learned", logging.WARNING)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
     np.savez(tmp, **out)
