@@ -11,10 +11,12 @@ import click
 from cot2align.cache.format import CacheError
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.data.readers import DataError
+from cot2align.hub import HubError
+from cot2align.logs import configure as configure_logging
 from cot2align.train import TrainingError
 
 
-USER_ERRORS = (CacheError, ConfigError, DataError, TrainingError)
+USER_ERRORS = (CacheError, ConfigError, DataError, HubError, TrainingError)
 
 
 class _Group(click.Group):
@@ -56,6 +58,7 @@ def _one_line(error: Exception) -> str:
 @click.version_option(package_name="cot2align")
 def main():
     """Distil a large teacher LLM into a student with another tokenizer (CoT2Align)."""
+    configure_logging(quiet=False)     # progress messages on stderr; a command's --quiet keeps warnings only
 
 
 def _field_map(pairs: tuple[str, ...]) -> dict | None:
@@ -96,7 +99,7 @@ def cache_teacher_cmd(config_file, field_map, **flags):
     from cot2align.teacher.cache_pass import cache_teacher
 
     cfg = build_config(CacheTeacherConfig, config_file, field_map=_field_map(field_map), **flags)
-    cache_teacher(cfg, log=lambda m: click.echo(m, err=True))
+    cache_teacher(cfg)
 
 
 @main.group("cache")
@@ -163,6 +166,12 @@ _TRAINING_OPTIONS = [
     click.option("--overwrite", is_flag=True, default=None),
     click.option("--limit", type=int),
     click.option("--trust-remote-code", is_flag=True, default=None),
+    click.option("--report-to", help="Where metrics go besides metrics.jsonl: tensorboard, wandb, both comma-separated, "
+                                     "or none [default: tensorboard]."),
+    click.option("--push-to-hub", is_flag=True, default=None,
+                 help="Upload the finished model, tokenizer and model card to the Hugging Face Hub."),
+    click.option("--hub-model-id", help="The Hub repository: NAME or OWNER/NAME [default: the --out directory's name]."),
+    click.option("--hub-private", is_flag=True, default=None, help="Create the Hub repository private."),
 ]
 
 
@@ -196,7 +205,7 @@ def distill_cmd(config_file, **flags):
     from cot2align.train.distill import distill
 
     cfg = build_config(DistillConfig, config_file, **flags)
-    _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
+    _print_summary(distill(cfg))
 
 
 def _print_summary(summary: dict) -> None:
@@ -239,8 +248,7 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
     for a in alphas:
         if not 0.0 <= a <= 1.0:
             raise ConfigError(f"--alpha: expected values in [0, 1], got {a}")
-    rows = sweep(cache, _list(student) or [None], _list(method), alphas, out, config_file,
-                 log=lambda msg: click.echo(msg, err=True), **flags)
+    rows = sweep(cache, _list(student) or [None], _list(method), alphas, out, config_file, **flags)
     click.echo(f"{len(rows)} runs; results in {out}/results.md")
 
 
@@ -256,7 +264,7 @@ def sft_cmd(config_file, model, **flags):
     from cot2align.train.distill import distill
 
     cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
-    _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
+    _print_summary(distill(cfg))
 
 
 @main.command("augment-cot")
@@ -283,7 +291,7 @@ def augment_cot_cmd(config_file, **flags):
     for required in ("model", "data", "out"):
         if getattr(cfg, required) is None:
             raise ConfigError(f"--{required}: required (as a flag or in --config)")
-    summary = augment_cot(cfg, log=lambda m: click.echo(m, err=True))
+    summary = augment_cot(cfg)
     click.echo(json.dumps(summary))
 
 
@@ -310,8 +318,7 @@ def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_
     if metric != "ce" and not greedy and not seed_list:
         raise ConfigError("--seeds: expected at least one seed (or --greedy)")
     summary = evaluate_model(model, data, split, seed_list, greedy, out, limit, max_new_tokens,
-                             batch_size=batch_size, data_root=data_root, device=device, metric=metric,
-                             log=lambda m: click.echo(m, err=True))
+                             batch_size=batch_size, data_root=data_root, device=device, metric=metric)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 
@@ -322,6 +329,17 @@ def report_cmd(runs_dir):
     from cot2align.eval import report
 
     report(runs_dir, log=click.echo)
+
+
+@main.command("push")
+@click.argument("run_dir")
+@click.option("--hub-model-id", help="NAME or OWNER/NAME [default: the run's --hub-model-id, else RUN_DIR's name].")
+@click.option("--private", is_flag=True, default=None, help="Create the repository private.")
+def push_cmd(run_dir, hub_model_id, private):
+    """Upload a finished distill/sft run (model, tokenizer, model card, metrics; not its checkpoints) to the Hub."""
+    from cot2align.hub import push_to_hub
+
+    click.echo(push_to_hub(run_dir, hub_model_id, private))
 
 
 @main.command("quickstart")
@@ -335,7 +353,25 @@ def quickstart_cmd(out, teacher, student, limit):
     distill (sft, dskd, dskd + cot2align) -> evaluate -> report, printing each equivalent command."""
     from cot2align.quickstart import run_quickstart
 
-    run_quickstart(out, teacher, student, limit, log=lambda m: click.echo(m, err=True))
+    run_quickstart(out, teacher, student, limit)
+
+
+def _set_quiet(ctx, param, value):
+    if value:
+        configure_logging(quiet=True)
+
+
+def _add_quiet_option(group: click.Group) -> None:
+    """Every command takes -q/--quiet: warnings and errors only (no progress messages or bars)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _add_quiet_option(command)
+        elif not any(p.name == "quiet" for p in command.params):
+            command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+                                               help="Warnings and errors only: no progress messages or bars."))
+
+
+_add_quiet_option(main)
 
 
 if __name__ == "__main__":
