@@ -135,8 +135,9 @@ def build_card(run_dir: Path, info: dict, summary: dict, name: str | None = None
     scores = [f"- {r.metric_name} on {r.dataset_name} ({r.dataset_split}): {r.metric_value}" for r in results]
     body = "\n".join([
         f"# {name}", "",
-        f"A student language model distilled from `{info['teacher']}` with "
-        f"[cot2align](https://pypi.org/project/cot2align/) ({method}): knowledge distillation across different "
+        (f"A student language model distilled from `{info['teacher']}`" if info["teacher"] else
+         "A language model fine-tuned on plain data") +
+        f" with cot2align ({method}): knowledge distillation across different "
         "tokenizers with chain-of-thought optimal-transport alignment (CoT2Align).", "",
         "## Training", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
         "## Results", "", *(scores or ["No validation or evaluation results were recorded."]), "",
