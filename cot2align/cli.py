@@ -11,9 +11,11 @@ import click
 
 from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
+from cot2align.hub import HubError
+from cot2align.logs import configure as configure_logging
 
 
-USER_ERRORS = (CacheError, ConfigError, DataError, TrainingError)
+USER_ERRORS = (CacheError, ConfigError, DataError, HubError, TrainingError)
 
 
 class _Group(click.Group):
@@ -55,6 +57,7 @@ def _one_line(error: Exception) -> str:
 @click.version_option(package_name="cot2align")
 def main():
     """Distil a large teacher LLM into a student with another tokenizer (CoT2Align)."""
+    configure_logging(quiet=False)     # progress messages on stderr; a command's --quiet keeps warnings only
 
 
 def _field_map(pairs: tuple[str, ...]) -> dict | None:
@@ -152,7 +155,7 @@ def cache_teacher_cmd(config_file, print_config, field_map, **flags):
         return _print_config(cfg)
     from cot2align.teacher.cache_pass import cache_teacher
 
-    cache_teacher(cfg, log=lambda m: click.echo(m, err=True))
+    cache_teacher(cfg)
 
 
 @main.group("cache")
@@ -219,6 +222,10 @@ _TRAINING_OPTIONS = [
     _field(D, "overwrite", help="Replace the run in --out."),
     _field(D, "limit", help="Only the first N training examples."),
     _field(D, "trust_remote_code", help="Run the model repo's own code."),
+    _field(D, "report_to", help="Trackers besides metrics.jsonl: tensorboard, wandb (comma-separated), or none."),
+    _field(D, "push_to_hub", help="Upload the finished model and its card to the Hugging Face Hub."),
+    _field(D, "hub_model_id", help="The Hub repository, NAME or OWNER/NAME.", default_text="the --out name"),
+    _field(D, "hub_private", help="Create the Hub repository private."),
 ]
 
 
@@ -268,7 +275,7 @@ def distill_cmd(config_file, print_config, **flags):
         return _print_config(_resolved(cfg))
     from cot2align.train.distill import distill
 
-    _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
+    _print_summary(distill(cfg))
 
 
 def _print_summary(summary: dict) -> None:
@@ -315,8 +322,7 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
             raise ConfigError(f"--alpha: expected values in [0, 1], got {a}")
     from cot2align.train.sweep import sweep
 
-    rows = sweep(cache, _list(student) or [None], _list(method), alphas, out, config_file,
-                 log=lambda msg: click.echo(msg, err=True), **flags)
+    rows = sweep(cache, _list(student) or [None], _list(method), alphas, out, config_file, **flags)
     click.echo(f"{len(rows)} runs; results in {out}/results.md")
 
 
@@ -339,7 +345,7 @@ def sft_cmd(config_file, print_config, **flags):
         return _print_config(cfg)
     from cot2align.train.distill import distill
 
-    _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
+    _print_summary(distill(cfg))
 
 
 @main.command("augment-cot")
@@ -369,7 +375,7 @@ def augment_cot_cmd(config_file, print_config, **flags):
     for required in ("model", "data", "out"):
         if getattr(cfg, required) is None:
             raise ConfigError(f"--{required}: required (as a flag or in --config)")
-    summary = augment_cot(cfg, log=lambda m: click.echo(m, err=True))
+    summary = augment_cot(cfg)
     click.echo(json.dumps(summary))
 
 
@@ -405,8 +411,7 @@ def evaluate_cmd(config_file, print_config, **flags):
     from cot2align.eval import evaluate_model
 
     summary = evaluate_model(cfg.model, cfg.data, cfg.split, seed_list, cfg.greedy, cfg.out, cfg.limit, cfg.max_new_tokens,
-                             batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
-                             log=lambda m: click.echo(m, err=True))
+                             batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 
@@ -417,6 +422,17 @@ def report_cmd(runs_dir):
     from cot2align.eval import report
 
     report(runs_dir, log=click.echo)
+
+
+@main.command("push")
+@click.argument("run_dir")
+@click.option("--hub-model-id", help="NAME or OWNER/NAME [default: the run's --hub-model-id, else RUN_DIR's name].")
+@click.option("--private", is_flag=True, default=None, help="Create the repository private.")
+def push_cmd(run_dir, hub_model_id, private):
+    """Upload a finished distill/sft run (model, tokenizer, model card, metrics; not its checkpoints) to the Hub."""
+    from cot2align.hub import push_to_hub
+
+    click.echo(push_to_hub(run_dir, hub_model_id, private))
 
 
 @main.command("quickstart")
@@ -430,7 +446,25 @@ def quickstart_cmd(out, teacher, student, limit):
     distill (sft, dskd, dskd + cot2align) -> evaluate -> report, printing each equivalent command."""
     from cot2align.quickstart import run_quickstart
 
-    run_quickstart(out, teacher, student, limit, log=lambda m: click.echo(m, err=True))
+    run_quickstart(out, teacher, student, limit)
+
+
+def _set_quiet(ctx, param, value):
+    if value:
+        configure_logging(quiet=True)
+
+
+def _add_quiet_option(group: click.Group) -> None:
+    """Every command takes -q/--quiet: warnings and errors only (no progress messages or bars)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _add_quiet_option(command)
+        elif not any(p.name == "quiet" for p in command.params):
+            command.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+                                               help="Warnings and errors only: no progress messages or bars."))
+
+
+_add_quiet_option(main)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ flag that was given (None means "not given"). The resolved config is what gets r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -220,6 +221,10 @@ class DistillConfig:
     overwrite: bool = False
     limit: int | None = None           # only the first N training examples
     trust_remote_code: bool = False
+    report_to: str = "tensorboard"     # where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated) or none
+    push_to_hub: bool = False          # upload the finished run (model, tokenizer, card) to the Hugging Face Hub
+    hub_model_id: str | None = None    # its repository, NAME or OWNER/NAME [default: the --out directory's name]
+    hub_private: bool = False          # create that repository private
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
@@ -232,6 +237,7 @@ class DistillConfig:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         if self.kl_variant is not None and self.kl_variant not in VARIANTS:
             raise ConfigError(f"kl_variant: expected one of {', '.join(VARIANTS)}, got {self.kl_variant!r}")
+        report_targets(self.report_to)
         if self.teacher_dist not in ("exact", "topk"):
             raise ConfigError(f"teacher_dist: expected exact or topk, got {self.teacher_dist!r}")
         for name, choices in (("ot_grad", ("envelope", "unrolled")), ("select_by", ("rougeL", "ce", "last"))):
@@ -283,6 +289,22 @@ class EvaluateConfig:
     batch_size: int = 16
     data_root: str | None = None
     device: str | None = None
+
+
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(report_to: str) -> list[str]:
+    """The trackers of `--report-to` (comma-separated tensorboard, wandb; or none), or a one-line error. wandb is
+    optional: asking for it without it installed is refused before anything runs."""
+    targets = [t.strip().lower() for t in str(report_to).split(",") if t.strip()]
+    if targets == ["none"]:
+        return []
+    if not targets or any(t not in REPORT_TARGETS for t in targets):
+        raise ConfigError(f"report_to: expected tensorboard, wandb, both comma-separated, or none; got {report_to!r}")
+    if "wandb" in targets and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("report_to: wandb is not installed (pip install wandb, or pip install 'cot2align[wandb]')")
+    return list(dict.fromkeys(targets))
 
 
 def sft_defaults(model: str, flags: dict) -> dict:

@@ -12,12 +12,14 @@ Sizes are cut to run in a few minutes on 2 CPU cores: `limit` training records, 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from cot2align.config import CacheTeacherConfig, DistillConfig, build_config, sft_defaults
 from cot2align.data.augment import AugmentConfig, augment_cot
 from cot2align.eval import evaluate_model, report
+from cot2align.logs import reporter
 from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.distill import distill
 
@@ -59,7 +61,8 @@ def stage_settings(out: str, teacher: str, student: str, limit: int) -> dict[str
     return stages
 
 
-def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=print) -> str:
+def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=None) -> str:
+    log = reporter(log, __name__)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -79,8 +82,9 @@ def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-g
     kept = stage("augment-cot", lambda s: augment_cot(build_config(AugmentConfig, **s), log=quiet))
     log(f"  {kept.get('kept', 0)} rationales kept, degenerate: {kept.get('degenerate') or 'none'}")
     if not kept.get("kept"):
-        log("  warning: every rationale was dropped, so the CoT view is empty and the CoT2Align run below trains on "
-            "the standard view alone (expected from a random tiny teacher; try --teacher smollm2-135m-instruct)")
+        log("every rationale was dropped, so the CoT view is empty and the CoT2Align run below trains on "
+            "the standard view alone (expected from a random tiny teacher; try --teacher smollm2-135m-instruct)",
+            logging.WARNING)
     stage("cache-teacher", lambda s: cache_teacher(build_config(CacheTeacherConfig, **s), log=quiet))
     runs = root / "runs"
     for name in ("sft", "dskd", "dskd_cot2align"):

@@ -31,6 +31,7 @@ from cot2align.data.templates import cot_output, cot_prompt
 from cot2align.eval.generation import generate_batch
 from cot2align.faults import fault_point
 from cot2align.locks import writer_lock
+from cot2align.logs import progress_bar, reporter
 from cot2align.modeling import load_model, load_tokenizer
 from cot2align.write_errors import reported
 
@@ -159,14 +160,17 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
     return [(o.outputs[0].text, o.outputs[0].finish_reason == "length") for o in outputs]
 
 
-def augment_cot(cfg: AugmentConfig, log=print) -> dict:
+def augment_cot(cfg: AugmentConfig, log=None) -> dict:
+    """Write a rationale for every record of `cfg.data` not yet in `cfg.out` (a progress bar in records/s on a
+    terminal); messages to the `cot2align.data.augment` logger, or to `log` when given."""
+    say = reporter(log, __name__)
     out = Path(cfg.out)
     # one writer per output file (<out>.lock): two runs appending to one JSONL would both generate the same ids
-    with writer_lock(out, ConfigError, f"--out {out}", log=log):
-        return _augment(cfg, out, log)
+    with writer_lock(out, ConfigError, f"--out {out}", log=say):
+        return _augment(cfg, out, say)
 
 
-def _augment(cfg: AugmentConfig, out: Path, log) -> dict:
+def _augment(cfg: AugmentConfig, out: Path, say) -> dict:
     records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
     if cfg.limit is not None:
         records = records[:cfg.limit]
@@ -174,7 +178,7 @@ def _augment(cfg: AugmentConfig, out: Path, log) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         done = finished_ids(out)
     todo = [r for r in records if r["id"] not in done]
-    log(f"augment-cot: {len(records)} records, {len(done)} already done, {len(todo)} to generate")
+    say(f"augment-cot: {len(records)} records, {len(done)} already done, {len(todo)} to generate")
     counts = Counter()
     if not todo:
         return {"generated": 0, "already_done": len(done), "degenerate": {}}
@@ -193,7 +197,8 @@ def _augment(cfg: AugmentConfig, out: Path, log) -> dict:
         generated = None
     # every finished batch is on disk (fsync) before the next: a rerun continues after the last whole line
     with reported(DataError, f"{out}: cannot append", "the records written before are kept; free space (or make it "
-                  "writable) and rerun the same command to continue"), out.open("a", encoding="utf-8") as f:
+                  "writable) and rerun the same command to continue"), out.open("a", encoding="utf-8") as f, \
+            progress_bar(len(todo), "augment-cot", unit="record") as bar:
         for number, batch in enumerate(batches):
             if generated is None:
                 # the seed depends on the batch's first id, so a resumed run samples what it would have
@@ -214,8 +219,10 @@ def _augment(cfg: AugmentConfig, out: Path, log) -> dict:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            bar.update(len(batch))
+            bar.set_postfix(kept=counts["kept"], refresh=False)
             fault_point(f"augment-batch:{number + 1}")
     degenerate = {k: v for k, v in counts.items() if k != "kept"}
-    log(f"augment-cot: wrote {sum(counts.values())} records to {out} ({counts['kept']} with a rationale; "
+    say(f"augment-cot: wrote {sum(counts.values())} records to {out} ({counts['kept']} with a rationale; "
         f"dropped as degenerate: {degenerate or 'none'})")
     return {"generated": sum(counts.values()), "kept": counts["kept"], "already_done": len(done), "degenerate": degenerate}

@@ -13,6 +13,7 @@ from cot2align.config import ConfigError, data_name, safe_name
 from cot2align.data import group_references, load_records, standard_prompt
 from cot2align.eval.generation import generate
 from cot2align.eval.metrics import reference_cross_entropy, rouge_l
+from cot2align.logs import reporter
 from cot2align.modeling import load_model, load_tokenizer
 
 METRICS = ("rougeL", "ce", "all")
@@ -26,15 +27,17 @@ def default_eval_dir(model_path: str, data: str, split: str) -> Path:
 def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[int] | None = None, greedy: bool = False,
                    out: str | None = None, limit: int | None = None, max_new_tokens: int = 512, max_prompt_tokens: int = 256,
                    batch_size: int = 16, data_root: str | None = None, device: str | None = None, metric: str = "rougeL",
-                   log=print) -> dict:
+                   log=None) -> dict:
     """Evaluate one model on a dataset split (DESIGN §7); results go to OUT/results.json (default
     MODEL/eval/<data>_<split>/), merged with what an earlier `evaluate` of another metric wrote there.
 
     metric "rougeL": the paper's protocol — sampling with temperature 1.0, top-k 0, top-p 1.0 for each seed
     (default 10, 20, 30, 40, 50), or greedy decoding once with greedy=True; per-run ROUGE-L, mean ± std,
     generations as JSONL. metric "ce": the held-out cross-entropy of the references (`reference_cross_entropy`,
-    under key "ce"). "all": both.
+    under key "ce"). "all": both. Progress bars (examples/s, tokens/s) on a terminal; messages to the
+    `cot2align.eval.evaluate` logger, or to `log` when given.
     """
+    log = reporter(log, __name__)
     if metric not in METRICS:
         raise ConfigError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
     for name, value in (("limit", limit), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -53,7 +56,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
     summary.update({"model": str(model_path), "data": data, "split": split, "n_examples": len(examples), "source": source})
 
     if metric in ("ce", "all"):
-        ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in examples], max_prompt_tokens)
+        ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in examples], max_prompt_tokens,
+                                     progress="evaluate ce")
         summary["ce"] = ce
         log(f"evaluate: cross-entropy {ce['nats_per_token']:.4f} nats/token, {ce['bits_per_byte']:.4f} bits/byte "
             f"over {ce['n_pairs']} references ({ce['n_tokens']} tokens)")
@@ -64,7 +68,7 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
         per_run = {}
         for name, seed in runs:
             predictions = generate(model, tokenizer, prompts, max_new_tokens, greedy=seed is None, seed=seed or 0,
-                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+                                   batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=f"evaluate {name}")
             scores = [rouge_l(p, r["references"]) for p, r in zip(predictions, examples)]
             per_run[name] = sum(scores) / max(len(scores), 1)
             with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as f:

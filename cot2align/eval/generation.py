@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from cot2align.logs import progress_bar
+
 
 def left_padded(encoded: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) [B, width] with each sequence right-aligned."""
@@ -35,12 +37,14 @@ def generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: i
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, greedy: bool = True, seed: int = 0,
-             batch_size: int = 16, max_prompt_tokens: int | None = None, synced_gpus: bool = False) -> list[str]:
+             batch_size: int = 16, max_prompt_tokens: int | None = None, synced_gpus: bool = False,
+             progress: str | None = None) -> list[str]:
     """Continuations of `prompts` (texts after the prompt, special tokens removed), in the input order.
 
     Prompts are sorted by length into batches; the global RNG is seeded for the call and restored after.
     synced_gpus: every rank of a sharded (FSDP) model calls this with the same prompts and keeps running
     forward passes until all ranks are done (a sharded forward is a collective).
+    progress: the description of a progress bar (examples/s, generated tokens/s, ETA; on a terminal), or None.
     """
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     if max_prompt_tokens is not None:
@@ -51,6 +55,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, gr
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    bar = progress_bar(len(prompts), progress or "", unit="example", enabled=progress is not None)
+    tokens = 0
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -58,7 +64,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, gr
                                  synced_gpus=synced_gpus)
             for i, ids in zip(chunk, new):
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                tokens += ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
     finally:
+        bar.close()
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return outputs

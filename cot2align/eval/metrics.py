@@ -15,6 +15,8 @@ import math
 import torch
 from rouge_score import rouge_scorer
 
+from cot2align.logs import progress_bar
+
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -55,7 +57,7 @@ def model_max_length(model, default: int = 2048) -> int:
 @torch.no_grad()
 def reference_cross_entropy(model, tokenizer, prompts: list[str], references: list[list[str]],
                             max_prompt_tokens: int | None = None, max_length: int | None = None,
-                            batch_tokens: int = 8192) -> dict:
+                            batch_tokens: int = 8192, progress: str | None = None) -> dict:
     """Teacher-forced cross-entropy of the reference responses under `model` (DESIGN §7, `--metric ce`).
 
     Every (prompt, reference) pair counts (a test set with 3 references per dialogue scores all 3). With
@@ -64,7 +66,7 @@ def reference_cross_entropy(model, tokenizer, prompts: list[str], references: li
         nats_per_token = Σ ℓ_t / #tokens          bits_per_byte = Σ ℓ_t / ln 2 / #UTF-8 bytes of the references
 
     Batches are length-sorted and right-padded to about `batch_tokens` tokens; the log-softmax is taken in
-    float32 over the response positions only.
+    float32 over the response positions only. `progress`: a progress bar's description (on a terminal), or None.
     """
     device = next(model.parameters()).device
     max_length = max_length or model_max_length(model)
@@ -75,6 +77,7 @@ def reference_cross_entropy(model, tokenizer, prompts: list[str], references: li
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     was_training = model.training
     model.eval()
+    bar = progress_bar(len(pairs), progress or "", unit="reference", enabled=progress is not None)
     try:
         start = 0
         while start < len(order):
@@ -98,8 +101,11 @@ def reference_cross_entropy(model, tokenizer, prompts: list[str], references: li
             logprobs = torch.log_softmax(logits[:, :-1][response[:, :-1]].float(), dim=-1)
             total_nats += float(-logprobs.gather(-1, targets[:, None]).sum())
             total_tokens += int(targets.numel())
+            bar.update(end - start)
+            bar.set_postfix(tok_s=f"{total_tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
             start = end
     finally:
+        bar.close()
         model.train(was_training)
     return {"nats_per_token": total_nats / max(total_tokens, 1),
             "bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1),

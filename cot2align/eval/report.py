@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from cot2align.config import ConfigError
+from cot2align.logs import reporter
 from cot2align.plotting import pyplot
 
 
@@ -128,7 +129,8 @@ def ce_table(table: dict) -> list[str]:
     return lines
 
 
-def report(runs_dir: str, log=print) -> str:
+def report(runs_dir: str, log=None) -> str:
+    """report.md and report.png under `runs_dir`; the Markdown is returned and logged (or passed to `log`)."""
     root = Path(runs_dir)
     rouge, ce = collect(root)
     if not rouge and not ce:
@@ -141,7 +143,7 @@ def report(runs_dir: str, log=print) -> str:
     markdown = "\n".join(lines) + "\n"
     (root / "report.md").write_text(markdown)
     _plot(rouge, ce, root / "report.png")
-    log(markdown)
+    reporter(log, __name__)(markdown)
     return markdown
 
 

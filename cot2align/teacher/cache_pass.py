@@ -38,6 +38,7 @@ from cot2align.data.readers import load_records
 from cot2align.faults import fault_point
 from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
 from cot2align.locks import writer_lock
+from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
 from cot2align.modeling import load_model, load_tokenizer, model_files_fingerprint, tokenizer_hash, weights_fingerprint
 from cot2align.teacher.batching import plan_batches, plan_blocks
@@ -181,7 +182,7 @@ class _Plan:
     prompt_len: dict = field(default_factory=dict)    # view -> int32 [n]
 
 
-def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
+def cache_teacher(cfg: CacheTeacherConfig, log=None, model=None) -> dict:
     """Build (or resume, or confirm) the cache described by `cfg`; return a summary dict.
 
     Under torchrun / accelerate launch every rank runs this: the examples are split into contiguous parts of
@@ -191,7 +192,7 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     """
     cfg.validate()
     rank, world, device, own_group = _distributed(cfg)
-    say = log if rank == 0 else (lambda *a, **k: None)
+    say = reporter(log, __name__) if rank == 0 else silent
     location = Location(cfg.out or default_out(cfg))
     # one writer per output: a second job on the same --out is refused at once; each rank locks its own part,
     # and every job has a rank 0, so two jobs always meet on <out>.lock (object stores are not locked: locks.py)
@@ -429,7 +430,7 @@ def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, 
     bar = tqdm(total=block_starts[end_block] - block_starts[first_block],
                initial=block_starts[first_block + done] - block_starts[first_block], unit="ex",
                desc=f"teacher pass{f' (part {part})' if len(writer.manifest['store']['parts']) > 1 else ''}",
-               dynamic_ncols=True, disable=None, position=part)
+               dynamic_ncols=True, disable=progress_disabled(), position=part)
     t_pass = time.perf_counter()
     background = _BackgroundWriter(writer, specs, block_starts, plan.offsets, part,
                                    lambda block: writer.commit(part, block + 1 - first_block))

@@ -54,7 +54,7 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
                      max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
-                     log=print) -> torch.utils.data.DataLoader:
+                     log=None) -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
 
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from cot2align.leftovers import remove_dead_temporaries
+from cot2align.logs import reporter
 from cot2align.train import TrainingError
 from cot2align.train.fsdp import full_tensor, shard_like
 from cot2align.write_errors import io_failure
@@ -172,8 +174,9 @@ def latest_checkpoint(run_dir: Path, log=None) -> Path | None:
     for path in candidates:
         problem = checkpoint_problem(path)
         if problem is None:
-            if damaged and log is not None:
-                log(f"resume: skipped damaged checkpoint(s) {'; '.join(damaged)}; using {path}")
+            if damaged:
+                reporter(log, __name__)(f"resume: skipped damaged checkpoint(s) {'; '.join(damaged)}; using {path}",
+                                        logging.WARNING)
             return path
         damaged.append(f"{path}: {problem}")
     if damaged:

@@ -16,6 +16,7 @@ when that method needs it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 from pathlib import Path
@@ -27,6 +28,7 @@ from cot2align.align.mined import aligned_teacher_rows
 from cot2align.align.vocab import token_strings
 from cot2align.cache import open_cache
 from cot2align.cache.format import VIEWS, CacheError
+from cot2align.logs import reporter
 
 MEMO_VERSION = 1
 MAX_UNKNOWN_SHARE = 0.05     # above this share of unknown-token response tokens, the student cannot learn the data
@@ -60,7 +62,8 @@ def _read_memo(paths: list[Path], manifest_key: np.ndarray) -> dict[str, np.ndar
 
 
 def _write_memo(paths: list[Path], arrays: dict[str, np.ndarray], log) -> None:
-    """Into the first place that takes it (written aside and renamed: readers never see half a memo)."""
+    """Into the first place that takes it (written aside and renamed: readers never see half a memo); `log` is a
+    logs.reporter."""
     for number, path in enumerate(paths):
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
         try:
@@ -72,14 +75,14 @@ def _write_memo(paths: list[Path], arrays: dict[str, np.ndarray], log) -> None:
             if tmp.exists():
                 tmp.unlink()
             if number + 1 < len(paths):
-                log(f"note: {path.parent}: cannot write the students' memo ({e.strerror}); keeping it in "
+                log(f"{path.parent}: cannot write the students' memo ({e.strerror}); keeping it in "
                     f"{paths[number + 1].parent} instead")
             else:
-                log(f"warning: cannot keep the students' memo anywhere ({e.strerror}); it is recomputed next time")
+                log(f"cannot keep the students' memo anywhere ({e.strerror}); it is recomputed next time", logging.WARNING)
 
 
 def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab_map=None, teacher_tokenizer=None,
-                   log=print) -> dict[str, np.ndarray]:
+                   log=None) -> dict[str, np.ndarray]:
     """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
     a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
     paths = memo_paths(cache, tokenizer_hash, max_length, vocab_map is not None)
@@ -102,9 +105,9 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
                          f"{response_tokens} response tokens are its unknown token (id {tokenizer.unk_token_id}); "
                          "expected a tokenizer that covers the data (byte-level or with byte fallback)")
     if unencodable:
-        log(f"warning: the student tokenizer maps part of {unencodable} cached responses to its unknown token "
-            f"(id {tokenizer.unk_token_id}); those characters cannot be learned")
-    _write_memo(paths, out, log)
+        reporter(log, __name__)(f"the student tokenizer maps part of {unencodable} cached responses to its unknown "
+                                f"token (id {tokenizer.unk_token_id}); those characters cannot be learned", logging.WARNING)
+    _write_memo(paths, out, reporter(log, __name__))
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 
 from cot2align.config import DistillConfig
 from cot2align.faults import fault_point
+from cot2align.hub import push_to_hub, warn_if_no_token
 from cot2align.losses.objective import distillation_loss
 from cot2align.train import TrainingError
 from cot2align.train.batches import views as batch_views
@@ -39,10 +40,13 @@ from cot2align.write_errors import reported
 FINAL_RECOVERY = "the checkpoints are intact; free space (or make --out writable) and rerun with --resume"
 
 
-def distill(cfg: DistillConfig, log=print, progress: bool = True, cache=None) -> dict:
-    """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once)."""
+def distill(cfg: DistillConfig, log=None, progress: bool = True, cache=None) -> dict:
+    """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once). Messages go to
+    the `cot2align.train` logger, or to `log` when given; `progress`: the step bar (on a terminal)."""
     with ExitStack() as held:      # the writer lock of --out, until the outputs are written or an error stops the run
         run = setup(cfg, log, cache, held)
+        if cfg.push_to_hub and run.is_main:
+            warn_if_no_token(run.say)
         for epoch in range(run.state["epoch"], cfg.epochs):
             if run.stopped:
                 break
@@ -165,12 +169,11 @@ def end_of_epoch(run: Run, epoch: int, batch_no: int) -> None:
 
 
 def log_metrics(run: Run, record: dict, kind: str) -> None:
-    """One JSON line in metrics.jsonl (unbuffered: a crash loses nothing logged) and the TensorBoard scalars."""
+    """One JSON line in metrics.jsonl (unbuffered: a crash loses nothing logged) and the --report-to trackers' scalars."""
     append_metrics(run.metrics_file, record)
-    if run.writer is not None:
-        for key, value in record.items():
-            if key not in ("step", "epoch"):
-                run.writer.add_scalar(f"{kind}/{key.removeprefix('val_')}", value, run.step)
+    scalars = {f"{kind}/{key.removeprefix('val_')}": value for key, value in record.items() if key not in ("step", "epoch")}
+    for tracker in run.trackers:
+        tracker.log(scalars, run.step)
 
 
 def finalise(run: Run) -> dict:
@@ -180,12 +183,14 @@ def finalise(run: Run) -> dict:
     final = whole_model(run.model, run.cfg, run.is_main) if run.sharded and not (run.out / "best").exists() else run.model
     if run.is_main:
         run.metrics_file.close()
-        if run.writer is not None:
-            run.writer.close()
+        for tracker in run.trackers:
+            tracker.close()
         with reported(TrainingError, f"--out {run.out}: cannot write the final model", FINAL_RECOVERY):
             write_outputs(run.out, run.cfg, run.tokenizer, final, run.projectors, run.cache, summary)
         run.say(f"wrote {run.out} (best epoch {summary['best_epoch']}, val ROUGE-L {summary['best_val_rougeL']})")
     if run.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if run.is_main and run.cfg.push_to_hub:     # the outputs are on disk and the ranks done: a failed push loses nothing
+        summary["hub_url"] = push_to_hub(run.out, run.cfg.hub_model_id, run.cfg.hub_private, log=run.say)
     return summary

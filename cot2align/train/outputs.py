@@ -3,23 +3,24 @@
     config.json, model.safetensors, tokenizer files   the best epoch's student (from_pretrained-loadable;
                                                       LoRA merged unless --keep-adapter)
     projectors.safetensors                            DSKD / OT projectors (to continue or inspect)
-    summary.json, metrics.jsonl, tensorboard/         what happened
-    loss_curve.png, README.md                         a plot and a model card
+    summary.json, metrics.jsonl, tensorboard/         what happened (tensorboard/ and wandb/ as --report-to says)
+    loss_curve.png, README.md                         a plot and a model card (Hub metadata: cot2align/hub.py)
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from cot2align.config import DistillConfig
+from cot2align import logs
+from cot2align.config import DistillConfig, config_to_dict, report_targets
+from cot2align.hub import write_card
 from cot2align.plotting import pyplot
 from cot2align.train.metrics import read_records
 
@@ -40,16 +41,56 @@ def save_best(model, tokenizer, out: Path, cfg: DistillConfig) -> None:
     os.replace(out / "best.tmp", out / "best")
 
 
-def tensorboard_writer(out: Path):
-    try:
+class TensorBoard:
+    """Scalars under --out/tensorboard (`tensorboard --logdir runs/`)."""
+
+    def __init__(self, out: Path, cfg: DistillConfig):
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:   # tensorboard not installed: metrics.jsonl still has everything
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
+
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """A Weights & Biases run named after --out, in project $WANDB_PROJECT (default cot2align), files under
+    --out/wandb; the resolved config is its config. Offline with WANDB_MODE=offline."""
+
+    def __init__(self, out: Path, cfg: DistillConfig):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "cot2align"), name=out.resolve().name,
+                              dir=str(out), config=config_to_dict(cfg))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": TensorBoard, "wandb": WandB}
+
+
+def open_trackers(out: Path, cfg: DistillConfig, say) -> list:
+    """The trackers of --report-to (metrics.jsonl is written whatever it says)."""
+    trackers = []
+    for name in report_targets(cfg.report_to):
+        try:
+            trackers.append(TRACKERS[name](out, cfg))
+        except ImportError as e:   # tensorboard missing: metrics.jsonl still has everything
+            say(f"--report-to {name}: not available ({e}); metrics go to metrics.jsonl only", logging.WARNING)
+    return trackers
 
 
 def progress_bar(total: int, epoch: int, enabled: bool):
-    return tqdm(total=total, desc=f"epoch {epoch + 1}", disable=not enabled, unit="batch", leave=False)
+    """The epoch's bar (batches/s, ETA, loss): on a terminal, unless quiet."""
+    return logs.progress_bar(total, f"epoch {epoch + 1}", unit="batch", enabled=enabled, leave=False)
 
 
 def write_outputs(out: Path, cfg: DistillConfig, tokenizer, model, projectors, cache, summary: dict) -> None:
@@ -70,23 +111,7 @@ def write_outputs(out: Path, cfg: DistillConfig, tokenizer, model, projectors, c
                   str(out / "projectors.safetensors"))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_losses(out)
-    (out / "README.md").write_text(model_card(out, cfg, cache, summary))
-
-
-def model_card(out: Path, cfg: DistillConfig, cache, summary: dict) -> str:
-    manifest_hash = None
-    if cache is not None:
-        manifest_hash = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()[:16]
-    teacher = cache.manifest["teacher"]["name_or_path"] if cache is not None else "none (plain data)"
-    data = cache.manifest["data"]["name"] if cache is not None else cfg.data
-    final = summary["history"][-1] if summary["history"] else {}
-    card = [f"# {Path(out).name}", "", "Trained with cot2align.", "",
-            f"- student: `{cfg.student}`", f"- teacher: `{teacher}`", f"- cache manifest hash: `{manifest_hash}`",
-            f"- method: `{cfg.method}`{' + CoT2Align' if cfg.cot2align else ''}, alpha {cfg.alpha}",
-            f"- data: `{data}`", f"- steps: {summary['steps']}, best epoch: {summary['best_epoch']}",
-            "- final validation: " + (", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("val_")) or "n/a"),
-            "", "Load with `AutoModelForCausalLM.from_pretrained(<this directory>)`."]
-    return "\n".join(card) + "\n"
+    write_card(out, cfg, cache, summary)
 
 
 def plot_losses(out: Path) -> None:

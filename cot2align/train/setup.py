@@ -9,7 +9,7 @@
       _setup_data          the student's tokenisation of the cache, the loader, the validation records
       _setup_optimiser     AdamW (projectors in their own group) and the cosine schedule
       _setup_resume        the last checkpoint, when --resume
-      _setup_logging       run.json, config.yaml, metrics.jsonl and TensorBoard (rank 0)
+      _setup_logging       run.json, config.yaml, metrics.jsonl and the --report-to trackers (rank 0)
 
 The order is the order of the random draws (model init, projectors, data order), which a resumed run and a
 run with other world sizes must repeat exactly.
@@ -39,6 +39,7 @@ from cot2align.cache import open_cache
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, model_family
 from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
+from cot2align.logs import reporter, silent
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
 from cot2align.train.batches import dataloader, load_heads, pad_id
@@ -46,7 +47,7 @@ from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remov
 from cot2align.train.data import student_view_ids, tokenize_cache
 from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
 from cot2align.train.metrics import open_metrics
-from cot2align.train.outputs import tensorboard_writer
+from cot2align.train.outputs import open_trackers
 from cot2align.train.validation import split_validation
 from cot2align.write_errors import reported
 
@@ -58,7 +59,7 @@ class Run:
     """One training run: its settings, models, data, optimiser and progress (what the recipe steps share)."""
 
     cfg: DistillConfig
-    say: object                          # log function (silent on ranks other than 0)
+    say: object                          # say(message, level): cot2align.logs.reporter (silent on ranks other than 0)
     rank: int
     world: int
     device: torch.device
@@ -82,7 +83,7 @@ class Run:
     loss_cfg: LossConfig
     compute_dtype: torch.dtype
     metrics_file: object = None
-    writer: object = None
+    trackers: list = field(default_factory=list)   # --report-to: TensorBoard, W&B (rank 0)
     started: float = field(default_factory=time.perf_counter)
     tokens_seen: int = 0
     data_wait: float = 0.0
@@ -112,7 +113,7 @@ class Run:
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     """`held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
     rank, world, device = _setup_distributed(cfg)
-    say = log if rank == 0 else (lambda *a, **k: None)
+    say = reporter(log, "cot2align.train") if rank == 0 else silent
     cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
@@ -135,7 +136,7 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               compute_dtype=compute_dtype,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
-        run.metrics_file, run.writer = _setup_logging(cfg, out, teacher_name, cache, state if cfg.resume else None)
+        run.metrics_file, run.trackers = _setup_logging(cfg, out, teacher_name, cache, say, state if cfg.resume else None)
     return run
 
 
@@ -253,14 +254,14 @@ def _setup_resume(cfg: DistillConfig, out: Path, model, projectors, optimizer, s
     return state
 
 
-def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache, resumed_state: dict | None):
+def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache, say, resumed_state: dict | None):
     marker = {"config": config_to_dict(cfg), "teacher": teacher_name, "cache_identity": cache_identity(cache)}
     with reported(ConfigError, f"--out {out}: cannot write the run's files", "nothing was trained yet; free space (or make it writable) and rerun"):
         tmp = out / f".{RUN_MARKER}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         os.replace(tmp, out / RUN_MARKER)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return open_metrics(out, resumed_state), tensorboard_writer(out)
+    return open_metrics(out, resumed_state), open_trackers(out, cfg, say)
 
 
 # ------------------------------------------------------------------------------------------ helpers

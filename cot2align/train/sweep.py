@@ -13,12 +13,14 @@ from pathlib import Path
 
 from cot2align.cache import open_cache
 from cot2align.config import DistillConfig, build_config, model_family
+from cot2align.logs import reporter
 from cot2align.plotting import pyplot
 from cot2align.train.distill import distill
 
 
 def sweep(cache_path: str, students: list[str | None], methods: list[str], alphas: list[float], out: str,
-          config_file: str | None = None, log=print, **flags) -> list[dict]:
+          config_file: str | None = None, log=None, **flags) -> list[dict]:
+    say = reporter(log, __name__)
     cache = open_cache(cache_path)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -27,7 +29,7 @@ def sweep(cache_path: str, students: list[str | None], methods: list[str], alpha
         cfg = build_config(DistillConfig, config_file, cache=cache_path, student=student, method=method, alpha=alpha, **flags)
         cfg.resolve(model_family(cache.manifest["teacher"]["name_or_path"]))
         cfg.out = str(out_dir / f"{model_family(cfg.student)}_{method}{'_cot2align' if cfg.cot2align else ''}_a{alpha}")
-        log(f"sweep: {cfg.student} {method}{' + CoT2Align' if cfg.cot2align else ''} alpha={alpha} -> {cfg.out}")
+        say(f"sweep: {cfg.student} {method}{' + CoT2Align' if cfg.cot2align else ''} alpha={alpha} -> {cfg.out}")
         summary = distill(cfg, log=log, cache=cache)
         final = summary["history"][-1] if summary["history"] else {}
         rows.append({"student": cfg.student, "method": method, "cot2align": cfg.cot2align, "alpha": alpha,
