@@ -58,6 +58,12 @@ def main():
     """Distil a large teacher LLM into a student with another tokenizer (CoT2Align)."""
 
 
+DATA_HELP = ("Dataset: alias (dolly, alpaca, sni, dialogsum, sample), JSON/JSONL/Parquet/CSV file, save_to_disk "
+             "directory, or hub id (owner/name).")
+DATA_CONFIG_HELP = "The hub dataset's configuration (--data owner/name)."
+DATA_SPLIT_HELP = "The dataset's split to read [default: the one --split means: train, validation|dev, test]."
+
+
 def _field_map(pairs: tuple[str, ...]) -> dict | None:
     if not pairs:
         return None
@@ -74,7 +80,7 @@ def _field_map(pairs: tuple[str, ...]) -> dict | None:
 @click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
 @click.option("--model", help="Teacher: alias, hub id, local path, or LoRA adapter dir.")
 @click.option("--adapter", help="A LoRA adapter (peft) merged into --model.")
-@click.option("--data", help="Dataset alias (dolly, alpaca, sni, dialogsum, sample) or a JSON/JSONL file.")
+@click.option("--data", help=DATA_HELP)
 @click.option("--split", type=click.Choice(["train", "dev", "test"]))
 @click.option("--out", help="Cache directory [default: cache/<teacher family>_<data>].")
 @click.option("--topk", type=int)
@@ -86,6 +92,8 @@ def _field_map(pairs: tuple[str, ...]) -> dict | None:
 @click.option("--resume", is_flag=True, default=None, help="Continue an unfinished cache (a plain re-run does too).")
 @click.option("--data-root", help="Root of local dataset files [default: $COT2ALIGN_DATA_ROOT or ./data].")
 @click.option("--field-map", multiple=True, help="OURS=THEIRS field name mapping for generic JSON/JSONL.")
+@click.option("--data-config", help=DATA_CONFIG_HELP)
+@click.option("--data-split", help=DATA_SPLIT_HELP)
 @click.option("--device")
 @click.option("--seed", type=int, help="Seed of a tiny-* preset teacher.")
 @click.option("--limit", type=int, help="Only the first N records.")
@@ -132,6 +140,9 @@ def cache_verify_cmd(path):
 _TRAINING_OPTIONS = [
     click.option("--split", type=click.Choice(["train", "dev", "test"])),
     click.option("--data-root"),
+    click.option("--data-config", help=DATA_CONFIG_HELP),
+    click.option("--data-split", help=DATA_SPLIT_HELP),
+    click.option("--field-map", multiple=True, help="OURS=THEIRS field names of --data / --val-data."),
     click.option("--epochs", type=int),
     click.option("--max-steps", type=int, help="Stop after this many optimiser steps."),
     click.option("--lr", type=float),
@@ -181,7 +192,7 @@ def _training_options(command):
 @click.option("--cot2align/--no-cot2align", default=None, help="Add the CoT view and the Cross-CoT OT loss [default: on].")
 @click.option("--alpha", type=float, help="Weight of the distillation terms: (1-a) CE + a (KD + CCoT).")
 @click.option("--out", help="Output directory [default: runs/<student>_<method>...].")
-@click.option("--data", help="--method sft without a cache: dataset alias or JSON/JSONL file.")
+@click.option("--data", help="--method sft without a cache: " + DATA_HELP[0].lower() + DATA_HELP[1:])
 @click.option("--projector-lr", type=float)
 @click.option("--kd-temperature", type=float)
 @click.option("--kl-variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]))
@@ -195,7 +206,7 @@ def distill_cmd(config_file, **flags):
     """Train a student from a teacher cache (DSKD + CoT2Align by default)."""
     from cot2align.train.distill import distill
 
-    cfg = build_config(DistillConfig, config_file, **flags)
+    cfg = build_config(DistillConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
     _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
 
 
@@ -247,7 +258,7 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
 @main.command("sft")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
 @click.option("--model", required=True, help="Model to fine-tune (a teacher, or a student baseline).")
-@click.option("--data", required=True, help="Dataset alias or JSON/JSONL file (standard view).")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--out", required=True)
 @_training_options
 def sft_cmd(config_file, model, **flags):
@@ -255,6 +266,7 @@ def sft_cmd(config_file, model, **flags):
     from cot2align.config import sft_defaults
     from cot2align.train.distill import distill
 
+    flags["field_map"] = _field_map(flags["field_map"])
     cfg = build_config(DistillConfig, config_file, student=model, method="sft", cot2align=False, **sft_defaults(model, flags))
     _print_summary(distill(cfg, log=lambda msg: click.echo(msg, err=True)))
 
@@ -262,10 +274,13 @@ def sft_cmd(config_file, model, **flags):
 @main.command("augment-cot")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
 @click.option("--model", help="The (fine-tuned) teacher that writes the rationales.")
-@click.option("--data", help="Dataset alias or JSON/JSONL file.")
+@click.option("--data", help=DATA_HELP)
 @click.option("--out", help="Output JSONL (appended to; a rerun resumes).")
 @click.option("--split", type=click.Choice(["train", "dev", "test"]), help="[default: train]")
 @click.option("--data-root")
+@click.option("--data-config", help=DATA_CONFIG_HELP)
+@click.option("--data-split", help=DATA_SPLIT_HELP)
+@click.option("--field-map", multiple=True, help="OURS=THEIRS field name mapping.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), help="[default: hf]")
 @click.option("--max-new-tokens", type=int, help="[default: 256]")
 @click.option("--temperature", type=float, help="[default: 1.0]")
@@ -279,7 +294,7 @@ def augment_cot_cmd(config_file, **flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
     from cot2align.data.augment import AugmentConfig, augment_cot
 
-    cfg = build_config(AugmentConfig, config_file, **flags)
+    cfg = build_config(AugmentConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
     for required in ("model", "data", "out"):
         if getattr(cfg, required) is None:
             raise ConfigError(f"--{required}: required (as a flag or in --config)")
@@ -289,8 +304,11 @@ def augment_cot_cmd(config_file, **flags):
 
 @main.command("evaluate")
 @click.option("--model", required=True, help="A model directory (e.g. a distill --out).")
-@click.option("--data", required=True)
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--split", default="test", type=click.Choice(["train", "dev", "test"]), show_default=True)
+@click.option("--data-config", help=DATA_CONFIG_HELP)
+@click.option("--data-split", help=DATA_SPLIT_HELP)
+@click.option("--field-map", multiple=True, help="OURS=THEIRS field name mapping.")
 @click.option("--metric", default="rougeL", type=click.Choice(["rougeL", "ce", "all"]), show_default=True,
               help="rougeL: generations scored with the paper's protocol; ce: held-out cross-entropy of the references "
                    "(nats/token and bits/byte, no sampling); all: both.")
@@ -302,7 +320,8 @@ def augment_cot_cmd(config_file, **flags):
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--data-root")
 @click.option("--device")
-def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_tokens, batch_size, data_root, device):
+def evaluate_cmd(model, data, split, data_config, data_split, field_map, metric, seeds, greedy, out, limit, max_new_tokens,
+                 batch_size, data_root, device):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
     from cot2align.eval import evaluate_model
 
@@ -311,7 +330,8 @@ def evaluate_cmd(model, data, split, metric, seeds, greedy, out, limit, max_new_
         raise ConfigError("--seeds: expected at least one seed (or --greedy)")
     summary = evaluate_model(model, data, split, seed_list, greedy, out, limit, max_new_tokens,
                              batch_size=batch_size, data_root=data_root, device=device, metric=metric,
-                             log=lambda m: click.echo(m, err=True))
+                             log=lambda m: click.echo(m, err=True), data_config=data_config, data_split=data_split,
+                             field_map=_field_map(field_map))
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 

@@ -7,6 +7,7 @@ flag that was given (None means "not given"). The resolved config is what gets r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -105,8 +106,10 @@ def model_family(name_or_path: str) -> str:
     return safe_name(Path(str(name_or_path).rstrip("/")).name.lower(), "model")
 
 
-def data_name(data: str) -> str:
-    """Short dataset name for default output paths: the alias or the file stem."""
+def data_name(data) -> str:
+    """Short dataset name for default output paths: the alias, the file stem or the hub id's name."""
+    if _is_dataset(data):
+        return safe_name(getattr(getattr(data, "info", None), "dataset_name", None) or "dataset", "data")
     data = str(data)
     return safe_name(Path(data).name.split(".")[0] if ("/" in data or "." in data) else data, "data")
 
@@ -133,6 +136,8 @@ class CacheTeacherConfig:
     resume: bool = False
     data_root: str | None = None
     field_map: dict = field(default_factory=dict)
+    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
     device: str | None = None          # default: cuda if available else cpu
     seed: int = 0                      # tiny presets only
     block_examples: int = 256          # examples per committed block
@@ -186,6 +191,9 @@ class DistillConfig:
     data: str | None = None            # --method sft without a cache: a dataset name or JSON/JSONL file
     split: str = "train"
     data_root: str | None = None
+    data_config: str | None = None     # a hub dataset's configuration (--data / --val-data owner/name)
+    data_split: str | None = None      # the --data dataset's split to read [default: the one --split means]
+    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names of --data / --val-data
     epochs: int | None = None
     max_steps: int | None = None       # stop after this many optimiser steps (smoke runs, tests)
     lr: float | None = None
@@ -363,6 +371,14 @@ def _read_yaml(config_file: str | Path) -> dict:
     return loaded
 
 
+# Fields that also take a `datasets.Dataset` / `DatasetDict` object (Python API); recorded by description.
+DATASET_FIELDS = {"data", "val_data"}
+
+
+def _is_dataset(value) -> bool:
+    return type(value).__module__.split(".")[0] == "datasets" and hasattr(value, "column_names")
+
+
 def build_config(cls, config_file: str | Path | None = None, **flags):
     """Defaults <- YAML file <- given flags (None = not given); every value coerced to its field's type and
     range-checked, a problem reported in one line naming the file and key (or the flag)."""
@@ -379,7 +395,9 @@ def build_config(cls, config_file: str | Path | None = None, **flags):
     for key, value in flags.items():
         if key not in hints:
             raise ConfigError(f"unknown setting '{key}'")
-        if value is not None:
+        if key in DATASET_FIELDS and _is_dataset(value):
+            values[key] = value
+        elif value is not None:
             where = f"--{key.replace('_', '-')}"
             values[key] = _coerce(value, hints[key], where)
             _check_range(key, values[key], where)
@@ -390,4 +408,8 @@ def build_config(cls, config_file: str | Path | None = None, **flags):
 
 
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (YAML, JSON): a `datasets` object given as data is recorded by its description."""
+    from cot2align.data.hf import describe
+
+    return {f.name: describe(value) if _is_dataset(value) else copy.deepcopy(value)
+            for f in dataclasses.fields(cfg) for value in [getattr(cfg, f.name)]}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,9 @@ class AugmentConfig:
     out: str | None = None             # required: the output JSONL
     split: str = "train"
     data_root: str | None = None
+    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
+    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names
     backend: str = "hf"
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -158,7 +161,8 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
 
 
 def augment_cot(cfg: AugmentConfig, log=print) -> dict:
-    records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
+                              data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[:cfg.limit]
     out = Path(cfg.out)

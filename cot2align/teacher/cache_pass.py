@@ -257,7 +257,8 @@ def _complete(writer: CacheWriter, stats: dict, rank: int, world: int) -> dict:
 
 
 def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
-    records, source = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None)
+    records, source = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
+                                   data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[: cfg.limit]
         source = dict(source, sha256=_sha([source["sha256"], cfg.limit]))
@@ -308,7 +309,8 @@ def _existing_cache(location: Location, fingerprint: dict, world: int, log) -> d
 def _plan_sequences(cfg: CacheTeacherConfig, plan: _Plan) -> None:
     """Both views' teacher token sequences (the text truncated once), their row offsets and prompt lengths."""
     plan.sequences, plan.trunc = build_sequences(plan.records, plan.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                                 where=plan.source.get("path", plan.source.get("hub", cfg.data)))
+                                                 where=str(plan.source.get("path") or plan.source.get("hub")
+                                                           or plan.source.get("dataset") or cfg.data))
     for view in VIEWS:
         rows = np.array([s.views[view].n_rows for s in plan.sequences], dtype=np.int64)
         plan.offsets[view] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)

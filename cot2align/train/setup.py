@@ -309,11 +309,11 @@ def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{marker}: unreadable (not JSON); cannot tell which run this is — cannot --resume") from None
-    old = recorded.get("config", {})
+    old, now = recorded.get("config", {}), config_to_dict(cfg)     # a `datasets` object as data: by description
     for name in RUN_IDENTITY:
-        if name in old and old[name] != getattr(cfg, name):
+        if name in old and old[name] != now[name]:
             raise ConfigError(f"--resume {marker.parent}: the run was started with {name}={old[name]!r}, this command "
-                              f"has {name}={getattr(cfg, name)!r}; resume with the same settings or choose another --out")
+                              f"has {name}={now[name]!r}; resume with the same settings or choose another --out")
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
@@ -353,7 +353,8 @@ def whole_model(model, cfg: DistillConfig, is_main: bool):
 
 def records_as_student_ids(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
     """--method sft from plain data: the standard view of every record, tokenised for the student."""
-    records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
+                              data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ids_all, offsets, prompt_lens = [], [0], []
