@@ -9,7 +9,7 @@ import sys
 import click
 
 from cot2align.cache.format import CacheError
-from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
+from cot2align.config import DTYPES, CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.data.readers import DataError
 from cot2align.train import TrainingError
 
@@ -95,6 +95,7 @@ def _field_map(pairs: tuple[str, ...]) -> dict | None:
 @click.option("--data-config", help=DATA_CONFIG_HELP)
 @click.option("--data-split", help=DATA_SPLIT_HELP)
 @click.option("--device")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Teacher compute dtype [default: bf16 on CUDA, fp32 on CPU].")
 @click.option("--seed", type=int, help="Seed of a tiny-* preset teacher.")
 @click.option("--limit", type=int, help="Only the first N records.")
 @click.option("--block-examples", type=int, help="Examples per committed block.")
@@ -174,6 +175,11 @@ _TRAINING_OPTIONS = [
     click.option("--overwrite", is_flag=True, default=None),
     click.option("--limit", type=int),
     click.option("--trust-remote-code", is_flag=True, default=None),
+    click.option("--dtype", type=click.Choice(DTYPES),
+                 help="Autocast dtype; with LoRA also the frozen base's weights (adapters and full fine-tuning keep "
+                      "fp32 weights) [default: bf16 on CUDA — a LoRA base loads in bf16 — fp32 on CPU]."),
+    click.option("--gradient-checkpointing", is_flag=True, default=None,
+                 help="Recompute activations in the backward: less memory, about a third more compute."),
 ]
 
 
@@ -281,6 +287,7 @@ def sft_cmd(config_file, model, **flags):
 @click.option("--data-config", help=DATA_CONFIG_HELP)
 @click.option("--data-split", help=DATA_SPLIT_HELP)
 @click.option("--field-map", multiple=True, help="OURS=THEIRS field name mapping.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Teacher dtype [default: bf16 on CUDA, fp32 on CPU].")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), help="[default: hf]")
 @click.option("--max-new-tokens", type=int, help="[default: 256]")
 @click.option("--temperature", type=float, help="[default: 1.0]")

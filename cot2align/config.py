@@ -144,8 +144,10 @@ class CacheTeacherConfig:
     hidden_codec: str = "auto"         # auto | raw | zstd | lz4
     trust_remote_code: bool = False
     limit: int | None = None           # only the first N records (smoke runs)
+    dtype: str | None = None           # teacher compute dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
 
     def validate(self) -> None:
+        check_dtype(self.dtype)
         if self.topk < 1:
             raise ConfigError(f"topk: expected a positive integer, got {self.topk}")
         if self.hidden_dtype not in ("bf16", "int8"):
@@ -230,6 +232,9 @@ class DistillConfig:
     overwrite: bool = False
     limit: int | None = None           # only the first N training examples
     trust_remote_code: bool = False
+    dtype: str | None = None           # bf16 | fp16 | fp32: autocast, and the frozen base's weights under LoRA (full
+                                       # fine-tuning keeps fp32 master weights) [default: bf16 on CUDA, fp32 on CPU]
+    gradient_checkpointing: bool = False   # recompute activations in the backward: less memory, more compute
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
@@ -238,6 +243,7 @@ class DistillConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        check_dtype(self.dtype)
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         if self.kl_variant is not None and self.kl_variant not in VARIANTS:
@@ -275,6 +281,14 @@ class DistillConfig:
             self.lora_rank = setting.get("lora_rank")
         self.validate()
         return setting["setting"] if setting is not None and setting["student"] == self.student else None
+
+
+DTYPES = ("bf16", "fp16", "fp32")     # --dtype of every command that runs a model
+
+
+def check_dtype(value: str | None) -> None:
+    if value is not None and value not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {value!r}")
 
 
 def sft_defaults(model: str, flags: dict) -> dict:

@@ -35,7 +35,8 @@ from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
 from cot2align.faults import fault_point
 from cot2align.data.templates import load_templates
-from cot2align.modeling import load_model, load_tokenizer, model_files_fingerprint, tokenizer_hash, weights_fingerprint
+from cot2align.modeling import (load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
+                                weights_fingerprint)
 from cot2align.teacher.batching import plan_batches, plan_blocks
 from cot2align.teacher.forward import probe_head, teacher_batch
 from cot2align.teacher.sequences import build_sequences
@@ -188,10 +189,11 @@ def cache_teacher(cfg: CacheTeacherConfig, log=print, model=None) -> dict:
     rank, world, device, own_group = _distributed(cfg)
     say = log if rank == 0 else (lambda *a, **k: None)
     location = Location(cfg.out or default_out(cfg))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(cfg.dtype, device)                            # --dtype; default bf16 on CUDA, fp32 on CPU
     try:
         plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
         existing = _existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
+        _check_dtype(existing, dtype, cfg.dtype is not None, location)
         if existing is not None and existing.get("status") == "complete":
             return {"out": location.url, "status": "complete", "skipped": True}
         t_start = time.perf_counter()
@@ -304,6 +306,18 @@ def _existing_cache(location: Location, fingerprint: dict, world: int, log) -> d
         log(f"{location}: resuming unfinished cache ({len(existing['progress']['blocks']) - 1} blocks"
             f"{f' in {world} parts' if world > 1 else ''})")
     return existing
+
+
+def _check_dtype(existing: dict | None, dtype: torch.dtype, asked: bool, location: Location) -> None:
+    """An unfinished cache is resumed only in the dtype it was started with (its rows must not mix precisions);
+    a complete one is not reported as done when --dtype asks for another precision than it holds."""
+    if existing is None or existing.get("status") == "creating":
+        return
+    recorded, now = existing["teacher"].get("dtype"), str(dtype).replace("torch.", "")
+    if recorded != now and (asked or existing.get("status") != "complete"):
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(recorded, recorded)
+        raise CacheError(f"{location}: the cache was computed with the teacher in {recorded}, this run would compute "
+                         f"in {now}; pass --dtype {short} to continue it, or choose another --out")
 
 
 def _plan_sequences(cfg: CacheTeacherConfig, plan: _Plan) -> None:
