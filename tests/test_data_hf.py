@@ -97,6 +97,9 @@ def test_a_dataset_object_in_the_api_and_the_config_path(tmp_path):
     manifest = open_cache(tmp_path / "c").manifest
     assert manifest["data"]["sha256"] == source["sha256"] and manifest["data"]["n_examples"] == 3
     assert manifest["data"]["dataset"] == source["dataset"]
+    from cot2align.cache.inspect import cache_info, format_info
+
+    assert source["dataset"] in format_info(cache_info(str(tmp_path / "c")))      # `cache info` names the source
 
 
 def test_sft_trains_from_a_dataset_object(tmp_path):
