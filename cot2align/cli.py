@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
+from cot2align.config import DTYPES, CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
 from cot2align.logs import configure as configure_logging
@@ -58,6 +58,12 @@ def _one_line(error: Exception) -> str:
 def main():
     """Distil a large teacher LLM into a student with another tokenizer (CoT2Align)."""
     configure_logging(quiet=False)     # progress messages on stderr; a command's --quiet keeps warnings only
+
+
+DATA_HELP = ("Dataset: alias (dolly, alpaca, sni, dialogsum, sample), JSON/JSONL/Parquet/CSV file, save_to_disk "
+             "directory, or hub id (owner/name).")
+DATA_CONFIG_HELP = "The hub dataset's configuration (--data owner/name)."
+DATA_SPLIT_HELP = "The dataset's split to read [default: the one --split means: train, validation|dev, test]."
 
 
 def _field_map(pairs: tuple[str, ...]) -> dict | None:
@@ -131,7 +137,7 @@ C = CacheTeacherConfig
 @_config_options(C)
 @_field(C, "model", help="Teacher: alias, hub id, local path, or LoRA adapter dir.")
 @_field(C, "adapter", help="A LoRA adapter (peft) merged into --model.")
-@_field(C, "data", help="Dataset alias or a JSON/JSONL file.")
+@_field(C, "data", help=DATA_HELP)
 @_field(C, "split", type=SPLITS)
 @_field(C, "out", help="Cache directory.", default_text="cache/<teacher family>_<data>")
 @_field(C, "topk", help="Teacher log-probs kept per row.")
@@ -143,7 +149,10 @@ C = CacheTeacherConfig
 @_field(C, "resume", help="Continue an unfinished cache (a plain re-run does too).")
 @_field(C, "data_root", help="Local dataset files.", default_text="$COT2ALIGN_DATA_ROOT or ./data")
 @_field(C, "field_map", "--field-map", multiple=True, help="OURS=THEIRS field name mapping (repeatable).")
+@_field(C, "data_config", help=DATA_CONFIG_HELP)
+@_field(C, "data_split", help=DATA_SPLIT_HELP)
 @_field(C, "device", default_text="cuda if available, else cpu")
+@_field(C, "dtype", type=click.Choice(DTYPES), help="Teacher compute dtype.", default_text="bf16 on CUDA, fp32 on CPU")
 @_field(C, "seed", help="Seed of a tiny-* preset teacher.")
 @_field(C, "limit", help="Only the first N records.")
 @_field(C, "block_examples", help="Examples per committed block.")
@@ -195,6 +204,9 @@ _PAPER = "the paper's setting"
 _TRAINING_OPTIONS = [
     _field(D, "split", type=SPLITS),
     _field(D, "data_root", default_text="$COT2ALIGN_DATA_ROOT or ./data"),
+    _field(D, "data_config", help=DATA_CONFIG_HELP),
+    _field(D, "data_split", help=DATA_SPLIT_HELP),
+    _field(D, "field_map", multiple=True, help="OURS=THEIRS field names of --data / --val-data (repeatable)."),
     _field(D, "epochs", default_text=_PAPER),
     _field(D, "max_steps", help="Stop after this many optimiser steps."),
     _field(D, "lr", help="Peak learning rate (cosine schedule).", default_text=_PAPER),
@@ -226,6 +238,9 @@ _TRAINING_OPTIONS = [
     _field(D, "push_to_hub", help="Upload the finished model and its card to the Hugging Face Hub."),
     _field(D, "hub_model_id", help="The Hub repository, NAME or OWNER/NAME.", default_text="the --out name"),
     _field(D, "hub_private", help="Create the Hub repository private."),
+    _field(D, "dtype", type=click.Choice(DTYPES), help="Autocast; with LoRA also the frozen base's weights.",
+           default_text="bf16 on CUDA (a LoRA base loads in bf16), fp32 on CPU"),
+    _field(D, "gradient_checkpointing", help="Recompute activations in the backward: less memory, more compute."),
 ]
 
 
@@ -257,7 +272,7 @@ def _resolved(cfg: DistillConfig) -> DistillConfig:
         default_text="on")
 @_field(D, "alpha", help="L = (1-a) CE + a (KD + CCoT).", default_text=_PAPER)
 @_field(D, "out", help="Output directory.", default_text="runs/<student>_<method>...")
-@_field(D, "data", help="--method sft without a cache: dataset alias or file.")
+@_field(D, "data", help="--method sft without a cache: the dataset.")
 @_field(D, "projector_lr")
 @_field(D, "kd_temperature")
 @_field(D, "kl_variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]),
@@ -270,7 +285,7 @@ def _resolved(cfg: DistillConfig) -> DistillConfig:
 @_training_options
 def distill_cmd(config_file, print_config, **flags):
     """Train a student from a teacher cache (DSKD + CoT2Align by default)."""
-    cfg = build_config(DistillConfig, config_file, **flags)
+    cfg = build_config(DistillConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
     if print_config:
         return _print_config(_resolved(cfg))
     from cot2align.train.distill import distill
@@ -329,7 +344,7 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
 @main.command("sft")
 @_config_options(D)
 @_field(D, "student", "--model", help="Model to fine-tune (a teacher, or a student baseline).")
-@_field(D, "data", help="Dataset alias or file (standard view).")
+@_field(D, "data", help=DATA_HELP)
 @_field(D, "out", help="Output directory.")
 @_training_options
 def sft_cmd(config_file, print_config, **flags):
@@ -340,6 +355,7 @@ def sft_cmd(config_file, print_config, **flags):
         if flags[required] is None and config_file is None:
             raise ConfigError(f"--{'model' if required == 'student' else required}: required")
     model = flags["student"] or ""
+    flags["field_map"] = _field_map(flags["field_map"])
     cfg = build_config(DistillConfig, config_file, method="sft", cot2align=False, **sft_defaults(model, flags))
     if print_config:
         return _print_config(cfg)
@@ -352,10 +368,14 @@ def sft_cmd(config_file, print_config, **flags):
 @click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("--model", help="The (fine-tuned) teacher that writes the rationales. Required.")
-@click.option("--data", help="Dataset alias or JSON/JSONL file. Required.")
+@click.option("--data", help=DATA_HELP + " Required.")
 @click.option("--out", help="Output JSONL (appended to; a rerun resumes). Required.")
 @click.option("--split", type=SPLITS, help="[default: train]")
 @click.option("--data-root", help="[default: $COT2ALIGN_DATA_ROOT or ./data]")
+@click.option("--data-config", help=DATA_CONFIG_HELP)
+@click.option("--data-split", help=DATA_SPLIT_HELP)
+@click.option("--field-map", multiple=True, help="OURS=THEIRS field name mapping (repeatable).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Teacher dtype. [default: bf16 on CUDA, fp32 on CPU]")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), help="[default: hf]")
 @click.option("--max-new-tokens", type=int, help="Rationale length limit. [default: 256]")
 @click.option("--temperature", type=float, help="Sampling temperature. [default: 1.0]")
@@ -369,7 +389,7 @@ def augment_cot_cmd(config_file, print_config, **flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
     from cot2align.data.augment import AugmentConfig, augment_cot
 
-    cfg = build_config(AugmentConfig, config_file, **flags)
+    cfg = build_config(AugmentConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
     if print_config:
         return _print_config(cfg)
     for required in ("model", "data", "out"):
@@ -385,7 +405,10 @@ E = EvaluateConfig
 @main.command("evaluate")
 @_config_options(E)
 @_field(E, "model", help="A model directory (e.g. a distill --out). Required.")
-@_field(E, "data", help="Dataset alias or file. Required.")
+@_field(E, "data", help=DATA_HELP + " Required.")
+@_field(E, "data_config", help=DATA_CONFIG_HELP)
+@_field(E, "data_split", help=DATA_SPLIT_HELP)
+@_field(E, "field_map", multiple=True, help="OURS=THEIRS field name mapping (repeatable).")
 @_field(E, "split", type=SPLITS)
 @_field(E, "metric", type=click.Choice(["rougeL", "ce", "all"]),
         help="rougeL: the paper's protocol; ce: held-out cross-entropy; all: both.")
@@ -399,7 +422,7 @@ E = EvaluateConfig
 @_field(E, "device", default_text="cuda if available, else cpu")
 def evaluate_cmd(config_file, print_config, **flags):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
-    cfg = build_config(EvaluateConfig, config_file, **flags)
+    cfg = build_config(EvaluateConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
     if print_config:
         return _print_config(cfg)
     for required in ("model", "data"):
@@ -411,7 +434,8 @@ def evaluate_cmd(config_file, print_config, **flags):
     from cot2align.eval import evaluate_model
 
     summary = evaluate_model(cfg.model, cfg.data, cfg.split, seed_list, cfg.greedy, cfg.out, cfg.limit, cfg.max_new_tokens,
-                             batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric)
+                             batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
+                             data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 

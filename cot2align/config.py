@@ -7,6 +7,7 @@ flag that was given (None means "not given"). The resolved config is what gets r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import math
@@ -104,8 +105,10 @@ def model_family(name_or_path: str) -> str:
     return safe_name(Path(str(name_or_path).rstrip("/")).name.lower(), "model")
 
 
-def data_name(data: str) -> str:
-    """Short dataset name for default output paths: the alias or the file stem."""
+def data_name(data) -> str:
+    """Short dataset name for default output paths: the alias, the file stem or the hub id's name."""
+    if _is_dataset(data):
+        return safe_name(getattr(getattr(data, "info", None), "dataset_name", None) or "dataset", "data")
     data = str(data)
     return safe_name(Path(data).name.split(".")[0] if ("/" in data or "." in data) else data, "data")
 
@@ -132,14 +135,18 @@ class CacheTeacherConfig:
     resume: bool = False
     data_root: str | None = None
     field_map: dict = field(default_factory=dict)
+    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
     device: str | None = None          # default: cuda if available else cpu
     seed: int = 0                      # tiny presets only
     block_examples: int = 256          # examples per committed block
     hidden_codec: str = "auto"         # auto | raw | zstd | lz4
     trust_remote_code: bool = False
     limit: int | None = None           # only the first N records (smoke runs)
+    dtype: str | None = None           # teacher compute dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
 
     def validate(self) -> None:
+        check_dtype(self.dtype)
         if self.topk < 1:
             raise ConfigError(f"topk: expected a positive integer, got {self.topk}")
         if self.hidden_dtype not in ("bf16", "int8"):
@@ -185,6 +192,9 @@ class DistillConfig:
     data: str | None = None            # --method sft without a cache: a dataset name or JSON/JSONL file
     split: str = "train"
     data_root: str | None = None
+    data_config: str | None = None     # a hub dataset's configuration (--data / --val-data owner/name)
+    data_split: str | None = None      # the --data dataset's split to read [default: the one --split means]
+    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names of --data / --val-data
     epochs: int | None = None
     max_steps: int | None = None       # stop after this many optimiser steps (smoke runs, tests)
     lr: float | None = None
@@ -225,6 +235,9 @@ class DistillConfig:
     push_to_hub: bool = False          # upload the finished run (model, tokenizer, card) to the Hugging Face Hub
     hub_model_id: str | None = None    # its repository, NAME or OWNER/NAME [default: the --out directory's name]
     hub_private: bool = False          # create that repository private
+    dtype: str | None = None           # bf16 | fp16 | fp32: autocast, and the frozen base's weights under LoRA (full
+                                       # fine-tuning keeps fp32 master weights) [default: bf16 on CUDA, fp32 on CPU]
+    gradient_checkpointing: bool = False   # recompute activations in the backward: less memory, more compute
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
@@ -233,6 +246,7 @@ class DistillConfig:
 
         if self.method not in METHODS:
             raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        check_dtype(self.dtype)
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         if self.kl_variant is not None and self.kl_variant not in VARIANTS:
@@ -280,6 +294,9 @@ class EvaluateConfig:
     model: str | None = None           # required: a model directory (e.g. a distill --out)
     data: str | None = None            # required: dataset alias or file
     split: str = "test"
+    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
+    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names
     metric: str = "rougeL"             # rougeL | ce | all
     seeds: str = "10,20,30,40,50"      # sampling seeds (comma-separated)
     greedy: bool = False               # greedy decoding once instead of sampling per seed
@@ -305,6 +322,14 @@ def report_targets(report_to: str) -> list[str]:
     if "wandb" in targets and importlib.util.find_spec("wandb") is None:
         raise ConfigError("report_to: wandb is not installed (pip install wandb, or pip install 'cot2align[wandb]')")
     return list(dict.fromkeys(targets))
+
+
+DTYPES = ("bf16", "fp16", "fp32")     # --dtype of every command that runs a model
+
+
+def check_dtype(value: str | None) -> None:
+    if value is not None and value not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {value!r}")
 
 
 def sft_defaults(model: str, flags: dict) -> dict:
@@ -401,6 +426,14 @@ def _read_yaml(config_file: str | Path) -> dict:
     return loaded
 
 
+# Fields that also take a `datasets.Dataset` / `DatasetDict` object (Python API); recorded by description.
+DATASET_FIELDS = {"data", "val_data"}
+
+
+def _is_dataset(value) -> bool:
+    return type(value).__module__.split(".")[0] == "datasets" and hasattr(value, "column_names")
+
+
 def build_config(cls, config_file: str | Path | None = None, **flags):
     """Defaults <- YAML file <- given flags (None = not given); every value coerced to its field's type and
     range-checked, a problem reported in one line naming the file and key (or the flag)."""
@@ -417,7 +450,9 @@ def build_config(cls, config_file: str | Path | None = None, **flags):
     for key, value in flags.items():
         if key not in hints:
             raise ConfigError(f"unknown setting '{key}'")
-        if value is not None:
+        if key in DATASET_FIELDS and _is_dataset(value):
+            values[key] = value
+        elif value is not None:
             where = f"--{key.replace('_', '-')}"
             values[key] = _coerce(value, hints[key], where)
             _check_range(key, values[key], where)
@@ -428,4 +463,8 @@ def build_config(cls, config_file: str | Path | None = None, **flags):
 
 
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (YAML, JSON): a `datasets` object given as data is recorded by its description."""
+    from cot2align.data.hf import describe
+
+    return {f.name: describe(value) if _is_dataset(value) else copy.deepcopy(value)
+            for f in dataclasses.fields(cfg) for value in [getattr(cfg, f.name)]}

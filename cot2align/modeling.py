@@ -173,6 +173,20 @@ def build_random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.bf
     return model.eval()
 
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str | None, device) -> torch.dtype:
+    """A --dtype (bf16, fp16, fp32) as a torch dtype; None: bfloat16 on CUDA, float32 elsewhere."""
+    if name is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False):
     """Load a causal LM in eval mode; LoRA adapters are merged into the base weights."""

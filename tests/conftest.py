@@ -7,6 +7,8 @@ import pytest
 # Tokenizers shipped in the package are unpacked here, never into the user's home during tests.
 os.environ.setdefault("COT2ALIGN_HOME", str(Path(__file__).parent / ".cot2align_home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `datasets` keeps what it prepares from Parquet/CSV files here, not in the user's ~/.cache/huggingface
+os.environ.setdefault("HF_DATASETS_CACHE", str(Path(__file__).parent / ".cot2align_home" / "hf_datasets"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FIXTURES = Path(__file__).parent / "fixtures"

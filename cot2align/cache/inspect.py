@@ -55,8 +55,8 @@ def cache_info(path: str | Path) -> dict:
         "status": manifest.get("status"),
         "teacher": manifest["teacher"],
         "tokenizer": manifest["tokenizer"]["name_or_path"],
-        "data": {k: manifest["data"].get(k) for k in ("name", "split", "path", "hub", "n_examples", "n_cot_examples",
-                                                      "truncated")},
+        "data": {k: manifest["data"].get(k) for k in ("name", "split", "path", "hub", "dataset", "data_split",
+                                                      "n_examples", "n_cot_examples", "truncated")},
         "parts": len(_part_prefixes(manifest)),
         "rows": rows,
         "topk": manifest["store"]["topk"],
@@ -71,12 +71,13 @@ def cache_info(path: str | Path) -> dict:
 
 def format_info(info: dict) -> str:
     t, d, p = info["teacher"], info["data"], info["pass"]
+    split = f", split {d['data_split']}" if d.get("data_split") else ""     # the split read of a DatasetDict or hub id
     lines = [
         f"cache        {info['path']}  ({info['status']})",
         f"teacher      {t['name_or_path']}  {t['model_type']}  D={t['hidden_size']}  V={t['vocab_size']}  "
         f"layers={t['num_layers']}  dtype={t['dtype']}  embeddings={t['embed_kind']}  exact_logits={t['exact_logits']}",
         f"data         {d['name']} [{d['split']}]  {d['n_examples']} examples, {d['n_cot_examples']} with CoT  "
-        f"({d.get('path') or d.get('hub')})",
+        f"({d.get('path') or d.get('hub') or d.get('dataset')}{split})",
         f"truncated    prompts {d['truncated']['prompt']}  responses {d['truncated']['response']}",
         f"rows         std {info['rows']['std']:,}  cot {info['rows']['cot']:,}   top-k {info['topk']}  "
         f"hidden codec {info['hidden_codec']}   parts {info['parts']}",

@@ -20,19 +20,19 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from cot2align.config import ConfigError
+from cot2align.config import ConfigError, check_dtype
 from cot2align.data.readers import DataError, load_records
 from cot2align.data.templates import cot_output, cot_prompt
 from cot2align.eval.generation import generate_batch
 from cot2align.faults import fault_point
 from cot2align.locks import writer_lock
 from cot2align.logs import progress_bar, reporter
-from cot2align.modeling import load_model, load_tokenizer
+from cot2align.modeling import load_model, load_tokenizer, resolve_dtype
 from cot2align.write_errors import reported
 
 SEPARATOR = "Therefore, the answer is"
@@ -45,6 +45,9 @@ class AugmentConfig:
     out: str | None = None             # required: the output JSONL
     split: str = "train"
     data_root: str | None = None
+    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
+    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names
     backend: str = "hf"
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -54,6 +57,10 @@ class AugmentConfig:
     adapter: str | None = None
     device: str | None = None
     trust_remote_code: bool = False
+    dtype: str | None = None           # the teacher's dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
+
+    def validate(self) -> None:
+        check_dtype(self.dtype)
 
 
 def degenerate_reason(rationale: str, hit_length_limit: bool) -> str | None:
@@ -154,7 +161,8 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
         from vllm import LLM, SamplingParams
     except ImportError:
         raise ConfigError("--backend vllm: vllm is not installed (pip install 'cot2align[vllm]')") from None
-    llm = LLM(model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.dtype, "auto")
+    llm = LLM(model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
     params = SamplingParams(temperature=cfg.temperature, top_p=1.0, top_k=-1, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     outputs = llm.generate(prompts, params)
     return [(o.outputs[0].text, o.outputs[0].finish_reason == "length") for o in outputs]
@@ -171,7 +179,8 @@ def augment_cot(cfg: AugmentConfig, log=None) -> dict:
 
 
 def _augment(cfg: AugmentConfig, out: Path, say) -> dict:
-    records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
+                              data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[:cfg.limit]
     with reported(DataError, f"{out}: cannot prepare", "nothing was generated yet; free space (or make it writable) and rerun"):
@@ -188,7 +197,7 @@ def _augment(cfg: AugmentConfig, out: Path, say) -> dict:
         batches = [todo]
     else:
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(cfg.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device,
+        model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device,
                            adapter=cfg.adapter, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(cfg.model)
         lengths = {rid: len(tokenizer(p)["input_ids"]) for rid, p in prompts.items()}

@@ -1,4 +1,5 @@
-"""Dataset readers: Dolly, Alpaca, S-NI, DialogSum, the shipped sample, and any JSON/JSONL file.
+"""Dataset readers: Dolly, Alpaca, S-NI, DialogSum, the shipped sample, and any JSON/JSONL file (Parquet, CSV,
+save_to_disk directories, hub ids and `datasets` objects go through cot2align.data.hf).
 
 Every reader returns a list of plain dict records
 
@@ -115,7 +116,8 @@ def _check_readable_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; expected a .json, .jsonl or .jsonl.gz file")
+        raise DataError(f"{path}: is a directory; expected a .json, .jsonl, .jsonl.gz, .parquet or .csv file, or a "
+                        "directory written by Dataset.save_to_disk")
 
 
 def _binary_lines(path: Path):
@@ -338,12 +340,17 @@ def read_file(path: str | Path, field_map: dict | None = None) -> list[dict]:
     records = []
     for lineno, raw in read_json_records(path):
         records.append(normalise_record(raw, f"{path}:{lineno}", f"{stem}-{lineno}", field_map))
+    return checked_records(records, str(path))
+
+
+def checked_records(records: list[dict], where: str) -> list[dict]:
+    """At least one record, and no id twice."""
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{where}: no records")
     seen: dict[str, int] = {}
     for i, r in enumerate(records):
         if r["id"] in seen:
-            raise DataError(f"{path}: duplicate record id {_show(r['id'])} (records {seen[r['id']] + 1} and {i + 1})")
+            raise DataError(f"{where}: duplicate record id {_show(r['id'])} (records {seen[r['id']] + 1} and {i + 1})")
         seen[r["id"]] = i
     return records
 
@@ -408,40 +415,66 @@ def resolve_data_file(data: str, split: str, data_root: str | Path | None = None
     return None
 
 
-def load_records(data: str, split: str = "train", data_root: str | Path | None = None,
-                 field_map: dict | None = None, apply_filters: bool = True) -> tuple[list[dict], dict]:
-    """Load records of `data` (alias, 'sample', or a file path) and its provenance.
+def load_records(data, split: str = "train", data_root: str | Path | None = None,
+                 field_map: dict | None = None, apply_filters: bool = True, *, data_config: str | None = None,
+                 data_split: str | None = None) -> tuple[list[dict], dict]:
+    """Load records of `data` and its provenance. `data` is one of
 
-    Returns (records, source) where source = {"name", "split", "path" or "hub", "sha256"}.
+    - an alias (dolly, alpaca, sni, dialogsum: local files under the data root, else the hub; or sample);
+    - a JSON / JSONL / .jsonl.gz file (cot2align's own reader: errors name the line);
+    - a Parquet or CSV file, or a glob of data files of one format (`datasets.load_dataset(<format>, data_files=...)`);
+    - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a directory of data files;
+    - a hub dataset id `owner/name` (`data_config`: its configuration; `data_split`: its split);
+    - a `datasets.Dataset` or `DatasetDict` object (Python API).
+
+    A DatasetDict (or a hub dataset) is read at `data_split`, else at the split `split` means (train; dev:
+    validation, dev, valid or val; test). Returns (records, source) where source = {"name", "split", "path" or
+    "hub" or "dataset", "sha256", ...}; see cot2align.data.hf for the sha256 of each kind of source.
     """
+    from cot2align.data import hf  # lazy: brings `datasets` only when a source needs it
+
     if split not in SPLITS:
         raise DataError(f"--split: expected one of {', '.join(SPLITS)}, got {split!r}")
+    if hf.is_dataset_object(data):
+        return hf.object_records(data, split, data_split, field_map)
+    data = str(data)
     if data in DATASETS or data == "sample":
-        path = resolve_data_file(data, split, data_root)
-        if path is not None:
-            records = read_file(path)
-            if apply_filters and data != "sample":
-                records = paper_filter(data, split, records)
-            return records, {"name": data, "split": split, "path": str(path), "sha256": file_sha256(path)}
-        try:
-            records = _hub_records(data, split)
-        except Exception as e:  # offline, missing package, unknown split...
-            root = Path(data_root) if data_root is not None else default_data_root()
-            looked = ", ".join(str(root / rel) for rel in DATASETS[data]["local"][split])
-            raise DataError(
-                f"--data {data}: split '{split}' not found locally (looked at {looked}) and the hub "
-                f"dataset {DATASETS[data]['hub']} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
-        blob = json.dumps(records, sort_keys=True).encode()
-        return records, {"name": data, "split": split, "hub": DATASETS[data]["hub"], "sha256": hashlib.sha256(blob).hexdigest()}
+        return _alias_records(data, split, data_root, apply_filters)
     path = Path(data)
+    if path.is_dir() and (hf.is_saved_dataset(path) or hf.has_data_files(path)):
+        return hf.directory_records(path, split, data_config, data_split, field_map)
+    if (hf.is_glob(data) and not path.exists()) or (path.is_file() and path.suffix.lower() in (".parquet", ".csv")):
+        return hf.file_records(data, split, data_split, field_map)
     if not path.exists():
+        if hf.is_hub_id(data):
+            return hf.hub_records(data, split, data_config, data_split, field_map)
         if looks_like_path(data):    # a mistyped path: say so, rather than list the aliases
             raise DataError(f"--data {data}: file not found")
         known = ", ".join(sorted(DATASETS) + ["sample"])
         raise DataError(f"--data {data}: no such file, and not a known dataset alias ({known})")
     records = read_file(path, field_map)
     return records, {"name": path.name.split(".")[0], "split": split, "path": str(path), "sha256": file_sha256(path)}
+
+
+def _alias_records(data: str, split: str, data_root, apply_filters: bool) -> tuple[list[dict], dict]:
+    """One of the paper's datasets (or the shipped sample): the local file of the split, else the hub."""
+    path = resolve_data_file(data, split, data_root)
+    if path is not None:
+        records = read_file(path)
+        if apply_filters and data != "sample":
+            records = paper_filter(data, split, records)
+        return records, {"name": data, "split": split, "path": str(path), "sha256": file_sha256(path)}
+    try:
+        records = _hub_records(data, split)
+    except Exception as e:  # offline, missing package, unknown split...
+        root = Path(data_root) if data_root is not None else default_data_root()
+        looked = ", ".join(str(root / rel) for rel in DATASETS[data]["local"][split])
+        raise DataError(
+            f"--data {data}: split '{split}' not found locally (looked at {looked}) and the hub "
+            f"dataset {DATASETS[data]['hub']} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    blob = json.dumps(records, sort_keys=True).encode()
+    return records, {"name": data, "split": split, "hub": DATASETS[data]["hub"], "sha256": hashlib.sha256(blob).hexdigest()}
 
 
 def group_references(records: list[dict]) -> list[dict]:

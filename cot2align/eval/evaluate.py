@@ -27,7 +27,8 @@ def default_eval_dir(model_path: str, data: str, split: str) -> Path:
 def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[int] | None = None, greedy: bool = False,
                    out: str | None = None, limit: int | None = None, max_new_tokens: int = 512, max_prompt_tokens: int = 256,
                    batch_size: int = 16, data_root: str | None = None, device: str | None = None, metric: str = "rougeL",
-                   log=None) -> dict:
+                   log=None, *, data_config: str | None = None, data_split: str | None = None,
+                   field_map: dict | None = None) -> dict:
     """Evaluate one model on a dataset split (DESIGN §7); results go to OUT/results.json (default
     MODEL/eval/<data>_<split>/), merged with what an earlier `evaluate` of another metric wrote there.
 
@@ -44,7 +45,7 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
         if value is not None and (isinstance(value, bool) or value < 1):
             raise ConfigError(f"{name}: expected a positive integer, got {value}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    records, source = load_records(data, split, data_root)
+    records, source = load_records(data, split, data_root, field_map, data_config=data_config, data_split=data_split)
     examples = group_references(records)[:limit] if limit else group_references(records)
     model = load_model(model_path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
     tokenizer = load_tokenizer(model_path)
@@ -53,7 +54,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     summary = json.loads(results_file.read_text()) if results_file.exists() else {}
-    summary.update({"model": str(model_path), "data": data, "split": split, "n_examples": len(examples), "source": source})
+    summary.update({"model": str(model_path), "data": data if isinstance(data, str) else source.get("dataset", str(data)),
+                    "split": split, "n_examples": len(examples), "source": source})
 
     if metric in ("ce", "all"):
         ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in examples], max_prompt_tokens,

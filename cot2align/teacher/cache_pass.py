@@ -40,7 +40,8 @@ from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
 from cot2align.locks import writer_lock
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
-from cot2align.modeling import load_model, load_tokenizer, model_files_fingerprint, tokenizer_hash, weights_fingerprint
+from cot2align.modeling import (load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
+                                weights_fingerprint)
 from cot2align.teacher.batching import plan_batches, plan_blocks
 from cot2align.teacher.forward import probe_head, teacher_batch
 from cot2align.teacher.sequences import build_sequences
@@ -194,23 +195,24 @@ def cache_teacher(cfg: CacheTeacherConfig, log=None, model=None) -> dict:
     rank, world, device, own_group = _distributed(cfg)
     say = reporter(log, __name__) if rank == 0 else silent
     location = Location(cfg.out or default_out(cfg))
+    dtype = resolve_dtype(cfg.dtype, device)                            # --dtype; default bf16 on CUDA, fp32 on CPU
     # one writer per output: a second job on the same --out is refused at once; each rank locks its own part,
     # and every job has a rank 0, so two jobs always meet on <out>.lock (object stores are not locked: locks.py)
     lock = writer_lock(location.local_path, CacheError, f"--out {location}", rank, say) if location.is_local else nullcontext()
     try:
         with lock:
-            return _build(cfg, location, rank, world, device, say, model)
+            return _build(cfg, location, rank, world, device, dtype, say, model)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
 
 
-def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, device, say, model) -> dict:
-    """The pass itself, under the writer lock."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, device, dtype, say, model) -> dict:
+    """The pass itself, under the writer lock; `dtype`: the teacher's compute dtype."""
     plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
     _remove_leftovers(location, rank, say)
     existing = _existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
+    _check_dtype(existing, dtype, cfg.dtype is not None, location)
     if existing is not None and existing.get("status") == "complete":
         return {"out": location.url, "status": "complete", "skipped": True}
     t_start = time.perf_counter()
@@ -289,7 +291,8 @@ def _complete(writer: CacheWriter, stats: dict, rank: int, world: int) -> dict:
 
 
 def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
-    records, source = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None)
+    records, source = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
+                                   data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[: cfg.limit]
         source = dict(source, sha256=_sha([source["sha256"], cfg.limit]))
@@ -337,10 +340,23 @@ def _existing_cache(location: Location, fingerprint: dict, world: int, log) -> d
     return existing
 
 
+def _check_dtype(existing: dict | None, dtype: torch.dtype, asked: bool, location: Location) -> None:
+    """An unfinished cache is resumed only in the dtype it was started with (its rows must not mix precisions);
+    a complete one is not reported as done when --dtype asks for another precision than it holds."""
+    if existing is None or existing.get("status") == "creating":
+        return
+    recorded, now = existing["teacher"].get("dtype"), str(dtype).replace("torch.", "")
+    if recorded != now and (asked or existing.get("status") != "complete"):
+        short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(recorded, recorded)
+        raise CacheError(f"{location}: the cache was computed with the teacher in {recorded}, this run would compute "
+                         f"in {now}; pass --dtype {short} to continue it, or choose another --out")
+
+
 def _plan_sequences(cfg: CacheTeacherConfig, plan: _Plan) -> None:
     """Both views' teacher token sequences (the text truncated once), their row offsets and prompt lengths."""
     plan.sequences, plan.trunc = build_sequences(plan.records, plan.tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                                 where=plan.source.get("path", plan.source.get("hub", cfg.data)))
+                                                 where=str(plan.source.get("path") or plan.source.get("hub")
+                                                           or plan.source.get("dataset") or cfg.data))
     for view in VIEWS:
         rows = np.array([s.views[view].n_rows for s in plan.sequences], dtype=np.int64)
         plan.offsets[view] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)

@@ -104,7 +104,7 @@ def loss_step(run: Run, batch: dict, epoch: int, window_size: int) -> dict[str, 
         raise TrainingError(f"step {run.step + 1}, epoch {epoch + 1}: the loss is not finite (non-finite parts: "
                             f"{', '.join(sorted(set(bad)))}) on cache examples {batch['index'].tolist()}; nothing "
                             f"was updated and the last checkpoint in {run.out / 'checkpoints'} is intact")
-    (loss / window_size).backward()
+    run.scaler.scale(loss / window_size).backward()
     run.tokens_seen += int(sum(batch[v]["attention_mask"].sum() for v in run.views))
     return logged
 
@@ -114,9 +114,13 @@ def optimizer_step(run: Run, window: list[dict], epoch: int, batch_no: int, bar)
     cfg = run.cfg
     if run.world > 1:
         average_gradients(list(run.projectors.parameters()) + run.whole_params)
+    run.scaler.unscale_(run.optimizer)          # --dtype fp16: true gradients before clipping; else nothing
     clip = clip_grad_norm if run.sharded else torch.nn.utils.clip_grad_norm_
     clip(run.params + list(run.projectors.parameters()), cfg.max_grad_norm)
-    run.optimizer.step()
+    run.scaler.step(run.optimizer)              # fp16: skipped when a gradient overflowed; else optimizer.step()
+    run.scaler.update()
+    if run.scaler.is_enabled():
+        run.state["grad_scaler"] = run.scaler.state_dict()     # checkpointed with the state: resume continues it
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     step = run.step + 1

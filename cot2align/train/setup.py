@@ -41,7 +41,7 @@ from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
 from cot2align.logs import reporter, silent
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
-from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
+from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, dtype_name, tokenizer_hash
 from cot2align.train.batches import dataloader, load_heads, pad_id
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
 from cot2align.train.data import student_view_ids, tokenize_cache
@@ -82,6 +82,7 @@ class Run:
     state: dict                          # epoch, batches_done, step, best metric, history (checkpointed)
     loss_cfg: LossConfig
     compute_dtype: torch.dtype
+    scaler: torch.amp.GradScaler = None   # loss scaling under --dtype fp16 (a no-op otherwise)
     metrics_file: object = None
     trackers: list = field(default_factory=list)   # --report-to: TensorBoard, W&B (rank 0)
     started: float = field(default_factory=time.perf_counter)
@@ -99,7 +100,9 @@ class Run:
 
     @property
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        """The forward's mixed precision: --dtype bf16 / fp16 (default bf16 on CUDA), none for fp32."""
+        amp = TORCH_DTYPES[self.cfg.dtype]
+        return torch.autocast(self.device.type, dtype=amp) if amp != torch.float32 else nullcontext()
 
     @property
     def needs_teacher(self) -> bool:
@@ -113,11 +116,12 @@ class Run:
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     """`held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
     rank, world, device = _setup_distributed(cfg)
+    cfg.dtype = dtype_name(resolve_dtype(cfg.dtype, device))    # recorded in config.yaml as it ran
     say = reporter(log, "cot2align.train") if rank == 0 else silent
     cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
-    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32     # the teacher's cached rows
     heads, projectors = _setup_heads(cfg, cache, model, tokenizer, device, compute_dtype)
     sharded, whole_params = _setup_fsdp(cfg, model, world, device, say)
     loader, val_records, views = _setup_data(cfg, cache, tokenizer, device, rank, world, say)
@@ -126,6 +130,9 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     if world > 1 and not sharded:   # DDP for the student; the (small) projectors' gradients are all-reduced by hand
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     state = _setup_resume(cfg, out, model, projectors, optimizer, scheduler, device, say)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")
+    if scaler.is_enabled() and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     run = Run(cfg=cfg, say=say, rank=rank, world=world, device=device, out=out, cache=cache, tokenizer=tokenizer,
               model=model, train_model=train_model, heads=heads, projectors=projectors, sharded=sharded,
               whole_params=whole_params, params=params, loader=loader, views=views, val_records=val_records,
@@ -133,7 +140,7 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               loss_cfg=LossConfig(kl_variant=cfg.kl_variant, kd_temperature=cfg.kd_temperature,
                                   ot_epsilon=cfg.ot_epsilon, ot_iters=cfg.ot_iters, ot_grad=cfg.ot_grad,
                                   ot_compile=cfg.ot_compile),
-              compute_dtype=compute_dtype,
+              compute_dtype=compute_dtype, scaler=scaler,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
         run.metrics_file, run.trackers = _setup_logging(cfg, out, teacher_name, cache, say, state if cfg.resume else None)
@@ -319,20 +326,29 @@ def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{marker}: unreadable (not JSON); cannot tell which run this is — cannot --resume") from None
-    old = recorded.get("config", {})
+    old, now = recorded.get("config", {}), config_to_dict(cfg)     # a `datasets` object as data: by description
     for name in RUN_IDENTITY:
-        if name in old and old[name] != getattr(cfg, name):
+        if name in old and old[name] != now[name]:
             raise ConfigError(f"--resume {marker.parent}: the run was started with {name}={old[name]!r}, this command "
-                              f"has {name}={getattr(cfg, name)!r}; resume with the same settings or choose another --out")
+                              f"has {name}={now[name]!r}; resume with the same settings or choose another --out")
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
 
 
+def student_weights_dtype(cfg: DistillConfig, device) -> torch.dtype:
+    """Full fine-tuning: float32 master weights (AdamW updates are lost in bf16), --dtype is the autocast's.
+    LoRA: the frozen base in --dtype (default bf16 on CUDA: a 7B base is 14 GB, not 28), the adapters float32."""
+    return resolve_dtype(cfg.dtype, device) if cfg.lora_rank else torch.float32
+
+
 def load_student(cfg: DistillConfig, device):
-    """The student in float32 master weights, full fine-tuning or LoRA (peft) over every linear layer."""
-    model = load_model(cfg.student, dtype=torch.float32, device=device, seed=cfg.seed,
+    """The student, full fine-tuning or LoRA (peft) over every linear layer (weights: student_weights_dtype), with
+    gradient checkpointing when asked."""
+    model = load_model(cfg.student, dtype=student_weights_dtype(cfg, device), device=device, seed=cfg.seed,
                        trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model, cfg)
     if cfg.lora_rank:
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -341,6 +357,20 @@ def load_student(cfg: DistillConfig, device):
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     return model
+
+
+def _enable_gradient_checkpointing(model, cfg: DistillConfig) -> None:
+    """Recompute each block's activations in the backward (non-reentrant checkpointing: works with frozen inputs,
+    keeps the RNG streams, so dropout and resume are unchanged). Under LoRA the embedding output must require
+    grad for the recomputed blocks to reach the adapters."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--gradient-checkpointing: {cfg.student} ({type(model).__name__}) does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):     # transformers >= 5.x's name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank:
+        model.enable_input_require_grads()
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -363,7 +393,8 @@ def whole_model(model, cfg: DistillConfig, is_main: bool):
 
 def records_as_student_ids(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
     """--method sft from plain data: the standard view of every record, tokenised for the student."""
-    records, _ = load_records(cfg.data, cfg.split, cfg.data_root)
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
+                              data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ids_all, offsets, prompt_lens = [], [0], []

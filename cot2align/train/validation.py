@@ -12,12 +12,14 @@ from cot2align.eval import generate, reference_cross_entropy, rouge_l
 
 def validation_records(cfg: DistillConfig, cache, held_out: list[int]) -> list[dict]:
     """[{prompt, references}] — the dev split of the cache's dataset when available, else held-out cached examples."""
-    source = cfg.val_data or (cache.manifest["data"].get("name") if cache is not None else cfg.data)
-    if source and not cfg.val_data and source not in DATASETS and source != "sample":
+    source = cfg.val_data if cfg.val_data is not None else (
+        cache.manifest["data"].get("name") if cache is not None else cfg.data)
+    if source is not None and cfg.val_data is None and not (isinstance(source, str) and source in DATASETS
+                                                            or source == "sample"):
         source = None        # a plain file has no dev split: hold out cached examples instead
-    if source:
+    if source is not None:
         try:
-            records, _ = load_records(source, "dev", cfg.data_root)
+            records, _ = load_records(source, "dev", cfg.data_root, cfg.field_map or None, data_config=cfg.data_config)
             grouped = group_references(records)
             return [{"prompt": standard_prompt(r["instruction"], r.get("input", "")), "references": r["references"]}
                     for r in grouped[:cfg.val_examples]]
