@@ -169,4 +169,4 @@ def test_remote_kill_then_rerun_is_identical_and_a_flipped_byte_is_named(s3, dat
     blob[len(blob) // 2] ^= 0x40
     s3["fs"].pipe(chunk, bytes(blob))
     problems = verify_cache(url)
-    assert problems and "parts/0/std/hidden: chunk 0" in problems[0]
+    assert problems and "parts/0/std/hidden/c/0/0: unreadable chunk" in problems[0]
