@@ -171,3 +171,21 @@ def test_augment_cot_loads_the_teacher_in_dtype(data_and_cache, tmp_path, monkey
                                        "--max-new-tokens", "4", "--dtype", "bf16", "--out", str(out)])
     assert result.exit_code == 0, result.output + result.stderr
     assert loaded == [torch.bfloat16] and len(out.read_text().splitlines()) == 2
+
+
+def test_accelerate_launch_settings_fill_what_the_command_line_leaves_unset(monkeypatch):
+    from cot2align.config import DistillConfig, build_config
+    from cot2align.train.setup import accelerate_settings
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = build_config(DistillConfig, cache="c")
+    assert accelerate_settings(cfg) == ["dtype fp16 (mixed_precision fp16)", "fsdp (use_fsdp)"]
+    assert cfg.dtype == "fp16" and cfg.fsdp
+    given = build_config(DistillConfig, cache="c", dtype="bf16")          # a flag wins over the launcher's config
+    accelerate_settings(given)
+    assert given.dtype == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    plain = build_config(DistillConfig, cache="c")
+    assert accelerate_settings(plain) == ["dtype fp32 (mixed_precision no)"] and not plain.fsdp

@@ -116,8 +116,11 @@ class Run:
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     """`held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
     rank, world, device = _setup_distributed(cfg)
-    cfg.dtype = dtype_name(resolve_dtype(cfg.dtype, device))    # recorded in config.yaml as it ran
     say = reporter(log, "cot2align.train") if rank == 0 else silent
+    from_launcher = accelerate_settings(cfg)
+    if from_launcher:
+        say(f"from the accelerate config: {', '.join(from_launcher)}")
+    cfg.dtype = dtype_name(resolve_dtype(cfg.dtype, device))    # recorded in config.yaml as it ran
     cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
@@ -160,6 +163,25 @@ def _setup_distributed(cfg: DistillConfig) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+# `accelerate launch` passes the user's accelerate config to the processes it starts as environment variables;
+# these two are cot2align settings too, and are taken from there when the command line leaves them unset.
+ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}
+
+
+def accelerate_settings(cfg: DistillConfig) -> list[str]:
+    """Fill --dtype from ACCELERATE_MIXED_PRECISION and --fsdp from ACCELERATE_USE_FSDP when not given; returns
+    what was taken (flags and YAML values win). The process count and machines come from the launcher itself."""
+    taken = []
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if cfg.dtype is None and precision in ACCELERATE_PRECISION:
+        cfg.dtype = ACCELERATE_PRECISION[precision]
+        taken.append(f"dtype {cfg.dtype} (mixed_precision {precision})")
+    if not cfg.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
+        cfg.fsdp = True
+        taken.append("fsdp (use_fsdp)")
+    return taken
 
 
 def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say, held: ExitStack):
