@@ -43,7 +43,7 @@ def hub_model_id(name: str | None) -> str | None:
     local path; None for presets and local directories (the Hub refuses metadata that names no Hub model)."""
     from cot2align.config import MODEL_ALIASES
 
-    if not name:
+    if not isinstance(name, str) or not name:      # a datasets.Dataset passed as data has no Hub id here
         return None
     name = MODEL_ALIASES.get(name, {}).get("hub", name)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not Path(name).exists():
@@ -55,7 +55,7 @@ def hub_dataset_id(data: str | None) -> str | None:
     """A dataset's Hub id when it has one: an alias's (`dolly` -> databricks/databricks-dolly-15k), or a Hub id."""
     from cot2align.data.readers import DATASETS
 
-    if not data:
+    if not isinstance(data, str) or not data:
         return None
     if data in DATASETS:
         return DATASETS[data]["hub"].split(":")[0]
@@ -154,12 +154,17 @@ def write_card(out: Path, cfg, cache, summary: dict) -> None:
     import dataclasses
     import hashlib
 
+    from cot2align.data.hf import describe
+
     manifest_hash = None
     if cache is not None:
         manifest_hash = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
     teacher = cache.manifest["teacher"]["name_or_path"] if cache is not None else None
     data = cache.manifest["data"].get("name", cfg.data) if cache is not None else cfg.data
-    info = run_card_info(dataclasses.asdict(cfg), teacher, data, manifest_hash, summary)
+    config = {k: (v if v is None or isinstance(v, (str, int, float, bool, dict, list)) else describe(v))
+              for k, v in dataclasses.asdict(cfg).items()}      # a datasets.Dataset as data: its description
+    data = data if isinstance(data, str) else describe(data)
+    info = run_card_info(config, teacher, data, manifest_hash, summary)
     build_card(out, info, summary).save(Path(out) / "README.md")
 
 

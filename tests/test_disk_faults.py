@@ -147,14 +147,14 @@ def test_a_failed_checkpoint_save_keeps_the_last_checkpoint_and_resume_ends_iden
 
 @pytest.mark.slow
 def test_a_failed_final_model_save_is_redone_by_resume(reference, tmp_path, monkeypatch):
-    real = shutil.copy2
+    real = os.replace
 
-    def copy2(src, dst, **kw):
-        if Path(src).name == "model.safetensors":
+    def replace(src, dst, **kw):      # the final model is moved up from best/ into --out
+        if Path(src).name == "model.safetensors" and Path(src).parent.name == "best":
             raise no_space(dst)
         return real(src, dst, **kw)
 
-    monkeypatch.setattr(outputs.shutil, "copy2", copy2)
+    monkeypatch.setattr(outputs.os, "replace", replace)
     out = tmp_path / "run"
     result = cli("distill", "--cache", reference["cache"], *DISTILL_FLAGS, "--out", out)
     one_line_error(result, f"--out {out}: cannot write the final model (No space left on device: {out}",

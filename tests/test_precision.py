@@ -2,6 +2,7 @@
 dtype in cache-teacher and augment-cot), --gradient-checkpointing, and finite results with each."""
 
 import json
+from contextlib import ExitStack
 import math
 from pathlib import Path
 
@@ -89,13 +90,15 @@ def test_autocast_follows_dtype(data_and_cache, tmp_path):
     from cot2align.train.batches import views
 
     for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        held = ExitStack()
         run = setup(build_config(DistillConfig, cache=str(data_and_cache[1]), student=STUDENT, method="dskd",
-                                 dtype=dtype, val_examples=0, out=str(tmp_path / dtype)), log=lambda m: None)
+                                 dtype=dtype, val_examples=0, out=str(tmp_path / dtype)), lambda m: None, None, held)
         try:
             with run.autocast:
                 students, _ = views(next(iter(run.loader)), run.train_model, run.heads, run.device, run.compute_dtype)
             assert students["std"].logits.dtype == expected
         finally:
+            held.close()
             run.metrics_file.close()
 
 

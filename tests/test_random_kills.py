@@ -127,6 +127,7 @@ def test_cache_teacher_killed_at_random_moments_ends_identical(tmp_path):
     while killer.kills < KILLS:        # each round a fresh --out, killed and rerun until it completes
         rounds += 1
         out = tmp_path / f"round-{rounds}"
+        out.mkdir()           # --resume of an empty directory starts afresh (of a missing one is an error)
         landed += killer.run_to_completion(command("cache-teacher", *CACHE_FLAGS, "--data", data, "--out", out),
                                            lambda: cache_progress(out))
         got = cache_arrays(out)
@@ -158,6 +159,7 @@ def test_distill_killed_at_random_moments_ends_identical(tmp_path):
     while killer.kills < KILLS:
         rounds += 1
         out = tmp_path / f"round-{rounds}"
+        out.mkdir()           # --resume of an empty directory starts afresh (of a missing one is an error)
         # --resume from the first attempt on: on an empty --out it starts afresh, after a kill it continues
         landed += killer.run_to_completion(command("distill", "--cache", cache, *DISTILL_FLAGS, "--out", out, "--resume"),
                                            lambda: run_progress(out))
