@@ -104,12 +104,10 @@ def _field(cls, name: str, *decls: str, help: str = "", default_text: str | None
     return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, default=None, help=help, **kwargs)
 
 
-def _config_options(cls):
+def _config_options(command):
     """--config FILE and --print-config, shared by every command that has a config."""
-    def decorate(command):
-        command = click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")(command)
-        return click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")(command)
-    return decorate
+    command = click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")(command)
+    return click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")(command)
 
 
 def _print_config(cfg) -> None:
@@ -118,23 +116,11 @@ def _print_config(cfg) -> None:
     click.echo(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).rstrip())
 
 
-def _field_map(pairs: tuple[str, ...]) -> dict | None:
-    if not pairs:
-        return None
-    out = {}
-    for pair in pairs:
-        ours, _, theirs = pair.partition("=")
-        if not theirs or ours not in ("id", "instruction", "input", "output"):
-            raise ConfigError(f"--field-map {pair}: expected OURS=THEIRS with OURS one of id, instruction, input, output")
-        out[ours] = theirs
-    return out
-
-
 C = CacheTeacherConfig
 
 
 @main.command("cache-teacher")
-@_config_options(C)
+@_config_options
 @_field(C, "model", help="Teacher: alias, hub id, local path, or LoRA adapter dir.")
 @_field(C, "adapter", help="A LoRA adapter (peft) merged into --model.")
 @_field(C, "data", help=DATA_HELP)
@@ -264,7 +250,7 @@ def _resolved(cfg: DistillConfig) -> DistillConfig:
 
 
 @main.command("distill")
-@_config_options(D)
+@_config_options
 @_field(D, "cache", help="Teacher cache directory or URL (from cache-teacher).")
 @_field(D, "student", help="Alias, hub id or local path.", default_text=_PAPER)
 @_field(D, "method", type=click.Choice(["sft", "kl", "uld", "mined", "dskd"]), help="The KD loss.")
@@ -342,7 +328,7 @@ def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
 
 
 @main.command("sft")
-@_config_options(D)
+@_config_options
 @_field(D, "student", "--model", help="Model to fine-tune (a teacher, or a student baseline).")
 @_field(D, "data", help=DATA_HELP)
 @_field(D, "out", help="Output directory.")
@@ -365,8 +351,7 @@ def sft_cmd(config_file, print_config, **flags):
 
 
 @main.command("augment-cot")
-@click.option("--config", "config_file", type=click.Path(), help="YAML config; flags override it.")
-@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@_config_options
 @click.option("--model", help="The (fine-tuned) teacher that writes the rationales. Required.")
 @click.option("--data", help=DATA_HELP + " Required.")
 @click.option("--out", help="Output JSONL (appended to; a rerun resumes). Required.")
@@ -403,7 +388,7 @@ E = EvaluateConfig
 
 
 @main.command("evaluate")
-@_config_options(E)
+@_config_options
 @_field(E, "model", help="A model directory (e.g. a distill --out). Required.")
 @_field(E, "data", help=DATA_HELP + " Required.")
 @_field(E, "data_config", help=DATA_CONFIG_HELP)

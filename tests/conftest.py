@@ -35,3 +35,21 @@ def write_cot_records(path: Path, n: int = 10, cot_every: int = 2) -> Path:
 @pytest.fixture
 def cot_jsonl(tmp_path):
     return write_cot_records(tmp_path / "cot.jsonl")
+
+
+def cache_arrays(path) -> dict:
+    """Every per-row array of each view of the cache at `path` (its readable examples' rows, in order) and the
+    offsets: what 'identical to the uninterrupted run' compares."""
+    import numpy as np
+
+    from cot2align.cache import open_cache
+
+    cache = open_cache(path, allow_incomplete=True)
+    out = {}
+    for view in ("std", "cot"):
+        rows = [cache.view(i, view) for i in range(len(cache))]
+        for name, value in rows[0].items():
+            if isinstance(value, np.ndarray):
+                out[f"{view}/{name}"] = np.concatenate([r[name] for r in rows])
+        out[f"{view}/offsets"] = cache.offsets(view)
+    return out

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cache_arrays
 
 from cot2align.cache import CacheError, open_cache
 from cot2align.cache.inspect import cache_info, verify_cache
@@ -107,19 +108,6 @@ def _run_cli(args, env_extra=None):
     return subprocess.run([sys.executable, "-m", "cot2align.cli", *args], env=env, capture_output=True, text=True)
 
 
-def _arrays(path):
-    """Every per-row array of each view, all examples' rows in order, and the offsets."""
-    cache = open_cache(path)
-    out = {}
-    for view in ("std", "cot"):
-        rows = [cache.view(i, view) for i in range(len(cache))]
-        for name, value in rows[0].items():
-            if isinstance(value, np.ndarray):
-                out[f"{view}/{name}"] = np.concatenate([r[name] for r in rows])
-        out[f"{view}/offsets"] = cache.offsets(view)
-    return out
-
-
 @pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_gives_identical_arrays(tmp_path):
     from conftest import write_cot_records
@@ -129,7 +117,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_arrays(tmp_path):
               "--batch-tokens", "2048", "--max-length", "256", "--max-prompt-length", "128"]
     reference = build(tmp_path, "tiny-llama", data, name="reference", block_examples=8, max_length=256,
                       max_prompt_length=128)
-    expected = _arrays(reference)
+    expected = cache_arrays(reference)
     for fault in ("commit:0", "write:2:std", "write:3:cot", "commit:4"):
         out = tmp_path / f"killed-{fault.replace(':', '_')}"
         killed = _run_cli(common + ["--out", str(out)], {"COT2ALIGN_FAULT": fault})
@@ -144,7 +132,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_arrays(tmp_path):
         resumed = _run_cli(common + ["--out", str(out), "--resume"])
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resuming" in resumed.stderr
-        got = _arrays(out)
+        got = cache_arrays(out)
         assert got.keys() == expected.keys()
         for key in expected:
             assert np.array_equal(got[key], expected[key]), f"{fault}: {key} differs after resume"
@@ -164,7 +152,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_arrays(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     reference2 = build(tmp_path, "tiny-llama", data, name="reference2", block_examples=2, max_length=256,
                        max_prompt_length=128)
-    expected2, got = _arrays(reference2), _arrays(out)
+    expected2, got = cache_arrays(reference2), cache_arrays(out)
     for key in expected2:
         assert np.array_equal(got[key], expected2[key]), key
     again = _run_cli(common + ["--out", str(out), "--block-examples", "2"])

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import cot2align.train.metrics as metrics
-from conftest import write_cot_records
+from conftest import cache_arrays, write_cot_records
 from cot2align.cache import open_cache
 from cot2align.cache.writer import CacheWriter
 from cot2align.cli import main
@@ -48,17 +48,6 @@ def one_line_error(result, *needles) -> str:
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and all(n in line for n in needles), line
     return line
-
-
-def cache_arrays(path) -> dict[str, np.ndarray]:
-    cache = open_cache(path, allow_incomplete=True)
-    out = {}
-    for view in ("std", "cot"):
-        rows = [cache.view(i, view) for i in range(len(cache))]
-        for name, value in rows[0].items():
-            if isinstance(value, np.ndarray):
-                out[f"{view}/{name}"] = np.concatenate([r[name] for r in rows])
-    return out
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -22,8 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_cot_records
-from cot2align.cache import open_cache
+from conftest import cache_arrays, write_cot_records
 
 KILLS = 20
 SEED = 14
@@ -92,18 +91,6 @@ def record(name: str, figures: dict) -> None:
         everything = json.loads(path.read_text()) if path.exists() else {}
         everything[name] = figures
         path.write_text(json.dumps(everything, indent=1))
-
-
-def cache_arrays(path) -> dict[str, np.ndarray]:
-    cache = open_cache(path)
-    out = {}
-    for view in ("std", "cot"):
-        rows = [cache.view(i, view) for i in range(len(cache))]
-        for name, value in rows[0].items():
-            if isinstance(value, np.ndarray):
-                out[f"{view}/{name}"] = np.concatenate([r[name] for r in rows])
-        out[f"{view}/offsets"] = cache.offsets(view)
-    return out
 
 
 def cache_progress(out: Path):

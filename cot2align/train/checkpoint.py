@@ -19,7 +19,6 @@ shard. The files are the same as a single-process run's, so a run can resume wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from cot2align.leftovers import remove_dead_temporaries
 from cot2align.logs import reporter
+from cot2align.cache.format import file_sha256
 from cot2align.train import TrainingError
 from cot2align.train.fsdp import full_tensor, shard_like
 from cot2align.write_errors import io_failure
@@ -121,7 +121,7 @@ def _write(checkpoints: Path, tmp: Path, step: int, trainable, projectors, tenso
                       python_rng=[py_state[0], list(py_state[1]), py_state[2]],
                       numpy_rng=[np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])])
     (tmp / "state.json").write_text(json.dumps(full_state))
-    (tmp / CHECKSUMS).write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}, indent=1))
+    (tmp / CHECKSUMS).write_text(json.dumps({f.name: file_sha256(f) for f in sorted(tmp.iterdir())}, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -136,11 +136,6 @@ def remove_checkpoint_leftovers(run_dir: Path) -> list[Path]:
     return remove_dead_temporaries(run_dir / "checkpoints", CHECKPOINT_TEMPORARY)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be trusted (a missing, truncated or altered file), or None."""
     sums = path / CHECKSUMS
@@ -153,7 +148,7 @@ def checkpoint_problem(path: Path) -> str | None:
     for name, digest in expected.items():
         if not (path / name).is_file():
             return f"{name} missing"
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             return f"{name} does not match its checksum (truncated or corrupted)"
     return None
 
