@@ -245,6 +245,51 @@ def test_manifest_head_and_tokenizer_bytes_are_checked(tmp_path, world):
     assert result.exit_code == 2 and "teacher/head.safetensors: sha256 does not match" in result.stderr
 
 
+# A manifest whose checksum matches (re-sealed by hand, or written by a foreign tool) but whose structure is wrong:
+# (field path as a list of keys, the value put there (DELETE removes it), the message expected)
+DELETE = object()
+MALFORMED_MANIFESTS = [
+    (["data", "n_examples"], "8", "'data.n_examples' should be an integer, found a string"),
+    (["teacher", "hidden_size"], DELETE, "'teacher.hidden_size' is missing"),
+    (["teacher"], [], "'teacher' should be an object, found a list"),
+    (["tokenizer", "eos_id"], True, "'tokenizer.eos_id' should be an integer, found true/false"),
+    (["progress", "blocks"], {"0": 0}, "'progress.blocks' should be a list, found an object"),
+    (["progress", "blocks"], [0, "8"], "'progress.blocks' should be a list of integers"),
+    (["store", "parts"], None, "'store.parts' should be a list, found null"),
+    (["store", "parts", 0, "rows", "cot"], [0], "'store.parts[0].rows.cot' should be a pair of integers"),
+    (["store", "parts", 0, "examples"], DELETE, "'store.parts[0].examples' should be a pair of integers"),
+]
+
+
+@pytest.mark.parametrize("keys, value, message", MALFORMED_MANIFESTS, ids=[".".join(map(str, k)) for k, _, _ in
+                                                                            MALFORMED_MANIFESTS])
+def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, world, keys, value, message):
+    from cot2align.cache.format import with_checksum
+    from cot2align.cache.inspect import cache_info
+
+    cache = tmp_path / "malformed"
+    shutil.copytree(world / "cache", cache)
+    meta = json.loads((cache / "zarr.json").read_text())
+    holder = meta["attributes"]
+    for key in keys[:-1]:
+        holder = holder[key]
+    if value is DELETE:
+        del holder[keys[-1]]
+    else:
+        holder[keys[-1]] = value
+    meta["attributes"] = with_checksum(meta["attributes"])
+    (cache / "zarr.json").write_text(json.dumps(meta))
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    for read in (open_cache, cache_info):
+        with pytest.raises(CacheError, match=f"zarr.json: manifest field {message}".replace("[", r"\[")
+                           .replace("]", r"\]").replace(".", r"\.")):
+            read(cache)
+    assert message in verify_cache(cache)[0]
+    result = CliRunner().invoke(main, ["distill", "--cache", str(cache), "--student", STUDENT, "--out",
+                                       str(tmp_path / "run"), "--max-steps", "1"])
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before      # nothing was changed
+
 # ------------------------------------------------------------------------------------------ 3. damaged checkpoints
 
 

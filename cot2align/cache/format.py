@@ -69,12 +69,68 @@ def read_manifest(location) -> dict | None:
 
 
 def check_format(manifest: dict, path: Path) -> None:
-    """Refuse what is not a cot2align cache of a format version this code reads."""
+    """Refuse what is not a cot2align cache of a format version this code reads, a manifest that does not match
+    its checksum, and one that lacks a field the readers use."""
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not a cot2align cache (zarr.json has no format '{FORMAT}')")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path}: cache format_version {manifest.get('format_version')} is not supported "
                          f"(this cot2align reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+    check_manifest_integrity(manifest, path)
+    check_fields(manifest, path)
+
+
+# The manifest fields the readers index into, with their JSON types: a manifest that lacks one or holds another type
+# (edited by hand, written by a foreign tool) is refused with the field's name rather than a KeyError later.
+_INT, _STR, _LIST, _DICT = (int,), (str,), (list,), (dict,)
+REQUIRED_FIELDS = {
+    "status": _STR, "data": _DICT, "data.n_examples": _INT, "teacher": _DICT, "teacher.name_or_path": _STR,
+    "teacher.hidden_size": _INT, "teacher.vocab_size": _INT, "teacher.embed_kind": _STR, "tokenizer": _DICT,
+    "tokenizer.vocab_hash": _STR, "tokenizer.eos_id": _INT, "store": _DICT, "store.topk": _INT, "progress": _DICT,
+}
+REQUIRED_SINCE_V2 = {"progress.blocks": _LIST, "store.parts": _LIST}
+
+
+def _field(manifest: dict, dotted: str):
+    value = manifest
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return KeyError
+        value = value[key]
+    return value
+
+
+def _type_name(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_fields(manifest: dict, where) -> None:
+    """Every field the readers use is present with its JSON type (bool is not taken for an integer); each part of
+    a version-2+ store has its example, block and row ranges as pairs of integers."""
+    required = dict(REQUIRED_FIELDS, **(REQUIRED_SINCE_V2 if manifest["format_version"] >= 2 else {}))
+    for dotted, types in required.items():
+        value = _field(manifest, dotted)
+        if value is KeyError:
+            raise CacheError(f"{where}/zarr.json: manifest field '{dotted}' is missing")
+        if not isinstance(value, types) or (types is _INT and isinstance(value, bool)):
+            raise CacheError(f"{where}/zarr.json: manifest field '{dotted}' should be "
+                             f"{_type_name(types[0]())}, found {_type_name(value)}")
+    if manifest["format_version"] < 2:
+        return
+
+    def is_pair(value) -> bool:
+        return isinstance(value, list) and len(value) == 2 and all(type(x) is int for x in value)
+
+    if not all(type(x) is int for x in manifest["progress"]["blocks"]):
+        raise CacheError(f"{where}/zarr.json: manifest field 'progress.blocks' should be a list of integers")
+    for number, part in enumerate(manifest["store"]["parts"]):
+        pairs = {"examples": _field(part, "examples"), "blocks": _field(part, "blocks"),
+                 "rows.std": _field(part, "rows.std"), "rows.cot": _field(part, "rows.cot")}
+        for name, value in pairs.items():
+            if not is_pair(value):
+                raise CacheError(f"{where}/zarr.json: manifest field 'store.parts[{number}].{name}' should be "
+                                 "a pair of integers [first, end]")
 
 
 def manifest_checksum(manifest: dict) -> str:
