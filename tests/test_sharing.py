@@ -159,6 +159,36 @@ def test_report_to_none_writes_no_tensorboard_and_tensorboard_does(run_dir, tmp_
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # tensorboard's thread's own
+def test_a_tracker_that_cannot_write_is_turned_off_and_the_run_goes_on(tmp_path, monkeypatch):
+    """TensorBoard's own event file hits a full disk after its first record (the failure raised by its writer
+    thread, as it is in use): one warning, the run finishes, and metrics.jsonl holds every value."""
+    import errno
+    import os
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    real_write, written = RecordWriter.write, []
+
+    def write(self, data):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "events.out.tfevents")
+        written.append(data)
+        return real_write(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    messages = []
+    cfg = build_config(DistillConfig, student="tiny-gpt2", method="sft", cot2align=False, data="sample", limit=8,
+                       max_steps=4, epochs=1, batch_size=2, val_examples=1, val_max_new_tokens=2, alpha=0.0,
+                       out=str(tmp_path / "run"), report_to="tensorboard")
+    summary = distill(cfg, log=messages.append, progress=False)
+    assert summary["steps"] == 4 and (tmp_path / "run" / "model.safetensors").exists()
+    warnings = [m for m in messages if "--report-to tensorboard" in m]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "turned off" in warnings[0]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
+
+
 def test_report_to_is_checked_before_anything_runs(tmp_path, monkeypatch):
     for bad in ("tensorbord", "none,wandb", ""):
         with pytest.raises(ConfigError, match="report_to: expected"):

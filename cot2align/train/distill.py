@@ -31,7 +31,7 @@ from cot2align.train.batches import views as batch_views
 from cot2align.train.checkpoint import save_checkpoint
 from cot2align.train.fsdp import average_gradients, clip_grad_norm
 from cot2align.train.metrics import append as append_metrics
-from cot2align.train.outputs import progress_bar, save_best, write_outputs
+from cot2align.train.outputs import call_trackers, progress_bar, save_best, write_outputs
 from cot2align.train.setup import Run, setup, trainable_state, whole_model
 from cot2align.train.validation import is_better, validate
 from cot2align.write_errors import reported
@@ -176,8 +176,7 @@ def log_metrics(run: Run, record: dict, kind: str) -> None:
     """One JSON line in metrics.jsonl (unbuffered: a crash loses nothing logged) and the --report-to trackers' scalars."""
     append_metrics(run.metrics_file, record)
     scalars = {f"{kind}/{key.removeprefix('val_')}": value for key, value in record.items() if key not in ("step", "epoch")}
-    for tracker in run.trackers:
-        tracker.log(scalars, run.step)
+    call_trackers(run.trackers, run.say, "log", scalars, run.step)
 
 
 def finalise(run: Run) -> dict:
@@ -187,8 +186,7 @@ def finalise(run: Run) -> dict:
     final = whole_model(run.model, run.cfg, run.is_main) if run.sharded and not (run.out / "best").exists() else run.model
     if run.is_main:
         run.metrics_file.close()
-        for tracker in run.trackers:
-            tracker.close()
+        call_trackers(run.trackers, run.say, "close")
         with reported(TrainingError, f"--out {run.out}: cannot write the final model", FINAL_RECOVERY):
             write_outputs(run.out, run.cfg, run.tokenizer, final, run.projectors, run.cache, summary)
         run.say(f"wrote {run.out} (best epoch {summary['best_epoch']}, val ROUGE-L {summary['best_val_rougeL']})")

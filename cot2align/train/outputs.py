@@ -23,6 +23,7 @@ from cot2align.config import DistillConfig, config_to_dict, report_targets
 from cot2align.hub import write_card
 from cot2align.plotting import pyplot
 from cot2align.train.metrics import read_records
+from cot2align.write_errors import io_failure
 
 
 def save_model(model, tokenizer, path: Path, cfg: DistillConfig) -> None:
@@ -44,6 +45,8 @@ def save_best(model, tokenizer, out: Path, cfg: DistillConfig) -> None:
 class TensorBoard:
     """Scalars under --out/tensorboard (`tensorboard --logdir runs/`)."""
 
+    name = "tensorboard"
+
     def __init__(self, out: Path, cfg: DistillConfig):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -60,6 +63,8 @@ class TensorBoard:
 class WandB:
     """A Weights & Biases run named after --out, in project $WANDB_PROJECT (default cot2align), files under
     --out/wandb; the resolved config is its config. Offline with WANDB_MODE=offline."""
+
+    name = "wandb"
 
     def __init__(self, out: Path, cfg: DistillConfig):
         import wandb
@@ -86,6 +91,20 @@ def open_trackers(out: Path, cfg: DistillConfig, say) -> list:
         except ImportError as e:   # tensorboard missing: metrics.jsonl still has everything
             say(f"--report-to {name}: not available ({e}); metrics go to metrics.jsonl only", logging.WARNING)
     return trackers
+
+
+def call_trackers(trackers: list, say, method: str, *args) -> None:
+    """`tracker.<method>(*args)` on each tracker. A tracker that fails (its disk full, its server gone) is turned
+    off with one warning and the run goes on: metrics.jsonl holds every value, and a failure that matters to the
+    run itself (a checkpoint or metrics.jsonl that cannot be written) stops it with its own error."""
+    for tracker in list(trackers):
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as e:
+            trackers.remove(tracker)
+            reason = io_failure(e) or f"{type(e).__name__}: {e}"
+            say(f"--report-to {tracker.name}: {reason}; turned off for the rest of the run "
+                "(metrics.jsonl has every value)", logging.WARNING)
 
 
 def progress_bar(total: int, epoch: int, enabled: bool):
