@@ -32,6 +32,26 @@ def write_cot_records(path: Path, n: int = 10, cot_every: int = 2) -> Path:
     return path
 
 
+def record_figure(name: str, value) -> None:
+    """Add one figure to $COT2ALIGN_RELIABILITY_OUT (the README's Reliability numbers come from the tests). The
+    read-modify-write holds an exclusive lock on the file, so test processes running side by side keep each
+    other's figures."""
+    import fcntl
+
+    target = os.environ.get("COT2ALIGN_RELIABILITY_OUT")
+    if not target:
+        return
+    with open(target, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        text = f.read()
+        figures = json.loads(text) if text.strip() else {}
+        figures[name] = value
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(figures, indent=1, sort_keys=True))
+
+
 @pytest.fixture
 def cot_jsonl(tmp_path):
     return write_cot_records(tmp_path / "cot.jsonl")

@@ -8,7 +8,6 @@ so documented figures come from this test.
 """
 
 import json
-import os
 import random
 import re
 import signal
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cache_arrays, write_cot_records
+from conftest import cache_arrays, record_figure, write_cot_records
 
 KILLS = 20
 SEED = 14
@@ -85,12 +84,7 @@ class Killer:
 
 def record(name: str, figures: dict) -> None:
     print(name, json.dumps(figures))
-    target = os.environ.get("COT2ALIGN_RELIABILITY_OUT")
-    if target:
-        path = Path(target)
-        everything = json.loads(path.read_text()) if path.exists() else {}
-        everything[name] = figures
-        path.write_text(json.dumps(everything, indent=1))
+    record_figure(name, figures)
 
 
 def cache_progress(out: Path):

@@ -8,14 +8,13 @@ corrupted files detected are written to $COT2ALIGN_RELIABILITY_OUT (a JSON file)
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_cot_records
+from conftest import record_figure, write_cot_records
 from cot2align.cache import CacheError, open_cache
 from cot2align.cache.inspect import verify_cache
 from cot2align.cli import main
@@ -25,17 +24,6 @@ from cot2align.train import TrainingError
 from cot2align.train.distill import distill
 
 TEACHER, STUDENT = "tiny-qwen2", "tiny-gpt2"
-
-
-def record_figure(name: str, value) -> None:
-    """Add one figure to $COT2ALIGN_RELIABILITY_OUT (the README's Reliability numbers come from the tests)."""
-    target = os.environ.get("COT2ALIGN_RELIABILITY_OUT")
-    if not target:
-        return
-    path = Path(target)
-    figures = json.loads(path.read_text()) if path.exists() else {}
-    figures[name] = value
-    path.write_text(json.dumps(figures, indent=1, sort_keys=True))
 
 
 def tree_hash(root: Path) -> str:
