@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `datasets` keeps what it prepares from Parquet/CSV files here, not in the user's ~/.cache/huggingface
 os.environ.setdefault("HF_DATASETS_CACHE", str(Path(__file__).parent / ".cot2align_home" / "hf_datasets"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n N`) the cores are shared: each worker (and the subprocesses it starts) gets its share of
+# threads instead of every worker's torch taking all of them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
