@@ -315,6 +315,9 @@ SWEEP_LISTS = ("student", "method", "alpha")
 @_field(D, "val_examples")
 @_field(D, "val_max_new_tokens")
 @_field(D, "overwrite")
+@_field(D, "resume", help="Continue a stopped sweep: finished runs are kept, an interrupted one continues from its "
+        "checkpoint, the rest start.")
+@_field(D, "report_to", help="Trackers for every run besides metrics.jsonl: tensorboard, wandb, or none.")
 def sweep_cmd(config_file, cache, student, method, alpha, out, **flags):
     """Train students x methods x alpha from one cache; write one results table and a plot."""
     alphas = _list(alpha, float, "--alpha")

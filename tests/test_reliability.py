@@ -285,6 +285,7 @@ def test_a_malformed_manifest_is_one_line_naming_the_field(tmp_path, world, keys
 def test_resume_falls_back_from_a_damaged_checkpoint_and_refuses_when_none_is_intact(tmp_path, world):
     run = tmp_path / "run"
     shutil.copytree(world / "run", run)
+    (run / "summary.json").unlink()          # stopped before its end (--resume of a finished run does nothing)
     checkpoints = sorted((run / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-00000001", "step-00000002"]
     newest, previous = checkpoints[-1], checkpoints[0]
@@ -297,6 +298,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_refuses_when_none_is_in
     assert any("skipped damaged checkpoint" in m and newest.name in m and f"using {previous}" in m for m in logs), logs
     assert summary["steps"] == 2                                                 # step 2 redone from step 1
     # both damaged: refuse, naming them
+    (run / "summary.json").unlink()
     for checkpoint in sorted((run / "checkpoints").glob("step-*")):
         _flip(checkpoint / "optimizer.safetensors")
     before = tree_hash(run)

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from conftest import write_cot_records
 from cot2align.cache import open_cache
 from cot2align.cache import CacheError
+from cot2align.cli import main
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, distillation_loss
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
@@ -300,6 +302,40 @@ def test_sweep_over_two_alphas_leaves_the_cache_byte_identical(cache_dir, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_stopped_sweep_resumes_keeping_finished_runs_and_continuing_the_interrupted_one(cache_dir, tmp_path):
+    """alpha 0.1 finished, alpha 0.9 SIGKILLed after step 2: `sweep --resume` leaves the finished run's files as
+    they are and ends the killed one bit-identical to an uninterrupted sweep's; without --resume it refuses."""
+    from cot2align.train.sweep import sweep
+
+    common = dict(max_steps=4, batch_size=4, val_examples=2, val_max_new_tokens=2, save_every=1)
+    reference = sweep(str(cache_dir), [STUDENT], ["dskd"], [0.1, 0.9], str(tmp_path / "reference"),
+                      log=lambda m: None, **common)
+    stopped = tmp_path / "stopped"
+    sweep(str(cache_dir), [STUDENT], ["dskd"], [0.1], str(stopped), log=lambda m: None, **common)
+    finished = stopped / Path(reference[0]["out"]).name
+    before = _tree_digest(finished)
+    killed_out = stopped / Path(reference[1]["out"]).name
+    killed = subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", "--cache", str(cache_dir), "--student",
+                             STUDENT, "--method", "dskd", "--alpha", "0.9", "--max-steps", "4", "--batch-size", "4",
+                             "--val-examples", "2", "--val-max-new-tokens", "2", "--save-every", "1", "--out",
+                             str(killed_out)], env=dict(os.environ, COT2ALIGN_FAULT="step:2"), capture_output=True)
+    assert killed.returncode == -9 and not (killed_out / "summary.json").exists()
+    flags = ["sweep", "--cache", str(cache_dir), "--student", STUDENT, "--method", "dskd", "--alpha", "0.1,0.9",
+             "--out", str(stopped), "--max-steps", "4", "--batch-size", "4", "--val-examples", "2",
+             "--val-max-new-tokens", "2"]
+    refused = CliRunner().invoke(main, flags)
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.exit_code == 2 and last.startswith("error: ") and "pass --resume" in last
+    result = CliRunner().invoke(main, [*flags, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert _tree_digest(finished) == before
+    a, b = _final_trainable(reference[1]["out"]), _final_trainable(killed_out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (stopped / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].split(",")[3] == "0.1" and rows[2].split(",")[3] == "0.9"
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_match_the_single_process_run(cache_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo), batch 2 per rank, against 1 process with batch 4: the same global
     batch, so the same number of steps and a close loss curve (the batches are grouped differently)."""
@@ -435,3 +471,35 @@ def test_val_examples_zero_holds_out_nothing():
     assert train == indices and records == []
     train, records = split_validation(build_config(DistillConfig, cache="c", val_examples=3), Cache(), indices)
     assert train == indices[:37] and [r["prompt"] for r in records] == ["p37", "p38", "p39"]
+
+
+def test_finishing_again_keeps_the_kept_model_and_completes_a_half_moved_one(tmp_path):
+    """write_outputs after an earlier finalise of the same run moved best/ up (killed before summary.json, or a
+    run extended by --resume whose new epochs did not win): the model at the top is the kept one and stays — the
+    current (final) weights must not replace it. A kill half-way through the move is completed from best/."""
+    from cot2align.train.outputs import save_model, write_outputs
+
+    cfg = build_config(DistillConfig, student=STUDENT, method="sft", cot2align=False, data="sample")
+    tokenizer = load_tokenizer(STUDENT)
+    kept, final = load_model(STUDENT, seed=1), load_model(STUDENT, seed=2)
+    projectors = build_projectors("sft", False, 8, 8)
+    summary = {"steps": 2, "best_epoch": 0, "best_val_rougeL": 1.0, "history": [], "out": str(tmp_path)}
+
+    def top_weights(out):
+        return load_file(str(out / "model.safetensors"))
+
+    moved = tmp_path / "moved"
+    save_model(kept, tokenizer, moved, cfg)                  # what the first finalise left at the top
+    (moved / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "ce": 1.0}\n')
+    write_outputs(moved, cfg, tokenizer, final, projectors, None, summary)
+    expected = {k: v for k, v in kept.state_dict().items() if k in top_weights(moved)}
+    assert all(torch.equal(top_weights(moved)[k], v) for k, v in expected.items())
+    assert json.loads((moved / "summary.json").read_text())["steps"] == 2
+
+    half = tmp_path / "half"
+    save_model(kept, tokenizer, half / "best", cfg)
+    (half / "best" / "config.json").replace(half / "config.json")      # moved before the kill; the rest was not
+    (half / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "ce": 1.0}\n')
+    write_outputs(half, cfg, tokenizer, final, projectors, None, summary)
+    assert not (half / "best").exists() and (half / "config.json").exists()
+    assert all(torch.equal(top_weights(half)[k], v) for k, v in expected.items())

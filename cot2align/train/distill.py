@@ -25,14 +25,15 @@ import torch
 from cot2align.config import DistillConfig
 from cot2align.faults import fault_point
 from cot2align.hub import push_to_hub, warn_if_no_token
+from cot2align.logs import reporter
 from cot2align.losses.objective import distillation_loss
 from cot2align.train import TrainingError
 from cot2align.train.batches import views as batch_views
 from cot2align.train.checkpoint import save_checkpoint
 from cot2align.train.fsdp import average_gradients, clip_grad_norm
 from cot2align.train.metrics import append as append_metrics
-from cot2align.train.outputs import call_trackers, progress_bar, save_best, write_outputs
-from cot2align.train.setup import Run, setup, trainable_state, whole_model
+from cot2align.train.outputs import call_trackers, has_saved_model, progress_bar, save_best, write_outputs
+from cot2align.train.setup import Run, finished_summary, setup, trainable_state, whole_model
 from cot2align.train.validation import is_better, validate
 from cot2align.write_errors import reported
 
@@ -43,6 +44,11 @@ FINAL_RECOVERY = "the checkpoints are intact; free space (or make --out writable
 def distill(cfg: DistillConfig, log=None, progress: bool = True, cache=None) -> dict:
     """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once). Messages go to
     the `cot2align.train` logger, or to `log` when given; `progress`: the step bar (on a terminal)."""
+    finished = finished_summary(cfg, cache)
+    if finished is not None:
+        reporter(log, "cot2align.train")(f"--resume {finished['out']}: the run finished earlier "
+                                         f"({finished['steps']} steps); nothing to do")
+        return finished
     with ExitStack() as held:      # the writer lock of --out, until the outputs are written or an error stops the run
         run = setup(cfg, log, cache, held)
         if cfg.push_to_hub and run.is_main:
@@ -183,7 +189,12 @@ def finalise(run: Run) -> dict:
     """The outputs of the run (rank 0), then the end of the process group."""
     summary = {"steps": run.step, "best_epoch": run.state["best_epoch"], "best_val_rougeL": run.state["best_rougeL"],
                "history": run.state["history"], "out": str(run.out)}
-    final = whole_model(run.model, run.cfg, run.is_main) if run.sharded and not (run.out / "best").exists() else run.model
+    # Does write_outputs need the final weights (no best/ and no kept model at the top)? Every rank decides before
+    # rank 0 moves best/ up: under FSDP the answer starts a collective gather, which all ranks must join or none.
+    needs_final = not (run.out / "best").exists() and not has_saved_model(run.out)
+    if run.world > 1:
+        torch.distributed.barrier()
+    final = whole_model(run.model, run.cfg, run.is_main) if run.sharded and needs_final else run.model
     if run.is_main:
         run.metrics_file.close()
         call_trackers(run.trackers, run.say, "close")

@@ -117,20 +117,31 @@ def write_outputs(out: Path, cfg: DistillConfig, tokenizer, model, projectors, c
     projectors, summary.json, the loss plot and the model card. The model files are moved up from best/, not
     copied: one copy of the weights per run."""
     best = out / "best"
-    if not best.exists():
+    # best/ is written at every epoch that wins (the first always does), so it is missing here only when an earlier
+    # finalise of this run moved it up already (a --resume after a kill, or of a run extended with more steps whose
+    # new epochs did not win): the model at the top is then the kept one and stays.
+    if not best.exists() and not has_saved_model(out):
         save_model(model, tokenizer, best, cfg)
-    for item in best.iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    best.rmdir()
+    if best.exists():
+        for item in best.iterdir():         # a kill half-way leaves the rest in best/ for the next finalise
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        best.rmdir()
     if len(list(projectors.parameters())):
         save_file({k: v.detach().contiguous().cpu() for k, v in projectors.state_dict().items()},
                   str(out / "projectors.safetensors"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_losses(out)
     write_card(out, cfg, cache, summary)
+    tmp = out / "summary.json.tmp"          # last, and whole: its presence means every output is written
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / "summary.json")
+
+
+def has_saved_model(out: Path) -> bool:
+    """A from_pretrained-loadable model (full weights or a kept LoRA adapter) at the top of --out."""
+    return any(out.glob("model*.safetensors")) or (out / "adapter_model.safetensors").exists()
 
 
 def plot_losses(out: Path) -> None:

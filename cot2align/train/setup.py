@@ -17,6 +17,7 @@ run with other world sizes must repeat exactly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -341,6 +342,31 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
     elif cfg.resume:
         cfg.resume = False     # an empty directory: a run killed before its first write starts afresh
     out.mkdir(parents=True, exist_ok=True)
+
+
+def finished_summary(cfg: DistillConfig, cache=None) -> dict | None:
+    """`--resume` of a run that has finished (its summary.json, written last, exists) with the same --epochs and
+    --max-steps: that summary, after the same-run checks — nothing is trained or rewritten, so the kept epoch's
+    model stays as it is. None otherwise (a run asked to go on further trains on from its last checkpoint)."""
+    if not cfg.resume:
+        return None
+    if cache is None and cfg.cache:
+        cache = open_cache(cfg.cache)
+    resolved = copy.deepcopy(cfg)
+    resolved.resolve(model_family(cache.manifest["teacher"]["name_or_path"]) if cache is not None else None)
+    out = Path(resolved.out or default_out(resolved))
+    if not (out / "summary.json").is_file() or not (out / RUN_MARKER).is_file():
+        return None
+    _check_same_run(out / RUN_MARKER, resolved, cache)
+    try:
+        recorded = json.loads((out / RUN_MARKER).read_text()).get("config", {})
+        summary = json.loads((out / "summary.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None                 # torn: finish the run again from its last checkpoint
+    now = config_to_dict(resolved)
+    if any(recorded.get(name) != now[name] for name in ("epochs", "max_steps")):
+        return None                 # a longer (or shorter) run asked for: train on from the last checkpoint
+    return summary
 
 
 def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:

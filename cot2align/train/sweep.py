@@ -20,15 +20,22 @@ from cot2align.train.distill import distill
 
 def sweep(cache_path: str, students: list[str | None], methods: list[str], alphas: list[float], out: str,
           config_file: str | None = None, log=None, **flags) -> list[dict]:
+    """Every (student, method, alpha) run from one cache into out/<family>_<method>[_cot2align]_a<alpha>, then
+    results.md/.csv and a plot. `resume=True` continues a sweep that was stopped: finished runs are kept as they
+    are, an interrupted one continues from its last checkpoint, the rest start."""
     say = reporter(log, __name__)
     cache = open_cache(cache_path)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resume = flags.pop("resume", None)
     rows = []
     for student, method, alpha in itertools.product(students, methods, alphas):
         cfg = build_config(DistillConfig, config_file, cache=cache_path, student=student, method=method, alpha=alpha, **flags)
         cfg.resolve(model_family(cache.manifest["teacher"]["name_or_path"]))
         cfg.out = str(out_dir / f"{model_family(cfg.student)}_{method}{'_cot2align' if cfg.cot2align else ''}_a{alpha}")
+        # --resume (flag or YAML): runs that finished are kept, an interrupted one continues from its checkpoint,
+        # the ones not yet started start
+        cfg.resume = bool(resume if resume is not None else cfg.resume) and Path(cfg.out).exists()
         say(f"sweep: {cfg.student} {method}{' + CoT2Align' if cfg.cot2align else ''} alpha={alpha} -> {cfg.out}")
         summary = distill(cfg, log=log, cache=cache)
         final = summary["history"][-1] if summary["history"] else {}
