@@ -189,6 +189,21 @@ def test_a_tracker_that_cannot_write_is_turned_off_and_the_run_goes_on(tmp_path,
     assert sorted(set(steps)) == [1, 2, 3, 4]
 
 
+def test_a_tracker_that_cannot_start_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    from cot2align.train import outputs
+
+    def unreachable(self, out, cfg):
+        raise ConnectionError("wandb.ai: Name or service not known")
+
+    monkeypatch.setattr(outputs.TensorBoard, "__init__", unreachable)
+    messages = []
+    cfg = build_config(DistillConfig, student="tiny-gpt2", method="sft", cot2align=False, data="sample", limit=4,
+                       max_steps=1, epochs=1, batch_size=4, val_examples=1, val_max_new_tokens=2, alpha=0.0,
+                       out=str(tmp_path / "run"), report_to="tensorboard")
+    assert distill(cfg, log=messages.append, progress=False)["steps"] == 1
+    assert any("--report-to tensorboard: not available (wandb.ai: Name or service not known)" in m for m in messages), messages
+
+
 def test_report_to_is_checked_before_anything_runs(tmp_path, monkeypatch):
     for bad in ("tensorbord", "none,wandb", ""):
         with pytest.raises(ConfigError, match="report_to: expected"):

@@ -493,6 +493,7 @@ def test_finishing_again_keeps_the_kept_model_and_completes_a_half_moved_one(tmp
     (moved / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "ce": 1.0}\n')
     write_outputs(moved, cfg, tokenizer, final, projectors, None, summary)
     expected = {k: v for k, v in kept.state_dict().items() if k in top_weights(moved)}
+    assert len(expected) >= 4
     assert all(torch.equal(top_weights(moved)[k], v) for k, v in expected.items())
     assert json.loads((moved / "summary.json").read_text())["steps"] == 2
 
@@ -503,3 +504,22 @@ def test_finishing_again_keeps_the_kept_model_and_completes_a_half_moved_one(tmp
     write_outputs(half, cfg, tokenizer, final, projectors, None, summary)
     assert not (half / "best").exists() and (half / "config.json").exists()
     assert all(torch.equal(top_weights(half)[k], v) for k, v in expected.items())
+
+
+@pytest.mark.slow
+def test_a_finished_run_extended_then_killed_is_not_taken_for_finished(cache_dir, tmp_path):
+    """--resume --max-steps 4 of a run that finished at 2 trains on; killed at step 3 it has no summary.json (the
+    old one would say 'finished'), and the next --resume ends at step 4. --resume with the run's own length
+    does nothing."""
+    out = tmp_path / "run"
+    common = ["--cache", str(cache_dir), "--student", STUDENT, "--method", "sft", "--no-cot2align", "--batch-size", "4",
+              "--val-examples", "1", "--val-max-new-tokens", "2", "--save-every", "1", "--out", str(out)]
+    assert CliRunner().invoke(main, ["distill", *common, "--max-steps", "2"]).exit_code == 0
+    again = CliRunner().invoke(main, ["distill", *common, "--max-steps", "2", "--resume"])
+    assert again.exit_code == 0 and "finished earlier (2 steps); nothing to do" in again.stderr
+    killed = subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *common, "--max-steps", "4", "--resume"],
+                            env=dict(os.environ, COT2ALIGN_FAULT="step:3"), capture_output=True)
+    assert killed.returncode == -9 and not (out / "summary.json").exists()
+    result = CliRunner().invoke(main, ["distill", *common, "--max-steps", "4", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

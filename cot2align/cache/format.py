@@ -73,7 +73,7 @@ def check_format(manifest: dict, path: Path) -> None:
     its checksum, and one that lacks a field the readers use."""
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not a cot2align cache (zarr.json has no format '{FORMAT}')")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
+    if type(manifest.get("format_version")) is not int or manifest["format_version"] not in READABLE_VERSIONS:
         raise CacheError(f"{path}: cache format_version {manifest.get('format_version')} is not supported "
                          f"(this cot2align reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     check_manifest_integrity(manifest, path)
@@ -86,7 +86,9 @@ _INT, _STR, _LIST, _DICT = (int,), (str,), (list,), (dict,)
 REQUIRED_FIELDS = {
     "status": _STR, "data": _DICT, "data.n_examples": _INT, "teacher": _DICT, "teacher.name_or_path": _STR,
     "teacher.hidden_size": _INT, "teacher.vocab_size": _INT, "teacher.embed_kind": _STR, "tokenizer": _DICT,
-    "tokenizer.vocab_hash": _STR, "tokenizer.eos_id": _INT, "store": _DICT, "store.topk": _INT, "progress": _DICT,
+    "tokenizer.name_or_path": _STR, "tokenizer.vocab_hash": _STR, "tokenizer.eos_id": _INT, "store": _DICT,
+    "store.topk": _INT, "store.dtypes.hidden": _STR, "store.dtypes.topk_ids": _STR, "settings": _DICT,
+    "settings.batch_tokens": _INT, "progress": _DICT,
 }
 REQUIRED_SINCE_V2 = {"progress.blocks": _LIST, "store.parts": _LIST}
 
@@ -152,7 +154,7 @@ def check_manifest_integrity(manifest: dict, where) -> None:
         return                                  # versions 1 and 2 carry no manifest checksum
     if manifest.get("checksum") != manifest_checksum(manifest):
         raise CacheError(f"{where}/zarr.json: the manifest does not match its checksum (edited by hand or corrupted); "
-                         "its values cannot be trusted — rebuild the cache with cache-teacher")
+                         "its values cannot be trusted — rebuild the cache with cache-teacher into a new --out")
 
 
 def file_sha256(path: Path) -> str:

@@ -16,16 +16,18 @@ hidden states and LM head when the method needs them.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import ExitStack
 import time
 
 import numpy as np
 import torch
 
+from cot2align.cache import open_cache
 from cot2align.config import DistillConfig
 from cot2align.faults import fault_point
 from cot2align.hub import push_to_hub, warn_if_no_token
-from cot2align.logs import reporter
+from cot2align.logs import reporter, silent
 from cot2align.losses.objective import distillation_loss
 from cot2align.train import TrainingError
 from cot2align.train.batches import views as batch_views
@@ -44,10 +46,13 @@ FINAL_RECOVERY = "the checkpoints are intact; free space (or make --out writable
 def distill(cfg: DistillConfig, log=None, progress: bool = True, cache=None) -> dict:
     """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once). Messages go to
     the `cot2align.train` logger, or to `log` when given; `progress`: the step bar (on a terminal)."""
+    if cache is None and cfg.cache:
+        cache = open_cache(cfg.cache)       # once, for this check and for the run
     finished = finished_summary(cfg, cache)
     if finished is not None:
-        reporter(log, "cot2align.train")(f"--resume {finished['out']}: the run finished earlier "
-                                         f"({finished['steps']} steps); nothing to do")
+        say = reporter(log, "cot2align.train") if int(os.environ.get("RANK", "0")) == 0 else silent
+        say(f"--resume {finished['out']}: the run finished earlier ({finished['steps']} steps); nothing to do"
+            + ("; to upload it: cot2align push" if cfg.push_to_hub else ""))
         return finished
     with ExitStack() as held:      # the writer lock of --out, until the outputs are written or an error stops the run
         run = setup(cfg, log, cache, held)
@@ -189,12 +194,12 @@ def finalise(run: Run) -> dict:
     """The outputs of the run (rank 0), then the end of the process group."""
     summary = {"steps": run.step, "best_epoch": run.state["best_epoch"], "best_val_rougeL": run.state["best_rougeL"],
                "history": run.state["history"], "out": str(run.out)}
-    # Does write_outputs need the final weights (no best/ and no kept model at the top)? Every rank decides before
-    # rank 0 moves best/ up: under FSDP the answer starts a collective gather, which all ranks must join or none.
-    needs_final = not (run.out / "best").exists() and not has_saved_model(run.out)
-    if run.world > 1:
-        torch.distributed.barrier()
-    final = whole_model(run.model, run.cfg, run.is_main) if run.sharded and needs_final else run.model
+    # Does write_outputs need the final weights (no best/ and no kept model at the top)? Rank 0 decides before it
+    # moves best/ up: under FSDP the answer starts a collective gather, which all ranks must join or none.
+    needs_final = [not (run.out / "best").exists() and not has_saved_model(run.out)] if run.is_main else [None]
+    if run.world > 1:               # rank 0's answer, whatever the other ranks' view of the filesystem
+        torch.distributed.broadcast_object_list(needs_final, src=0)
+    final = whole_model(run.model, run.cfg, run.is_main) if run.sharded and needs_final[0] else run.model
     if run.is_main:
         run.metrics_file.close()
         call_trackers(run.trackers, run.say, "close")

@@ -88,8 +88,9 @@ def open_trackers(out: Path, cfg: DistillConfig, say) -> list:
     for name in report_targets(cfg.report_to):
         try:
             trackers.append(TRACKERS[name](out, cfg))
-        except ImportError as e:   # tensorboard missing: metrics.jsonl still has everything
-            say(f"--report-to {name}: not available ({e}); metrics go to metrics.jsonl only", logging.WARNING)
+        except Exception as e:     # not installed, or its server unreachable: metrics.jsonl still has everything
+            reason = io_failure(e) or f"{type(e).__name__}: {e}"
+            say(f"--report-to {name}: not available ({reason}); metrics go to metrics.jsonl only", logging.WARNING)
     return trackers
 
 
@@ -105,6 +106,11 @@ def call_trackers(trackers: list, say, method: str, *args) -> None:
             reason = io_failure(e) or f"{type(e).__name__}: {e}"
             say(f"--report-to {tracker.name}: {reason}; turned off for the rest of the run "
                 "(metrics.jsonl has every value)", logging.WARNING)
+            if method != "close":
+                try:
+                    tracker.close()         # let it end cleanly (W&B would otherwise wait at exit)
+                except Exception:
+                    pass
 
 
 def progress_bar(total: int, epoch: int, enabled: bool):

@@ -329,6 +329,9 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
             if not marker.exists():
                 raise ConfigError(f"--out {out}: --resume given but the directory holds no cot2align run")
             _check_same_run(marker, cfg, cache)
+            # the run trains on (finished_summary let it through: longer, or its summary torn): until its new end
+            # it is not finished, and its summary.json is written again then
+            (out / "summary.json").unlink(missing_ok=True)
             return
         if not cfg.overwrite:
             raise ConfigError(f"--out {out}: the directory is not empty (another run?); pass --resume to continue it "
@@ -344,15 +347,13 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def finished_summary(cfg: DistillConfig, cache=None) -> dict | None:
+def finished_summary(cfg: DistillConfig, cache) -> dict | None:
     """`--resume` of a run that has finished (its summary.json, written last, exists) with the same --epochs and
     --max-steps: that summary, after the same-run checks — nothing is trained or rewritten, so the kept epoch's
     model stays as it is. None otherwise (a run asked to go on further trains on from its last checkpoint)."""
     if not cfg.resume:
         return None
-    if cache is None and cfg.cache:
-        cache = open_cache(cfg.cache)
-    resolved = copy.deepcopy(cfg)
+    resolved = copy.copy(cfg)                 # resolve() sets scalar fields only
     resolved.resolve(model_family(cache.manifest["teacher"]["name_or_path"]) if cache is not None else None)
     out = Path(resolved.out or default_out(resolved))
     if not (out / "summary.json").is_file() or not (out / RUN_MARKER).is_file():
@@ -366,7 +367,7 @@ def finished_summary(cfg: DistillConfig, cache=None) -> dict | None:
     now = config_to_dict(resolved)
     if any(recorded.get(name) != now[name] for name in ("epochs", "max_steps")):
         return None                 # a longer (or shorter) run asked for: train on from the last checkpoint
-    return summary
+    return dict(summary, out=str(out))
 
 
 def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:
