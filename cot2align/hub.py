@@ -151,19 +151,16 @@ def build_card(run_dir: Path, info: dict, summary: dict, name: str | None = None
 
 def write_card(out: Path, cfg, cache, summary: dict) -> None:
     """README.md of a finished run (train/outputs.py)."""
-    import dataclasses
     import hashlib
 
-    from cot2align.data.hf import describe
+    from cot2align.config import config_to_dict
 
     manifest_hash = None
     if cache is not None:
         manifest_hash = hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()
+    config = config_to_dict(cfg)              # a datasets.Dataset given as data: by its description
     teacher = cache.manifest["teacher"]["name_or_path"] if cache is not None else None
-    data = cache.manifest["data"].get("name", cfg.data) if cache is not None else cfg.data
-    config = {k: (v if v is None or isinstance(v, (str, int, float, bool, dict, list)) else describe(v))
-              for k, v in dataclasses.asdict(cfg).items()}      # a datasets.Dataset as data: its description
-    data = data if isinstance(data, str) else describe(data)
+    data = cache.manifest["data"].get("name", config["data"]) if cache is not None else config["data"]
     info = run_card_info(config, teacher, data, manifest_hash, summary)
     build_card(out, info, summary).save(Path(out) / "README.md")
 

@@ -102,9 +102,8 @@ def _field(manifest: dict, dotted: str):
     return value
 
 
-def _type_name(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
-            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+_JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+                    bool: "true/false", type(None): "null"}
 
 
 def check_fields(manifest: dict, where) -> None:
@@ -117,7 +116,7 @@ def check_fields(manifest: dict, where) -> None:
             raise CacheError(f"{where}/zarr.json: manifest field '{dotted}' is missing")
         if not isinstance(value, types) or (types is _INT and isinstance(value, bool)):
             raise CacheError(f"{where}/zarr.json: manifest field '{dotted}' should be "
-                             f"{_type_name(types[0]())}, found {_type_name(value)}")
+                             f"{_JSON_TYPE_NAMES[types[0]]}, found {_JSON_TYPE_NAMES.get(type(value), type(value).__name__)}")
     if manifest["format_version"] < 2:
         return
 

@@ -358,19 +358,18 @@ def finished_summary(cfg: DistillConfig, cache) -> dict | None:
     out = Path(resolved.out or default_out(resolved))
     if not (out / "summary.json").is_file() or not (out / RUN_MARKER).is_file():
         return None
-    _check_same_run(out / RUN_MARKER, resolved, cache)
+    recorded = _check_same_run(out / RUN_MARKER, resolved, cache)
+    if any(recorded.get(name) != getattr(resolved, name) for name in ("epochs", "max_steps")):
+        return None                 # a longer (or shorter) run asked for: train on from the last checkpoint
     try:
-        recorded = json.loads((out / RUN_MARKER).read_text()).get("config", {})
         summary = json.loads((out / "summary.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None                 # torn: finish the run again from its last checkpoint
-    now = config_to_dict(resolved)
-    if any(recorded.get(name) != now[name] for name in ("epochs", "max_steps")):
-        return None                 # a longer (or shorter) run asked for: train on from the last checkpoint
     return dict(summary, out=str(out))
 
 
-def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:
+def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
+    """Refuse to continue another run (RUN_IDENTITY, the cache's content); the recorded config when it is the same."""
     try:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -383,6 +382,7 @@ def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> None:
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
+    return old
 
 
 def student_weights_dtype(cfg: DistillConfig, device) -> torch.dtype:
