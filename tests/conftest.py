@@ -37,6 +37,13 @@ def write_cot_records(path: Path, n: int = 10, cot_every: int = 2) -> Path:
     return path
 
 
+def explain(result, tail: int = 2500) -> str:
+    """Why a command run by a test failed: its one-line `error:` messages (from any rank of a torchrun job,
+    which the other ranks' tracebacks would push out of a plain tail) and then the end of its stderr."""
+    errors = [line for line in result.stderr.splitlines() if "error:" in line.lower()[:40]]
+    return "\n".join(errors[:10] + ["--- end of stderr ---", result.stderr[-tail:]])
+
+
 def record_figure(name: str, value) -> None:
     """Add one figure to $COT2ALIGN_RELIABILITY_OUT (the README's Reliability numbers come from the tests). The
     read-modify-write holds an exclusive lock on the file, so test processes running side by side keep each

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_cot_records
+from conftest import explain, write_cot_records
 from cot2align.config import CacheTeacherConfig, build_config
 from cot2align.teacher.cache_pass import cache_teacher
 
@@ -49,14 +49,14 @@ def _checkpoint(out, name):
 def fsdp_run(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_run") / "run"
     result = _launch(cache_dir, out, "--fsdp", port=29541)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, explain(result)
     return out
 
 
 def test_fsdp_reaches_the_ddp_weights(cache_dir, fsdp_run, tmp_path):
     ddp = tmp_path / "ddp"
     result = _launch(cache_dir, ddp, port=29542)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, explain(result)
     for name in ("trainable.safetensors", "projectors.safetensors", "optimizer.safetensors"):
         sharded, replicated = _checkpoint(fsdp_run, name), _checkpoint(ddp, name)
         assert sharded.keys() == replicated.keys(), name
@@ -78,7 +78,7 @@ def test_fsdp_sigkill_then_resume_is_bit_identical(cache_dir, fsdp_run, tmp_path
     killed = _launch(cache_dir, crashed, "--fsdp", port=29543, env=dict(ENV, COT2ALIGN_FAULT="step:3"))
     assert killed.returncode != 0
     resumed = _launch(cache_dir, crashed, "--fsdp", "--resume", port=29544)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, explain(resumed)
     for name in ("trainable.safetensors", "projectors.safetensors"):
         a, b = _checkpoint(fsdp_run, name), _checkpoint(crashed, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -92,7 +92,7 @@ def test_fsdp_with_lora_saves_the_same_merged_model_as_ddp(cache_dir, tmp_path):
     runs = {"fsdp": _launch(cache_dir, tmp_path / "fsdp", *lora, "--fsdp", port=29545),
             "ddp": _launch(cache_dir, tmp_path / "ddp", *lora, port=29546)}
     for name, result in runs.items():
-        assert result.returncode == 0, (name, result.stderr[-3000:])
+        assert result.returncode == 0, (name, explain(result))
     sharded, replicated = (AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).state_dict() for name in runs)
     for key, value in sharded.items():
         torch.testing.assert_close(value, replicated[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_cot_records
+from conftest import explain, write_cot_records
 from cot2align.cache import CacheError, open_cache
 from cot2align.cache.inspect import cache_info, verify_cache
 from cot2align.teacher.cache_pass import split_parts
@@ -64,7 +64,7 @@ def data(tmp_path_factory) -> Path:
 def single(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "cache"
     done = _cli(["cache-teacher", "--data", str(data), "--out", str(out), *PASS])
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, explain(done)
     return out
 
 
@@ -84,7 +84,7 @@ def test_parts_are_whole_blocks_balanced_by_rows():
 def test_two_ranks_write_the_single_process_cache_and_resume_after_a_kill(data, single, tmp_path):
     out = tmp_path / "two"
     done = _cli(["cache-teacher", "--data", str(data), "--out", str(out), *PASS], launcher=_torchrun())
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, explain(done)
     assert_same_cache(out, single)
     assert verify_cache(out) == [] and cache_info(out)["parts"] == 2
     manifest = open_cache(out).manifest
@@ -104,7 +104,7 @@ def test_two_ranks_write_the_single_process_cache_and_resume_after_a_kill(data, 
     assert sorted(p.relative_to(killed).as_posix() for p in killed.rglob("*")) == before
     # the same launch again resumes each rank's part
     rerun = _cli(["cache-teacher", "--data", str(data), "--out", str(killed), *PASS], launcher=_torchrun())
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 0, explain(rerun)
     assert "resuming" in rerun.stderr
     assert_same_cache(killed, single)
 
@@ -123,7 +123,7 @@ def s3(tmp_path_factory):
 def test_cache_on_s3_equals_local_and_trains_the_same_student(s3, data, single, tmp_path):
     url = f"{s3['bucket']}/caches/tiny"
     done = _cli(["cache-teacher", "--data", str(data), "--out", url, *PASS], env=s3["env"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, explain(done)
     assert_same_cache(url, single)
     assert verify_cache(url) == []
     # read again through a local chunk cache (COT2ALIGN_CHUNK_CACHE): the same arrays, the chunks kept on disk
@@ -143,7 +143,7 @@ def test_cache_on_s3_equals_local_and_trains_the_same_student(s3, data, single, 
         trained = _cli(["distill", "--cache", cache, "--student", "tiny-mistral", "--method", "dskd", "--alpha", "0.5",
                         "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--val-examples", "2",
                         "--val-max-new-tokens", "4", "--out", str(out)], env=s3["env"])
-        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert trained.returncode == 0, explain(trained)
         runs[name] = load_file(str(out / "model.safetensors"))
     assert runs["local"].keys() == runs["remote"].keys()
     for key in runs["local"]:
@@ -160,7 +160,7 @@ def test_remote_kill_then_rerun_is_identical_and_a_flipped_byte_is_named(s3, dat
     manifest = json.loads(s3["fs"].cat(f"{url.removeprefix('s3://')}/zarr.json"))["attributes"]
     assert manifest["status"] == "writing"
     rerun = _cli(["cache-teacher", "--data", str(data), "--out", url, *PASS], env=s3["env"])
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 0, explain(rerun)
     assert "resuming" in rerun.stderr
     assert_same_cache(url, single)
     # one flipped byte in one chunk object of the hidden states: verify names the array and the chunk
