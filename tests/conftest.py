@@ -37,6 +37,15 @@ def write_cot_records(path: Path, n: int = 10, cot_every: int = 2) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a torchrun rendezvous (a fixed port may be taken on a shared host)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def explain(result, tail: int = 2500) -> str:
     """Why a command run by a test failed: its one-line `error:` messages (from any rank of a torchrun job,
     which the other ranks' tracebacks would push out of a plain tail) and then the end of its stderr."""

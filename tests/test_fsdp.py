@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import explain, write_cot_records
+from conftest import explain, free_port, write_cot_records
 from cot2align.config import CacheTeacherConfig, build_config
 from cot2align.teacher.cache_pass import cache_teacher
 
@@ -32,11 +32,11 @@ def cache_dir(tmp_path_factory):
     return root / "cache"
 
 
-def _launch(cache_dir, out, *extra, port, env=ENV):
+def _launch(cache_dir, out, *extra, env=ENV):
     args = ["--cache", str(cache_dir), "--student", STUDENT, "--method", "dskd", "--cot2align", "--epochs", "2",
             "--batch-size", "2", "--val-examples", "2", "--val-max-new-tokens", "3", "--lr", "3e-3", "--save-every", "2"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "-m", "cot2align.cli", "distill", *args, "--out", str(out), *extra],
+                           str(free_port()), "-m", "cot2align.cli", "distill", *args, "--out", str(out), *extra],
                           env=env, capture_output=True, text=True)
 
 
@@ -48,14 +48,14 @@ def _checkpoint(out, name):
 @pytest.fixture(scope="module")
 def fsdp_run(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_run") / "run"
-    result = _launch(cache_dir, out, "--fsdp", port=29541)
+    result = _launch(cache_dir, out, "--fsdp")
     assert result.returncode == 0, explain(result)
     return out
 
 
 def test_fsdp_reaches_the_ddp_weights(cache_dir, fsdp_run, tmp_path):
     ddp = tmp_path / "ddp"
-    result = _launch(cache_dir, ddp, port=29542)
+    result = _launch(cache_dir, ddp)
     assert result.returncode == 0, explain(result)
     for name in ("trainable.safetensors", "projectors.safetensors", "optimizer.safetensors"):
         sharded, replicated = _checkpoint(fsdp_run, name), _checkpoint(ddp, name)
@@ -75,9 +75,9 @@ def test_fsdp_reaches_the_ddp_weights(cache_dir, fsdp_run, tmp_path):
 
 def test_fsdp_sigkill_then_resume_is_bit_identical(cache_dir, fsdp_run, tmp_path):
     crashed = tmp_path / "crashed"
-    killed = _launch(cache_dir, crashed, "--fsdp", port=29543, env=dict(ENV, COT2ALIGN_FAULT="step:3"))
+    killed = _launch(cache_dir, crashed, "--fsdp", env=dict(ENV, COT2ALIGN_FAULT="step:3"))
     assert killed.returncode != 0
-    resumed = _launch(cache_dir, crashed, "--fsdp", "--resume", port=29544)
+    resumed = _launch(cache_dir, crashed, "--fsdp", "--resume")
     assert resumed.returncode == 0, explain(resumed)
     for name in ("trainable.safetensors", "projectors.safetensors"):
         a, b = _checkpoint(fsdp_run, name), _checkpoint(crashed, name)
@@ -89,8 +89,8 @@ def test_fsdp_with_lora_saves_the_same_merged_model_as_ddp(cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     lora = ("--lora-rank", "4", "--lora-alpha", "8", "--epochs", "1")
-    runs = {"fsdp": _launch(cache_dir, tmp_path / "fsdp", *lora, "--fsdp", port=29545),
-            "ddp": _launch(cache_dir, tmp_path / "ddp", *lora, port=29546)}
+    runs = {"fsdp": _launch(cache_dir, tmp_path / "fsdp", *lora, "--fsdp"),
+            "ddp": _launch(cache_dir, tmp_path / "ddp", *lora)}
     for name, result in runs.items():
         assert result.returncode == 0, (name, explain(result))
     sharded, replicated = (AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).state_dict() for name in runs)

@@ -4,7 +4,6 @@ S3-compatible object store (SeaweedFS started on 127.0.0.1 by the tests) — wri
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import explain, write_cot_records
+from conftest import explain, free_port, write_cot_records
 from cot2align.cache import CacheError, open_cache
 from cot2align.cache.inspect import cache_info, verify_cache
 from cot2align.teacher.cache_pass import split_parts
@@ -34,10 +33,7 @@ def _cli(args, env=None, launcher=None) -> subprocess.CompletedProcess:
 
 def _torchrun() -> list[str]:
     """torchrun with two processes on a free rendezvous port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             "-m", "cot2align.cli"]
 
 

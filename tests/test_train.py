@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import explain, write_cot_records
+from conftest import explain, free_port, write_cot_records
 from cot2align.cache import open_cache
 from cot2align.cache import CacheError
 from cot2align.cli import main
@@ -346,7 +346,7 @@ def test_two_gloo_processes_match_the_single_process_run(cache_dir, tmp_path):
     subprocess.run([sys.executable, "-m", "cot2align.cli", "distill", *common, "--batch-size", "4", "--out", str(single)],
                    check=True, env=env, capture_output=True)
     double = tmp_path / "double"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                              "-m", "cot2align.cli", "distill", *common, "--batch-size", "2", "--out", str(double)],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, explain(result)
