@@ -12,7 +12,12 @@ view against a Mistral-7B-sized (D 4096, V 32000) and a Qwen2.5-7B-sized (D 3584
 forward+backward time and peak extra memory as a fraction of a TinyLlama-1.1B student forward+backward
 (bf16 autocast, full fine-tuning) on the same batch. Random-initialised real architectures.
 
-python bench/losses.py [--part sinkhorn|objective|all] [--tiny]   (GPU when available; --tiny on CPU)
+Part "uld": the vocabulary sorts of exact ULD on the CPU (losses/sorting.py): torch.sort / sort_descending for
+the teacher's sorted probabilities (no gradient) and the student's (gathered through the permutation), and a
+whole uld_loss forward+backward with torch.sort / with sort_descending, at 256 paired positions x V 50257 (GPT-2
+student) against V 49152 (SmolLM2 teacher) and V 151936 (Qwen2.5); on the CPU only (elsewhere torch.sort is kept).
+
+python bench/losses.py [--part sinkhorn|objective|uld|all] [--tiny]   (GPU when available; --tiny on CPU)
 """
 
 from __future__ import annotations
@@ -182,11 +187,51 @@ def objective_bench(device, name, tiny: bool):
             torch.cuda.empty_cache()
 
 
+def uld_bench(name):
+    """torch.sort vs sort_descending on the CPU, alone and inside uld_loss (forward + backward)."""
+    import cot2align.losses.uld as uld
+    from cot2align.losses.sorting import sort_descending
+
+    def torch_sort(values):
+        return values.sort(dim=-1, descending=True).values
+
+    g = torch.Generator().manual_seed(0)
+    positions = 256
+    for v_s, v_t in ((50257, 49152), (50257, 151936)):
+        student_logits = torch.randn(1, positions, v_s, generator=g)
+        teacher_logits = torch.randn(1, positions, v_t, generator=g)
+        mask = torch.ones(1, positions, dtype=torch.bool)
+        teacher_probs = torch.softmax(teacher_logits[0], dim=-1)
+
+        def loss_step():
+            student = student_logits.clone().requires_grad_(True)
+            uld.uld_loss(student, teacher_logits, mask, mask).backward()
+
+        def sort_with_grad(sort):
+            student = torch.softmax(student_logits[0], dim=-1).requires_grad_(True)
+            return lambda: sort(student)
+
+        times = {"teacher_sort_torch_s": timed(lambda: torch_sort(teacher_probs), torch.device("cpu"), 3),
+                 "teacher_sort_ours_s": timed(lambda: sort_descending(teacher_probs), torch.device("cpu"), 3),
+                 "student_sort_torch_s": timed(sort_with_grad(torch_sort), torch.device("cpu"), 3),
+                 "student_sort_ours_s": timed(sort_with_grad(sort_descending), torch.device("cpu"), 3)}
+        uld.sort_descending = torch_sort                  # the loss as it was: torch.sort on both sides
+        times["uld_step_torch_s"] = timed(loss_step, torch.device("cpu"), 2)
+        uld.sort_descending = sort_descending
+        times["uld_step_ours_s"] = timed(loss_step, torch.device("cpu"), 2)
+        result = {"device": name, "positions": positions, "student_vocab": v_s, "teacher_vocab": v_t,
+                  **{k: round(v, 4) for k, v in times.items()},
+                  "ratio_teacher_sort": round(times["teacher_sort_torch_s"] / times["teacher_sort_ours_s"], 1),
+                  "ratio_student_sort": round(times["student_sort_torch_s"] / times["student_sort_ours_s"], 1),
+                  "ratio_uld_step": round(times["uld_step_torch_s"] / times["uld_step_ours_s"], 2)}
+        print("uld", json.dumps(result))
+
+
 def main():
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["sinkhorn", "objective", "all"], default="all")
+    parser.add_argument("--part", choices=["sinkhorn", "objective", "uld", "all"], default="all")
     parser.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,6 +240,9 @@ def main():
         sinkhorn_bench(device, name)
     if args.part in ("objective", "all"):
         objective_bench(device, name, args.tiny)
+    if args.part in ("uld", "all"):
+        cpu = name if device.type == "cpu" else f"CPU ({torch.get_num_threads()} threads)"
+        uld_bench(cpu)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cot2align.losses.sorting import sort_descending
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows, tempered_buckets
 
 
@@ -41,7 +42,7 @@ def _sorted_teacher_probs(teacher, temperature: float) -> torch.Tensor:
     """Exact teacher probabilities at τ, sorted descending [P, V_t] (no gradient: the teacher is fixed)."""
     with torch.no_grad():
         logits = teacher.logits() if isinstance(teacher, HeadTeacher) else f32(teacher)
-        return torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True).values
+        return sort_descending(torch.softmax(logits / temperature, dim=-1))
 
 
 def _l1_sorted(student_sorted: torch.Tensor, teacher_sorted: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ def uld_loss(student_logits: torch.Tensor, teacher, student_mask: torch.Tensor, 
         if isinstance(t_rows, TopKTeacher):
             per_pair = _uld_topk(s_rows, t_rows, temperature)
         else:
-            s_sorted = torch.softmax(f32(s_rows) / temperature, dim=-1).sort(dim=-1, descending=True).values
+            s_sorted = sort_descending(torch.softmax(f32(s_rows) / temperature, dim=-1))
             per_pair = _l1_sorted(s_sorted, _sorted_teacher_probs(t_rows, temperature))
         total = total + per_pair.sum()
     if reduction == "sum":
