@@ -216,8 +216,10 @@ def uld_bench(name):
                  "student_sort_torch_s": timed(sort_with_grad(torch_sort), torch.device("cpu"), 3),
                  "student_sort_ours_s": timed(sort_with_grad(sort_descending), torch.device("cpu"), 3)}
         uld.sort_descending = torch_sort                  # the loss as it was: torch.sort on both sides
-        times["uld_step_torch_s"] = timed(loss_step, torch.device("cpu"), 2)
-        uld.sort_descending = sort_descending
+        try:
+            times["uld_step_torch_s"] = timed(loss_step, torch.device("cpu"), 2)
+        finally:
+            uld.sort_descending = sort_descending
         times["uld_step_ours_s"] = timed(loss_step, torch.device("cpu"), 2)
         result = {"device": name, "positions": positions, "student_vocab": v_s, "teacher_vocab": v_t,
                   **{k: round(v, 4) for k, v in times.items()},

@@ -192,7 +192,8 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
     stages.run(f"{tag} {'evaluate' if name == 'eval' else 'evaluate final'}", results, lambda: evaluate_model(
         str(model), paths["test"], "test", greedy=True, metric="all", out=str(out / name),
         max_new_tokens=s["test_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"] + 40, log=lambda m: None))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)    # trained and evaluated: only the results are read again
+    if not report_only:       # trained and evaluated: only the results are read again
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     result = json.loads(results.read_text())
     return {"ce": result["ce"]["nats_per_token"], "bpb": result["ce"]["bits_per_byte"], "rougeL": result["mean"],
             "steps": summary["steps"]}
