@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -42,6 +43,24 @@ def save_best(model, tokenizer, out: Path, cfg: DistillConfig) -> None:
     os.replace(out / "best.tmp", out / "best")
 
 
+def _report_writer_errors_once() -> None:
+    """TensorBoard writes from a thread of its own. A write that fails there (a full disk) is kept for the
+    run's thread, which raises it at its next log or at close, where call_trackers makes it one warning; the
+    writer thread also re-raises it, and Python would print that copy as a traceback. Leave that copy out,
+    and only that one: an error the writer thread has not kept still reaches the hook that was installed."""
+    installed = threading.excepthook
+    if getattr(installed, "cot2align_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        kept = getattr(args.thread, "exception", None) is args.exc_value
+        if not (kept and type(args.thread).__name__ == "_AsyncWriterThread"):
+            installed(args)
+
+    hook.cot2align_tensorboard = True
+    threading.excepthook = hook
+
+
 class TensorBoard:
     """Scalars under --out/tensorboard (`tensorboard --logdir runs/`)."""
 
@@ -50,6 +69,7 @@ class TensorBoard:
     def __init__(self, out: Path, cfg: DistillConfig):
         from torch.utils.tensorboard import SummaryWriter
 
+        _report_writer_errors_once()
         self.writer = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, scalars: dict[str, float], step: int) -> None:
