@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import explain, free_port, write_cot_records
 from cot2align.cache import CacheError, open_cache
 from cot2align.cache.inspect import cache_info, verify_cache
-from cot2align.teacher.cache_pass import split_parts
+from cot2align.cache.manifest import split_parts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from s3server import seaweedfs  # noqa: E402  (bench/s3server.py: shared with bench/remote_read.py)

@@ -27,8 +27,9 @@ import zarr
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from cot2align.cache.format import (TEXT_FIELDS, VIEWS, CacheError, check_format, check_teacher_files, read_manifest)
-from cot2align.cache.storage import Location, writable_parent
+from cot2align.cache.format import (TEXT_FIELDS, VIEWS, CacheError, check_format, check_teacher_files, manifest_checksum,
+                                    read_manifest)
+from cot2align.cache.storage import Location
 from cot2align.modeling import cot2align_home, tokenizer_hash
 
 PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob")
@@ -48,7 +49,6 @@ class TeacherCache:
     def __init__(self, where, allow_incomplete: bool = False, check_tokenizer: bool = True):
         self.location = where if isinstance(where, Location) else Location(where)
         self.url = self.location.url
-        self.path = self.location.local_path        # None for a cache on an object store
         manifest = read_manifest(self.location)
         if manifest is None:
             raise CacheError(f"{self.url}: no cache here (zarr.json not found)")
@@ -78,6 +78,13 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return self._n
+
+    @property
+    def build_id(self) -> str:
+        """sha256 of the whole manifest: every build of a cache has its own (its creation time, teacher weights,
+        data and pass are all in it), so what is derived from one build is never taken for another's, even at the
+        same path with the same data."""
+        return manifest_checksum(self.manifest)
 
     @property
     def hidden_size(self) -> int:
@@ -166,9 +173,8 @@ class TeacherCache:
         tokenisation; `teacher`: a remote cache's teacher files): beside a local, writable cache
         (<cache>.students/), else under $COT2ALIGN_HOME/<kind>/<cache identity>/ — a cache on an object store or
         on read-only storage is never written by a reader."""
-        if kind == "students" and self.path is not None and writable_parent(self.path):
-            return self.path.parent / f"{self.path.name}.students"
-        return self.home_dir(kind)
+        beside = self.location.beside(".students") if kind == "students" else None
+        return beside if beside is not None else self.home_dir(kind)
 
     def home_dir(self, kind: str) -> Path:
         """$COT2ALIGN_HOME/<kind>/<cache identity>/: what is kept for a cache whose own storage cannot take it."""

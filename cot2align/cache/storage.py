@@ -22,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 
 import fsspec
@@ -31,6 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from cot2align.cache.format import CacheError
+from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
+from cot2align.locks import writer_lock
 
 
 def is_url(where) -> bool:
@@ -51,39 +55,27 @@ def storage_options() -> dict:
 
 
 class Location:
-    """A cache's root: `url` as given; `fs` + `root` for files; `zarr_store()` for the arrays."""
+    """A cache's root, of one of two kinds: `LocalLocation` (a directory) or `RemoteLocation` (an fsspec URL).
+
+    `Location(where)` gives the right kind. Both have `url` as given, `fs` + `root` for the files outside Zarr,
+    `zarr_store()` for the arrays; each kind knows how to lock its writer out of others, how to clean what a killed
+    writer left, and where a reader may keep derived data — so no caller asks which kind it holds.
+    """
+
+    def __new__(cls, where=None):
+        if cls is Location:
+            url = str(where)
+            cls = RemoteLocation if is_url(url) and not url.startswith("file://") else LocalLocation
+        return super().__new__(cls)
 
     def __init__(self, where: str | Path):
         self.url = str(where)
-        if is_url(where) and not self.url.startswith("file://"):
-            self.local_path: Path | None = None
-            self.fs, self.root = fsspec.url_to_fs(self.url, **storage_options())
-            self.root = self.root.rstrip("/")
-        else:
-            self.local_path = Path(self.url.removeprefix("file://"))
-            self.fs, self.root = LocalFileSystem(), str(self.local_path.absolute())
 
     def __str__(self) -> str:
         return self.url
 
-    @property
-    def is_local(self) -> bool:
-        return self.local_path is not None
-
     def path(self, relative: str = "") -> str:
         return f"{self.root}/{relative}".rstrip("/") if relative else self.root
-
-    def zarr_store(self, read_only: bool):
-        if self.is_local:
-            return LocalStore(self.root, read_only=read_only)
-        store = FsspecStore.from_url(self.url, storage_options=storage_options(), read_only=read_only)
-        if not read_only:
-            return store
-        chunk_cache = os.environ.get("COT2ALIGN_CHUNK_CACHE")
-        if chunk_cache:    # a local copy of each object read, kept across epochs, workers and runs
-            store = ChunkCacheStore(store, Path(chunk_cache) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
-        # an example's rows are a slice of a chunk its neighbours share: fetch each chunk once, not per example
-        return MemoryChunkStore(store, int(os.environ.get("COT2ALIGN_REMOTE_MEMORY_MB", "512")) << 20)
 
     # ------------------------------------------------------------------ files outside zarr
 
@@ -119,16 +111,102 @@ class Location:
                        if not (chunks_only and name.rsplit("/", 1)[-1] == "zarr.json")))
 
     def identity(self, manifest: dict) -> str:
-        """A short key of this cache's contents and place, for local directories kept on its behalf."""
-        key = json.dumps({"url": self.url, "fingerprint": manifest.get("fingerprint"),
-                          "created_at": manifest.get("created_at")}, sort_keys=True)
+        """A short key of this cache's place and whole manifest (every build writes a new one: its creation
+        time, teacher weights, data, pass), for local directories kept on its behalf: a cache rebuilt at the same
+        place is another cache, and nothing derived from the old one is reused for it."""
+        from cot2align.cache.format import manifest_checksum
+
+        key = json.dumps({"url": self.url, "manifest": manifest_checksum(manifest)}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+
+class LocalLocation(Location):
+    """A cache in a local directory (a plain path or a file:// URL)."""
+
+    def __init__(self, where: str | Path):
+        super().__init__(where)
+        self.local_path = Path(self.url.removeprefix("file://"))
+        self.fs, self.root = LocalFileSystem(), str(self.local_path.absolute())
+
+    def zarr_store(self, read_only: bool):
+        return LocalStore(self.root, read_only=read_only)
+
+    def writer_lock(self, error, what: str, rank: int = 0, log=None):
+        """The output's writer lock (locks.py): a second writer of this cache is refused at once; each rank of a
+        torchrun pass locks its own part, and every job has a rank 0, so two jobs always meet on <out>.lock."""
+        return writer_lock(self.local_path, error, what, rank, log)
+
+    def remove_leftovers(self, rank: int) -> list:
+        """Half-written files of a killed writer (leftovers.py): this rank's part, and on rank 0 the rest of the
+        store and a format-1 creation directory beside it. Call it under the writer lock only."""
+        root = self.local_path.absolute()
+        removed = remove_partial_writes(root / "parts" / str(rank))
+        if rank == 0:
+            removed += remove_partial_writes(root, skip="parts")
+            removed += remove_dead_temporaries(root.parent, re.compile(rf"\.{re.escape(root.name)}\.creating-(\d+)"))
+        return removed
+
+    def clear_for_creation(self) -> None:
+        """Redoing an interrupted creation: remove everything but zarr.json first (Zarr's own overwrite then
+        removes the rest). A kill meanwhile still leaves a store the next run recognises as this cache being
+        created, never a directory without a manifest, which it would refuse as someone else's."""
+        if not self.local_path.is_dir():
+            return
+        for entry in self.local_path.iterdir():
+            if entry.name == "zarr.json":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def beside(self, suffix: str) -> Path | None:
+        """<cache><suffix> next to the cache, where a reader keeps what it derives from it (the students' memo),
+        or None when that directory cannot be written (read-only storage): the cache itself is never written."""
+        return self.local_path.parent / f"{self.local_path.name}{suffix}" if writable_parent(self.local_path) else None
+
     def local_copy(self, relative: str, target: Path) -> Path:
-        """A local directory holding the files under `relative` (a remote cache: downloaded once into `target`,
-        atomically; a local cache: the directory itself)."""
-        if self.is_local:
-            return self.local_path / relative
+        """The local directory holding the files under `relative`: the cache's own."""
+        return self.local_path / relative
+
+
+class RemoteLocation(Location):
+    """A cache on an object store or other fsspec filesystem: s3://bucket/prefix, gs://…, az://…, memory://….
+
+    An object store has no rename and no atomic directory: every chunk is one whole-object PUT, so a killed
+    writer leaves nothing half-written to clean. It has no lock files either: two writers of one remote cache are
+    not detected (run one cache-teacher job per --out).
+    """
+
+    def __init__(self, where: str | Path):
+        super().__init__(where)
+        self.fs, self.root = fsspec.url_to_fs(self.url, **storage_options())
+        self.root = self.root.rstrip("/")
+
+    def zarr_store(self, read_only: bool):
+        store = FsspecStore.from_url(self.url, storage_options=storage_options(), read_only=read_only)
+        if not read_only:
+            return store
+        chunk_cache = os.environ.get("COT2ALIGN_CHUNK_CACHE")
+        if chunk_cache:    # a local copy of each object read, kept across epochs, workers and runs
+            store = ChunkCacheStore(store, Path(chunk_cache) / hashlib.sha256(self.url.encode()).hexdigest()[:16])
+        # an example's rows are a slice of a chunk its neighbours share: fetch each chunk once, not per example
+        return MemoryChunkStore(store, int(os.environ.get("COT2ALIGN_REMOTE_MEMORY_MB", "512")) << 20)
+
+    def writer_lock(self, error, what: str, rank: int = 0, log=None):
+        return nullcontext()
+
+    def remove_leftovers(self, rank: int) -> list:
+        return []             # whole-object writes leave no partial objects
+
+    def clear_for_creation(self) -> None:
+        pass                  # Zarr's overwrite of the group removes what a killed creation wrote
+
+    def beside(self, suffix: str) -> Path | None:
+        return None           # read-only to a trainer: derived data goes under $COT2ALIGN_HOME instead
+
+    def local_copy(self, relative: str, target: Path) -> Path:
+        """A local directory holding the files under `relative`, downloaded once into `target`, atomically."""
         if target.exists():
             return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}")

@@ -13,7 +13,6 @@ equal those of an uninterrupted run; rows past a part's committed blocks are nev
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,8 +37,7 @@ class CacheWriter:
                prompt_len: dict[str, np.ndarray], specs: dict[str, dict], head: dict, teacher_files_dir: Path | None):
         """A new cache (or an interrupted creation redone) with everything but the per-row teacher outputs."""
         manifest = dict(manifest, status="creating")
-        if location.is_local and location.local_path.is_dir():
-            _empty_but_manifest(location.local_path)
+        location.clear_for_creation()
         root = zarr.open_group(store=location.zarr_store(read_only=False), mode="w", attributes=with_checksum(manifest))
         _write_texts(root, texts)
         for view in VIEWS:
@@ -89,19 +87,6 @@ class CacheWriter:
         self.manifest.update(extra)
         self.manifest["status"] = "complete"
         self.group.attrs.put(with_checksum(self.manifest))
-
-
-def _empty_but_manifest(root: Path) -> None:
-    """Redoing an interrupted creation: remove everything but zarr.json first (Zarr's own overwrite then removes the
-    rest). A kill meanwhile still leaves a store the next run recognises as this cache being created, never a
-    directory without a manifest, which it would refuse as someone else's."""
-    for entry in root.iterdir():
-        if entry.name == "zarr.json":
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def _write_texts(root: zarr.Group, texts: dict[str, list[str]]) -> None:

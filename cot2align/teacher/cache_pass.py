@@ -14,12 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import re
 import tempfile
-import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,16 +24,13 @@ import torch
 import transformers
 from tqdm import tqdm
 
-import cot2align
-from cot2align.cache.format import (FORMAT, FORMAT_VERSION, VIEWS, CacheError, check_format, hidden_chunk_rows,
-                                    read_manifest, to_storage, view_array_specs)
+from cot2align.cache.block_writer import BlockWriter
+from cot2align.cache.format import VIEWS, CacheError, hidden_chunk_rows, view_array_specs
+from cot2align.cache.manifest import build_manifest, existing_cache, split_parts
 from cot2align.cache.storage import Location
 from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
-from cot2align.faults import fault_point
-from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
-from cot2align.locks import writer_lock
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
 from cot2align.modeling import (load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
@@ -74,99 +67,6 @@ def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: st
     }
 
 
-def _describe_difference(old: dict, new: dict, prefix: str = "") -> str:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a != b:
-            if isinstance(a, dict) and isinstance(b, dict):
-                return _describe_difference(a, b, f"{prefix}{key}.")
-            return f"{prefix}{key}: cache has {a!r}, this run has {b!r}"
-    return "unknown difference"
-
-
-class _BackgroundWriter(threading.Thread):
-    """Receives batches of device tensors, assembles each block on the host, writes and commits it."""
-
-    def __init__(self, writer: CacheWriter, specs: dict, block_starts: list[int], offsets: dict[str, np.ndarray],
-                 part: int, on_commit):
-        super().__init__(daemon=True)
-        self.writer, self.specs, self.block_starts, self.offsets = writer, specs, block_starts, offsets
-        self.part = part
-        self.part_row0 = {v: writer.manifest["store"]["parts"][part]["rows"][v][0] for v in VIEWS}
-        self.on_commit = on_commit
-        self.inbox: queue.Queue = queue.Queue(maxsize=8)
-        self.error: BaseException | None = None
-        self.buffers: dict | None = None
-        self.write_seconds = 0.0
-
-    def _new_buffers(self, block: int) -> dict:
-        a, b = self.block_starts[block], self.block_starts[block + 1]
-        buffers = {}
-        for view in VIEWS:
-            rows = int(self.offsets[view][b] - self.offsets[view][a])
-            buffers[view] = {name: np.zeros((rows, *spec["trailing"]), dtype=spec["dtype"])
-                             for name, spec in self.specs.items()}
-        return buffers
-
-    def run(self) -> None:
-        try:
-            while (message := self.inbox.get()) is not None:
-                kind, block, payload = message
-                if self.buffers is None:
-                    self.buffers = self._new_buffers(block)
-                if kind == "batch":
-                    self._place(block, *payload)
-                else:  # "end"
-                    self._write_and_commit(block)
-        except BaseException as e:  # surfaced to the main thread
-            self.error = e
-            self._drain()
-
-    def _place(self, block: int, event, host: dict, placements: list) -> None:
-        """Copy a batch's rows (on the host once `event` is done) into the block's buffers."""
-        if event is not None:
-            event.synchronize()  # the device->host copies of this batch are done
-        block_row0 = {v: int(self.offsets[v][self.block_starts[block]]) for v in VIEWS}
-        cursor = 0
-        for example, view, n_rows in placements:
-            dest = int(self.offsets[view][example]) - block_row0[view]
-            for name, tensor in host.items():
-                rows = tensor[cursor:cursor + n_rows].numpy()
-                self.buffers[view][name][dest:dest + n_rows] = to_storage(rows, self.specs[name]["dtype"])
-            cursor += n_rows
-
-    def _write_and_commit(self, block: int) -> None:
-        """Write the whole block, then (only then) move the manifest's progress past it."""
-        t0 = time.perf_counter()
-        for view in VIEWS:
-            row0 = int(self.offsets[view][self.block_starts[block]]) - self.part_row0[view]
-            self.writer.write_rows(self.part, view, row0, self.buffers[view])
-            fault_point(f"write:{block}:{view}")
-        self.write_seconds += time.perf_counter() - t0
-        fault_point(f"commit:{block}")
-        self.on_commit(block)
-        self.buffers = None
-
-    def _drain(self) -> None:
-        """After an error: keep emptying the inbox so the producer never blocks forever."""
-        while True:
-            try:
-                if self.inbox.get(timeout=0.1) is None:
-                    return
-            except queue.Empty:
-                continue
-
-    def put(self, message) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.inbox.put(message, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-
 @dataclass
 class _Plan:
     """What the pass will store, computed from the inputs alone (no teacher weights yet)."""
@@ -196,11 +96,9 @@ def cache_teacher(cfg: CacheTeacherConfig, log=None, model=None) -> dict:
     say = reporter(log, __name__) if rank == 0 else silent
     location = Location(cfg.out or default_out(cfg))
     dtype = resolve_dtype(cfg.dtype, device)                            # --dtype; default bf16 on CUDA, fp32 on CPU
-    # one writer per output: a second job on the same --out is refused at once; each rank locks its own part,
-    # and every job has a rank 0, so two jobs always meet on <out>.lock (object stores are not locked: locks.py)
-    lock = writer_lock(location.local_path, CacheError, f"--out {location}", rank, say) if location.is_local else nullcontext()
     try:
-        with lock:
+        # one writer per output: a second job on the same --out is refused at once (storage.Location.writer_lock)
+        with location.writer_lock(CacheError, f"--out {location}", rank, say):
             return _build(cfg, location, rank, world, device, dtype, say, model)
     finally:
         if own_group:
@@ -211,7 +109,7 @@ def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, d
     """The pass itself, under the writer lock; `dtype`: the teacher's compute dtype."""
     plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
     _remove_leftovers(location, rank, say)
-    existing = _existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
+    existing = existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
     _check_dtype(existing, dtype, cfg.dtype is not None, location)
     if existing is not None and existing.get("status") == "complete":
         return {"out": location.url, "status": "complete", "skipped": True}
@@ -235,15 +133,9 @@ def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, d
 
 
 def _remove_leftovers(location: Location, rank: int, say) -> None:
-    """Half-written files of a killed run (leftovers.py): this rank's part, and on rank 0 the rest of the store and
-    a format-1 creation directory beside it. Called under the writer lock: no other writer is at work here."""
-    if not location.is_local:
-        return
-    root = location.local_path.absolute()
-    removed = remove_partial_writes(root / "parts" / str(rank))
-    if rank == 0:
-        removed += remove_partial_writes(root, skip="parts")
-        removed += remove_dead_temporaries(root.parent, re.compile(rf"\.{re.escape(root.name)}\.creating-(\d+)"))
+    """Half-written files of a killed run (the location knows what its kind leaves). Called under the writer lock:
+    no other writer is at work here."""
+    removed = location.remove_leftovers(rank)
     if removed:
         say(f"{location}: removed {len(removed)} half-written file(s) left by a killed run")
 
@@ -302,44 +194,6 @@ def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
     return _Plan(records, source, tokenizer, tok_hash, hidden_codec, _inputs_fingerprint(cfg, source, tok_hash, hidden_codec))
 
 
-def _existing_cache(location: Location, fingerprint: dict, world: int, log) -> dict | None:
-    """The manifest of a cache of the same inputs at --out (complete; unfinished, to resume; or interrupted while
-    being created, to create again), None for an empty or missing --out; anything else is refused — a cache is
-    never overwritten, nor resumed by another number of writers than it was split for."""
-    existing = read_manifest(location)
-    if existing is None:
-        if not location.is_empty():
-            raise CacheError(f"{location}: exists and is not a cot2align cache; choose another --out")
-        return None
-    check_format(existing, location.url)
-    old = existing.get("fingerprint", {}).get("inputs", {})
-    if "files" not in old.get("teacher", {}):      # a cache written before the weight files were fingerprinted
-        fingerprint = dict(fingerprint, teacher={k: v for k, v in fingerprint["teacher"].items() if k != "files"})
-    if old != fingerprint:
-        difference = _describe_difference(old, fingerprint)
-        if difference.startswith("teacher.files"):
-            raise CacheError(f"{location}: stale — the teacher's weight files changed since this cache was written "
-                             f"({difference}); refusing to reuse or overwrite it — choose another --out")
-        raise CacheError(f"{location}: holds a cache of other inputs ({difference}); "
-                         "refusing to overwrite it — choose another --out")
-    status = existing.get("status")
-    if status == "complete":
-        log(f"{location}: cache already complete ({existing['data']['n_examples']} examples); nothing to do")
-    elif existing.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{location}: an unfinished cache of format version {existing.get('format_version')}; "
-                         f"this cot2align writes version {FORMAT_VERSION} — choose another --out")
-    elif status == "creating":
-        log(f"{location}: the store's creation was interrupted; creating it again")
-    elif len(existing["store"]["parts"]) != world:
-        parts = len(existing["store"]["parts"])
-        raise CacheError(f"{location}: this unfinished cache was split for {parts} writer(s) and this run has {world}; "
-                         f"resume it with the same number of processes (e.g. torchrun --nproc_per_node {parts})")
-    else:
-        log(f"{location}: resuming unfinished cache ({len(existing['progress']['blocks']) - 1} blocks"
-            f"{f' in {world} parts' if world > 1 else ''})")
-    return existing
-
-
 def _check_dtype(existing: dict | None, dtype: torch.dtype, asked: bool, location: Location) -> None:
     """An unfinished cache is resumed only in the dtype it was started with (its rows must not mix precisions);
     a complete one is not reported as done when --dtype asks for another precision than it holds."""
@@ -386,35 +240,14 @@ def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model,
         rows_per_example = sum(plan.offsets[v][1:] - plan.offsets[v][:-1] for v in VIEWS)
         block_starts = plan_blocks(rows_per_example, cfg.block_examples, block_max_rows)
         parts = split_parts(block_starts, plan.offsets, world)
-        manifest = _manifest(cfg, model, plan, weights, info, specs, vocab_size, hidden_size, block_starts, parts,
-                             block_max_rows, dtype)
+        manifest = build_manifest(**_describe_inputs(cfg, model, plan, weights, info, block_max_rows, dtype), specs=specs,
+                                  topk=cfg.topk, hidden_dtype=cfg.hidden_dtype, hidden_codec=plan.hidden_codec,
+                                  parts=parts, block_starts=block_starts)
         with reported(CacheError, f"{location}: cannot create the cache",
                       "nothing of it is used yet; rerun the same command to create it again"):
             _create(location, manifest, plan, model, specs, head_in, head_out)
     _barrier(world)
     return CacheWriter.reopen(location), info, specs
-
-
-def split_parts(block_starts: list[int], offsets: dict[str, np.ndarray], world: int) -> list[dict]:
-    """Contiguous runs of whole blocks, one per rank, balanced by stored rows — decided by the data alone, so
-    every rank (and every rerun) computes the same split; whole blocks, so each block is batched exactly as in
-    a single-process pass and the arrays are identical to its."""
-    rows = np.array([sum(int(offsets[v][block_starts[b + 1]] - offsets[v][block_starts[b]]) for v in VIEWS)
-                     for b in range(len(block_starts) - 1)], dtype=np.int64)
-    cumulative = np.concatenate([[0], np.cumsum(rows)])
-    cuts = [0]
-    for r in range(1, world):      # the block boundary nearest to r/world of all rows, never before the last cut
-        target = cumulative[-1] * r / world
-        above = min(int(np.searchsorted(cumulative, target)), len(rows))
-        nearest = above - 1 if above > 0 and target - cumulative[above - 1] < cumulative[above] - target else above
-        cuts.append(max(nearest, cuts[-1]))
-    cuts.append(len(rows))
-    parts = []
-    for first_block, end_block in zip(cuts[:-1], cuts[1:]):
-        first, end = block_starts[first_block], block_starts[end_block]
-        parts.append({"examples": [first, end], "blocks": [first_block, end_block],
-                      "rows": {v: [int(offsets[v][first]), int(offsets[v][end])] for v in VIEWS}})
-    return parts
 
 
 def _create(location: Location, manifest: dict, plan: _Plan, model, specs: dict, head_in, head_out) -> CacheWriter:
@@ -448,7 +281,7 @@ def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, 
                desc=f"teacher pass{f' (part {part})' if len(writer.manifest['store']['parts']) > 1 else ''}",
                dynamic_ncols=True, disable=progress_disabled(), position=part)
     t_pass = time.perf_counter()
-    background = _BackgroundWriter(writer, specs, block_starts, plan.offsets, part,
+    background = BlockWriter(writer, specs, block_starts, plan.offsets, part,
                                    lambda block: writer.commit(part, block + 1 - first_block))
     background.start()
     try:
@@ -539,49 +372,35 @@ def _to_host(result: dict, device: torch.device):
     return host, event
 
 
-def _manifest(cfg, model, plan: _Plan, weights, info, specs, vocab_size, hidden_size, block_starts, parts,
-              block_max_rows, dtype) -> dict:
+def _describe_inputs(cfg, model, plan: _Plan, weights, info, block_max_rows, dtype) -> dict:
+    """What this pass records of its teacher, the tokenizer, the data and its settings — the manifest's
+    descriptive sections (cache/manifest.py lays out the rest: the format, the store, the progress)."""
     tokenizer, records, source, trunc = plan.tokenizer, plan.records, plan.source, plan.trunc
     cot_texts = [r.get("cot_output") or "" for r in records]
-    config = model.config
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"cot2align {cot2align.__version__}",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "teacher": {
-            "name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
-            "revision": getattr(config, "_commit_hash", None), "weights": weights,
-            "model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
-            "hidden_size": int(hidden_size), "vocab_size": int(vocab_size),
-            "num_layers": int(getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0))),
-            "exact_logits": info.exact_logits, "embed_kind": info.embed_kind,
-            "lm_head_bias": getattr(model.get_output_embeddings(), "bias", None) is not None,
-        },
-        "tokenizer": {
-            "name_or_path": cfg.model, "vocab_hash": plan.tok_hash, "size": len(tokenizer),
-            "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
-            "prompt_special_tokens": True, "response_special_tokens": False, "eos_appended": True,
-        },
-        "data": {
-            **{k: v for k, v in source.items()}, "n_examples": len(records),
-            "n_cot_examples": sum(1 for t in cot_texts if t),
-            "templates": load_templates(),
-            "cot_source_sha256": hashlib.sha256("\x00".join(cot_texts).encode()).hexdigest(),
-            "truncated": {"prompt": trunc.prompt_truncated, "response": trunc.response_truncated},
-            "limit": cfg.limit, "field_map": cfg.field_map,
-        },
-        "store": {
-            "views": list(VIEWS), "rows": "response", "topk": cfg.topk, "hidden_dtype": cfg.hidden_dtype,
-            "dtypes": {k: np.dtype(v["dtype"]).name for k, v in specs.items()},
-            "chunk_rows": {k: v["chunk"] for k, v in specs.items()},
-            "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": plan.hidden_codec,
-            "checksum": "crc32c", "parts": parts,
-        },
-        "settings": {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                     "batch_tokens": cfg.batch_tokens, "block_examples": cfg.block_examples,
-                     "block_max_rows": block_max_rows},
-        "fingerprint": {"inputs": plan.fingerprint, "weights": weights},
-        "progress": {"blocks": block_starts},     # each part's blocks_done is in parts/<p>/zarr.json
+    config, head_out = model.config, model.get_output_embeddings()
+    teacher = {
+        "name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
+        "revision": getattr(config, "_commit_hash", None), "weights": weights,
+        "model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
+        "hidden_size": int(head_out.weight.shape[1]), "vocab_size": int(head_out.weight.shape[0]),
+        "num_layers": int(getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0))),
+        "exact_logits": info.exact_logits, "embed_kind": info.embed_kind,
+        "lm_head_bias": getattr(head_out, "bias", None) is not None,
     }
+    tokenizer_info = {
+        "name_or_path": cfg.model, "vocab_hash": plan.tok_hash, "size": len(tokenizer),
+        "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
+        "prompt_special_tokens": True, "response_special_tokens": False, "eos_appended": True,
+    }
+    data = {
+        **source, "n_examples": len(records), "n_cot_examples": sum(1 for t in cot_texts if t),
+        "templates": load_templates(),
+        "cot_source_sha256": hashlib.sha256("\x00".join(cot_texts).encode()).hexdigest(),
+        "truncated": {"prompt": trunc.prompt_truncated, "response": trunc.response_truncated},
+        "limit": cfg.limit, "field_map": cfg.field_map,
+    }
+    settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                "batch_tokens": cfg.batch_tokens, "block_examples": cfg.block_examples, "block_max_rows": block_max_rows}
+    return dict(teacher=teacher, tokenizer=tokenizer_info, data=data, settings=settings,
+                fingerprint={"inputs": plan.fingerprint, "weights": weights},
+                software={"torch": torch.__version__, "transformers": transformers.__version__})

@@ -30,7 +30,7 @@ from cot2align.cache import open_cache
 from cot2align.cache.format import VIEWS, CacheError
 from cot2align.logs import reporter
 
-MEMO_VERSION = 1
+MEMO_VERSION = 2     # 2: keyed by the cache's whole manifest (build_id), not its data section alone
 MAX_UNKNOWN_SHARE = 0.05     # above this share of unknown-token response tokens, the student cannot learn the data
 
 
@@ -86,7 +86,8 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
     a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
     paths = memo_paths(cache, tokenizer_hash, max_length, vocab_map is not None)
-    manifest_key = np.frombuffer(hashlib.sha256(repr(cache.manifest.get("data")).encode()).digest(), dtype=np.uint8)
+    # the build this memo belongs to: a cache rebuilt at the same path (another teacher, same data) gets a new memo
+    manifest_key = np.frombuffer(bytes.fromhex(cache.build_id), dtype=np.uint8)
     stored = _read_memo(paths, manifest_key)
     if stored is not None:
         return stored
