@@ -40,6 +40,7 @@ from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
 from cot2align.locks import writer_lock
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
+from cot2align.model_limits import check_teacher
 from cot2align.modeling import (load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
                                 weights_fingerprint)
 from cot2align.teacher.batching import plan_batches, plan_blocks
@@ -216,6 +217,7 @@ def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, d
     if existing is not None and existing.get("status") == "complete":
         return {"out": location.url, "status": "complete", "skipped": True}
     t_start = time.perf_counter()
+    check_teacher(cfg, plan.tokenizer, model)      # --max-length and the head fit the teacher: before anything is written
     _plan_sequences(cfg, plan)
     torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
     if model is None:
