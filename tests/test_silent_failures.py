@@ -88,4 +88,210 @@ def test_a_rebuilt_cache_does_not_reuse_the_students_memo_of_the_old_build(tmp_p
 # ==================================================================================================================
 
 
+def _s5_saved_gpt2(path, extra_tokens: int = 0, **config) -> str:
+    """A tiny GPT-2 saved as a local model directory with the GPT-2 tokenizer (50257 tokens, plus `extra_tokens`
+    added ones); `config` overrides its GPT2Config (n_positions, vocab_size: the rows of its tied head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cot2align.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-gpt2")
+    if extra_tokens:
+        tokenizer.add_tokens([f"<s5_extra_{i}>" for i in range(extra_tokens)])
+    settings = dict(vocab_size=50257, n_embd=32, n_layer=1, n_head=2, n_positions=1024, bos_token_id=50256,
+                    eos_token_id=50256)
+    GPT2LMHeadModel(GPT2Config(**{**settings, **config})).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _s5_refused(result, *needles) -> str:
+    """The one error line of a refused command (exit code 2, no traceback), checked to hold every needle."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def test_s5_position_limits_of_each_family():
+    """GPT-2 names its limit n_positions (max_position_embeddings is an alias), Llama, Qwen2 and Mistral
+    max_position_embeddings; a model without one (BLOOM: ALiBi) is not checked."""
+    import pytest
+    from transformers import BloomConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    from cot2align.config import ConfigError
+    from cot2align.model_limits import check_positions, limits_of_config
+
+    for config, field in ((GPT2Config(n_positions=64), "n_positions"), (LlamaConfig(max_position_embeddings=64),
+                          "max_position_embeddings"), (Qwen2Config(max_position_embeddings=64), "max_position_embeddings"),
+                          (MistralConfig(max_position_embeddings=64), "max_position_embeddings")):
+        limits = limits_of_config(config)
+        assert (limits.positions, limits.positions_field) == (64, field)
+        check_positions(limits, 64, "the model m", ConfigError)                 # at the limit: fine
+        with pytest.raises(ConfigError, match=f"--max-length 65: the model m takes at most 64 positions \\({field}"):
+            check_positions(limits, 65, "the model m", ConfigError)
+    assert limits_of_config(BloomConfig()).positions is None
+    check_positions(limits_of_config(BloomConfig()), 10**6, "the model m", ConfigError)
+
+
+def test_s5_a_teacher_with_fewer_positions_than_max_length_is_refused_before_writing(tmp_path):
+    """Was: IndexError in the embedding, and a cache left in status `writing`."""
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+    from cot2align.locks import lock_path
+
+    teacher = _s5_saved_gpt2(tmp_path / "teacher", n_positions=64)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", "--model", teacher, "--data", "sample", "--limit", "2", "--topk", "4", "--out", str(out)]
+    _s5_refused(CliRunner().invoke(main, args), "--max-length 512", "at most 64 positions", "n_positions", teacher)
+    assert not out.exists() and not lock_path(out).exists()          # nothing written, not even an empty store
+    # at the limit it runs: the check is the model's own bound, not a stricter one
+    result = CliRunner().invoke(main, args + ["--max-length", "64", "--max-prompt-length", "32"])
+    assert result.exit_code == 0, result.output
+    assert '"status": "complete"' in (out / "zarr.json").read_text()
+
+
+def test_s5_a_student_with_fewer_positions_than_max_length_is_refused_before_out_is_touched(tmp_path):
+    """distill (here --method sft from plain data, the same setup as every method): refused before --out is
+    created, and before --overwrite deletes the run already there."""
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+
+    student = _s5_saved_gpt2(tmp_path / "student", n_positions=64)
+    out = tmp_path / "run"
+    args = ["distill", "--method", "sft", "--data", "sample", "--limit", "2", "--student", student, "--max-steps", "1",
+            "--val-examples", "0", "--out", str(out)]
+    _s5_refused(CliRunner().invoke(main, args), "--max-length 512", f"the student {student}", "at most 64 positions")
+    assert not out.exists()
+    out.mkdir()
+    (out / "run.json").write_text('{"config": {}}')
+    (out / "kept.txt").write_text("an earlier run")
+    _s5_refused(CliRunner().invoke(main, args + ["--overwrite"]), "--max-length 512")
+    assert sorted(p.name for p in out.iterdir()) == ["kept.txt", "run.json"]
+
+
+def test_s5_a_teacher_head_smaller_than_its_tokenizer_is_refused_before_writing(tmp_path):
+    """Was: the cache was written, then `distill --method mined` died with IndexError in losses/teacher.py (MinED's
+    map may pick any teacher id; ids past the head have no logit)."""
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+
+    teacher = _s5_saved_gpt2(tmp_path / "teacher", extra_tokens=3)            # 50260 tokens, 50257 head rows
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(main, ["cache-teacher", "--model", teacher, "--data", "sample", "--limit", "2",
+                                       "--topk", "4", "--out", str(out)])
+    _s5_refused(result, teacher, "head has 50257 rows", "tokenizer has 50260 tokens")
+    assert not out.exists()
+
+
+def test_s5_mined_refuses_an_older_cache_whose_head_is_smaller_than_its_tokenizer():
+    """Such caches were written before cache-teacher refused them: distill --method mined names the cache at once;
+    the other methods never index the head by tokenizer id and train on it as before."""
+    import types
+
+    import pytest
+
+    from cot2align.cache import CacheError
+    from cot2align.config import DistillConfig, build_config
+    from cot2align.model_limits import check_student
+
+    cache = types.SimpleNamespace(url="old_cache", manifest={"teacher": {"vocab_size": 50257},
+                                                             "tokenizer": {"size": 50260}})
+    with pytest.raises(CacheError, match="old_cache: --method mined needs a logit for every teacher token.* 50257 rows"):
+        check_student(build_config(DistillConfig, cache="old_cache", student="tiny-gpt2", method="mined"), cache)
+    check_student(build_config(DistillConfig, cache="old_cache", student="tiny-gpt2", method="uld"), cache)
+    cache.manifest["tokenizer"]["size"] = 50000                   # a padded head, larger than its tokenizer: normal
+    check_student(build_config(DistillConfig, cache="old_cache", student="tiny-gpt2", method="mined"), cache)
+
+
+import pytest  # noqa: E402  (section 5's fixture; the sections above import inside their tests)
+
+
+@pytest.fixture(scope="module")
+def s5_padded_cache(tmp_path_factory):
+    """A cache of a teacher whose head is padded past its tokenizer (50304 rows for 50257 tokens, as Qwen pads)."""
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+
+    root = tmp_path_factory.mktemp("s5_padded")
+    teacher = _s5_saved_gpt2(root / "teacher", vocab_size=50304)
+    result = CliRunner().invoke(main, ["cache-teacher", "--model", teacher, "--data", "sample", "--limit", "4",
+                                       "--topk", "4", "--out", str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    return root / "cache"
+
+
+def test_s5_a_head_larger_than_the_tokenizer_caches_and_trains_with_mined(tmp_path, s5_padded_cache):
+    from click.testing import CliRunner
+
+    from cot2align.cache import open_cache
+    from cot2align.cli import main
+
+    manifest = open_cache(str(s5_padded_cache)).manifest
+    assert (manifest["teacher"]["vocab_size"], manifest["tokenizer"]["size"]) == (50304, 50257)
+    result = CliRunner().invoke(main, ["distill", "--cache", str(s5_padded_cache), "--student", "tiny-gpt2", "--method",
+                                       "mined", "--max-steps", "1", "--val-examples", "0", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_s5_exact_logits_out_of_memory_is_one_line_with_the_size_and_topk():
+    """hidden · lm_headᵀ of a batch too large for memory: CUDA raises torch.OutOfMemoryError, the CPU allocator a
+    RuntimeError, Python a MemoryError; each becomes a TrainingError naming the size and --teacher-dist topk.
+    The matmul raises as torch would (a tensor subclass), so nothing is really exhausted."""
+    import torch
+
+    from cot2align.losses.teacher import HeadTeacher
+    from cot2align.train import TrainingError
+
+    raised = {}
+
+    class FailingMatmul(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) in ("matmul", "__matmul__"):
+                raise raised["error"]
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    hidden = torch.zeros(3, 1000, 8).as_subclass(FailingMatmul)            # 3000 rows
+    teacher = HeadTeacher(hidden, torch.zeros(151936, 8))
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.70 GiB"),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 1823232000 bytes. Error code 12 (Cannot allocate memory)"),
+                  MemoryError()):
+        raised["error"] = error
+        with pytest.raises(TrainingError) as caught:
+            teacher.logits()
+        message = str(caught.value)
+        assert "\n" not in message and caught.value.__cause__ is None
+        assert "3000 rows x 151936 tokens x 4 bytes = 1.70 GiB" in message and "use --teacher-dist topk" in message
+    raised["error"] = RuntimeError("mat1 and mat2 shapes cannot be multiplied")      # not memory: unchanged
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        teacher.logits()
+
+
+def test_s5_out_of_memory_in_a_run_exits_2_naming_topk(tmp_path, s5_padded_cache, monkeypatch):
+    """In a run: the loss's teacher term (here ULD, exact) runs out of memory after the matmul fitted (sorting its
+    probabilities, a tensor of the same size): distill exits 2 with the one line, no traceback."""
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+    from cot2align.losses import uld
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99999999999 bytes.")
+
+    monkeypatch.setattr(uld, "sort_descending", out_of_memory)
+    result = CliRunner().invoke(main, ["distill", "--cache", str(s5_padded_cache), "--student", "tiny-gpt2", "--method",
+                                       "uld", "--teacher-dist", "exact", "--max-steps", "1", "--val-examples", "0",
+                                       "--out", str(tmp_path / "run")])
+    _s5_refused(result, "--teacher-dist exact", "x 50304 tokens x 4 bytes", "GiB", "use --teacher-dist topk")
+
+
 # (end of section 5)

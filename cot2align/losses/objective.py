@@ -14,6 +14,7 @@ fills `StudentView`s from the student's forward and `TeacherView`s from the cach
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from cot2align.losses.ccot import ccot_loss
 from cot2align.losses.dskd import DSKDProjectors, dskd_loss
 from cot2align.losses.kl import kl_loss
 from cot2align.losses.mined import mined_loss
-from cot2align.losses.teacher import HeadTeacher, TopKTeacher, flatten, index_rows
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, exact_logits_memory, flatten, index_rows
 from cot2align.losses.uld import n_pairs, uld_loss
 
 METHODS = ("sft", "kl", "uld", "mined", "dskd")
@@ -175,6 +176,16 @@ def _kd(method: str, views: list[str], student: dict, teacher: dict, heads: Head
     raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
 
 
+def _exact_logits_memory(method: str, views: list[str], teacher: dict):
+    """KL, ULD and MinED hold the exact teacher logits [rows, V_t] (and tensors of their size) whole; running out
+    of memory there is one line naming their size (losses/teacher.py). DSKD goes through the vocabulary in chunks."""
+    dists = [teacher[v].dist for v in views]
+    if method == "dskd" or not all(isinstance(d, HeadTeacher) for d in dists):
+        return nullcontext()
+    return exact_logits_memory(dists[0].vocab_size, dists[0].hidden.device,
+                               lambda: sum(int(teacher[v].mask.sum()) for v in views))
+
+
 def teacher_dist_on_student(student: StudentView, teacher: TeacherView):
     """For same-vocabulary KL: the teacher's distribution moved onto the student's response positions.
 
@@ -221,7 +232,8 @@ def distillation_loss(method: str, alpha: float, student: dict[str, StudentView]
     if method == "sft":
         kd = ce.new_zeros(())
     else:
-        kd, parts = _kd(method, views, student, teacher, heads, projectors, cfg)
+        with _exact_logits_memory(method, views, teacher):
+            kd, parts = _kd(method, views, student, teacher, heads, projectors, cfg)
         logs.update({k: v.detach() for k, v in parts.items()})
         logs["kd"] = kd.detach()
     distill = kd

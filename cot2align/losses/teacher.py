@@ -15,9 +15,13 @@ Three forms, all describing the same thing at a set of teacher positions [...]:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from cot2align.errors import TrainingError
 
 
 @dataclass
@@ -45,11 +49,42 @@ class HeadTeacher:
     def logits(self, columns: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [..., V_t], or only the given vocabulary columns [..., len(columns)]."""
         weight = self.lm_head if columns is None else self.lm_head[columns]
-        with torch.autocast(device_type=self.hidden.device.type, enabled=False):
+        rows = self.hidden.numel() // max(self.hidden.shape[-1], 1)
+        with exact_logits_memory(weight.shape[0], self.hidden.device, rows), \
+                torch.autocast(device_type=self.hidden.device.type, enabled=False):
             out = self.hidden.to(weight.dtype) @ weight.T
             if self.bias is not None:
                 out = out + (self.bias if columns is None else self.bias[columns])
-        return f32(out)
+            return f32(out)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: torch.OutOfMemoryError (CUDA), the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), the MPS one, or Python's MemoryError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+@contextmanager
+def exact_logits_memory(vocab: int, device, rows: int | Callable[[], int]):
+    """Running out of memory while exact teacher logits [rows, vocab] are made or used becomes one line
+    (TrainingError: the command exits 2) saying how much they needed and how to need less, instead of an allocator
+    traceback. `rows` may be a function, called only then (counting the rows of a mask would sync every step)."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        rows = rows() if callable(rows) else rows
+        gib = rows * vocab * 4 / 2**30           # float32 logits; the loss takes a few tensors of this size
+        raise TrainingError(f"--teacher-dist exact: the teacher's exact logits for this batch ({rows} rows x {vocab} "
+                            f"tokens x 4 bytes = {gib:.2f} GiB, several times over for the loss) do not fit in "
+                            f"{torch.device(device).type} memory; use --teacher-dist topk (the cached top-k), or a "
+                            "smaller --batch-size") from None
 
 
 def f32(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.data.readers import load_records
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
+from cot2align.model_limits import check_teacher
 from cot2align.modeling import (load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
                                 weights_fingerprint)
 from cot2align.teacher.batching import plan_batches, plan_blocks
@@ -114,6 +115,7 @@ def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, d
     if existing is not None and existing.get("status") == "complete":
         return {"out": location.url, "status": "complete", "skipped": True}
     t_start = time.perf_counter()
+    check_teacher(cfg, plan.tokenizer, model)      # --max-length and the head fit the teacher: before anything is written
     _plan_sequences(cfg, plan)
     torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
     if model is None:

@@ -41,6 +41,7 @@ from cot2align.config import ConfigError, DistillConfig, config_to_dict, model_f
 from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
 from cot2align.logs import reporter, silent
+from cot2align.model_limits import check_student
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
 from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, dtype_name, tokenizer_hash
 from cot2align.train.batches import dataloader, load_heads, pad_id
@@ -195,6 +196,7 @@ def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say, held: E
         say(f"paper setting: {setting} — method {cfg.method}{' + CoT2Align' if cfg.cot2align else ''}, "
             f"alpha {cfg.alpha}, lr {cfg.lr}, {cfg.epochs} epochs, batch {cfg.batch_size}x{cfg.grad_accum}"
             f"{f', LoRA r={cfg.lora_rank}' if cfg.lora_rank else ', full fine-tuning'}")
+    check_student(cfg, cache)        # --max-length fits the student (and MinED the cache): before --out is touched
     out = Path(cfg.out or default_out(cfg))
     if rank == 0:      # rank 0 alone writes --out: one lock per job (locks.py)
         held.enter_context(writer_lock(out, ConfigError, f"--out {out}", log=say))
