@@ -423,7 +423,8 @@ def evaluate_cmd(config_file, print_config, **flags):
 
     summary = evaluate_model(cfg.model, cfg.data, cfg.split, seed_list, cfg.greedy, cfg.out, cfg.limit, cfg.max_new_tokens,
                              batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
-                             data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None)
+                             data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None,
+                             overwrite=cfg.overwrite)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 
@@ -431,6 +432,7 @@ def evaluate_cmd(config_file, print_config, **flags):
 @click.argument("runs_dir")
 def report_cmd(runs_dir):
     """A Table-1-style Markdown table and a bar chart from the evaluate results under RUNS_DIR."""
+@_field(E, "overwrite", help="Replace the results in --out, even of another model, data, split or limit.")
     from cot2align.eval import report
 
     report(runs_dir, log=click.echo)
