@@ -19,7 +19,9 @@ USER_ERRORS = (CacheError, ConfigError, DataError, HubError, TrainingError)
 
 
 class _Group(click.Group):
-    """Turn known user errors and click's usage errors into one line on stderr and exit code 2 (no traceback)."""
+    """Turn known user errors, click's usage errors and what the user's storage or memory refused into one line on
+    stderr and exit code 2 (no traceback); Ctrl-C exits 130. The only other code is `cache verify`'s 1 (damage
+    found): README "Exit codes". A traceback is left only for an error no user input explains: a bug."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
@@ -42,6 +44,25 @@ class _Group(click.Group):
         except USER_ERRORS as e:
             click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
+        except OSError as e:       # storage the user pointed at: a permission, a full disk, a path that is a file
+            click.echo(f"error: {_os_error(e)}", err=True)
+            sys.exit(2)
+        except MemoryError:
+            click.echo("error: out of memory; lower --batch-size (or --batch-tokens, --max-length)", err=True)
+            sys.exit(2)
+        except RuntimeError as e:
+            if type(e).__name__ != "OutOfMemoryError":      # torch's CUDA OOM; any other RuntimeError is a bug
+                raise
+            click.echo(f"error: out of accelerator memory ({str(e).splitlines()[0][:200]}); lower --batch-size "
+                       "(or --batch-tokens, --max-length)", err=True)
+            sys.exit(2)
+
+
+def _os_error(error: OSError) -> str:
+    """An OSError no command turned into its own message, in one line: what failed on which file."""
+    reason = error.strerror or (str(error).splitlines()[0] if str(error).strip() else type(error).__name__)
+    where = [str(f) for f in (error.filename, error.filename2) if f is not None]
+    return f"{' -> '.join(where)}: {reason}" if where else reason
 
 
 def _one_line(error: Exception) -> str:
@@ -175,6 +196,8 @@ def cache_verify_cmd(path):
     """Check the manifest, the teacher files and every chunk; exit 1 naming each problem."""
     from cot2align.cache.inspect import verify_cache
 
+    if "://" not in path and not os.path.lexists(path):     # a mistyped path is a usage error (2), not damage (1)
+        raise CacheError(f"{path}: no such file or directory")
     problems = verify_cache(path)
     if problems:
         for p in problems:
@@ -408,6 +431,7 @@ E = EvaluateConfig
 @_field(E, "batch_size")
 @_field(E, "data_root", default_text="$COT2ALIGN_DATA_ROOT or ./data")
 @_field(E, "device", default_text="cuda if available, else cpu")
+@_field(E, "overwrite", help="Replace the results in --out, even of another model, data, split or limit.")
 def evaluate_cmd(config_file, print_config, **flags):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
     cfg = build_config(EvaluateConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
@@ -423,7 +447,8 @@ def evaluate_cmd(config_file, print_config, **flags):
 
     summary = evaluate_model(cfg.model, cfg.data, cfg.split, seed_list, cfg.greedy, cfg.out, cfg.limit, cfg.max_new_tokens,
                              batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
-                             data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None)
+                             data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None,
+                             overwrite=cfg.overwrite)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 

@@ -306,6 +306,7 @@ class EvaluateConfig:
     batch_size: int = 16
     data_root: str | None = None
     device: str | None = None
+    overwrite: bool = False            # kind: runtime
 
 
 REPORT_TARGETS = ("tensorboard", "wandb")

@@ -10,7 +10,7 @@ from /proc/<pid>/stat: a recycled pid is not the holder). A stale lock is taken 
 of two processes taking over the same stale lock only one moves it), checked to be the stale one just read (else
 the other taker's fresh lock was moved, and is put back), then created again with O_EXCL. A lock held on another
 host cannot be checked from here and is never taken over; the error says which file to delete if that host's
-run is really gone. Hosts are told apart by name, pids by this host's process table: containers that share one
+run is really gone. An output reached through a symlink is locked at its real path (`lock_path`). Hosts are told apart by name, pids by this host's process table: containers that share one
 output directory need distinct host names.
 
 Locks are for local paths: an object store (s3://…) has no exclusive create that fsspec exposes everywhere, so
@@ -30,8 +30,13 @@ from pathlib import Path
 
 def lock_path(out: str | Path, rank: int = 0) -> Path:
     """The lock of an output: `<out>.lock` (rank 0, which every job has, so two jobs always meet there), and
-    `<out>.rank<r>.lock` for the other ranks of a torchrun job that each write a part of one output."""
-    out = Path(out).absolute()      # `--out .` has a name once absolute
+    `<out>.rank<r>.lock` for the other ranks of a torchrun job that each write a part of one output.
+
+    The lock sits beside the output's real path, its symlinks resolved: `--out alias`, where `alias` links to
+    `real/c`, and `--out real/c` are one output and must meet on one lock (`real/c.lock`), not on `alias.lock`
+    and `real/c.lock`. A symlink whose target does not exist yet resolves to that target too, and `--out .`
+    has a name once resolved."""
+    out = Path(out).resolve()
     return out.with_name(f"{out.name}.lock" if rank == 0 else f"{out.name}.rank{rank}.lock")
 
 

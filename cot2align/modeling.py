@@ -10,8 +10,11 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import stat
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -20,10 +23,83 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from cot2align.config import MODEL_ALIASES, RANDOM_PRESETS, TINY_PRESETS, ConfigError
+from cot2align.logs import reporter
+
+
+def _home_candidates() -> list[tuple[str, Path]]:
+    """Where cot2align's own files may go, in the usual order: $COT2ALIGN_HOME, $XDG_CACHE_HOME/cot2align,
+    ~/.cache/cot2align (each only when set, or when there is a home directory at all)."""
+    candidates = []
+    if os.environ.get("COT2ALIGN_HOME"):
+        candidates.append(("$COT2ALIGN_HOME", Path(os.environ["COT2ALIGN_HOME"])))
+    if os.environ.get("XDG_CACHE_HOME"):
+        candidates.append(("$XDG_CACHE_HOME/cot2align", Path(os.environ["XDG_CACHE_HOME"]) / "cot2align"))
+    try:
+        candidates.append(("~/.cache/cot2align", Path.home() / ".cache" / "cot2align"))
+    except (RuntimeError, KeyError):      # no $HOME and no passwd entry for this user (an arbitrary container uid)
+        pass
+    return candidates
+
+
+def _writable(path: Path) -> str | None:
+    """None when `path` can be created and written (a probe file, not os.access: a read-only mount or a
+    root-squashed NFS answers os.access wrongly), else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def _fallback_home() -> Path:
+    """One directory per user under the system's temporary directory (`<tmp>/cot2align-<uid>`), reused by every
+    run of that user: it plays ~/.cache's part (the next run reuses what this one derived, concurrent runs share
+    it as they share ~/.cache), and a run killed with SIGKILL — as batch jobs are — leaves nothing new behind,
+    where a directory per process cleaned at exit would stay after every such kill. The temporary directory is
+    shared with other users, so the directory must be ours: created 0700, never a symlink, owned by us."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    try:
+        path = Path(tempfile.gettempdir()) / f"cot2align-{uid}"
+    except FileNotFoundError:             # no writable temporary directory either
+        path = None
+    if path is not None:
+        try:
+            path.mkdir(mode=0o700, exist_ok=True)
+            info = path.lstat()
+        except OSError:
+            info = None
+        if info is not None and stat.S_ISDIR(info.st_mode) and info.st_uid == uid and not info.st_mode & 0o077:
+            return path
+    raise ConfigError("no writable directory for cot2align's files (the bundled tokenizers, vocabulary maps): "
+                      "set COT2ALIGN_HOME to one" + (f" ({path} exists but is not a private directory of this user)"
+                                                     if path is not None and path.exists() else ""))
+
+
+_HOMES: dict[tuple, Path] = {}     # the home chosen per environment: checked, and warned about, once per process
 
 
 def cot2align_home() -> Path:
-    return Path(os.environ.get("COT2ALIGN_HOME", Path.home() / ".cache" / "cot2align"))
+    """Where cot2align keeps what it derives once per machine (the bundled tokenizers unpacked, vocabulary maps,
+    the students' memo of a cache whose own storage cannot take it): the first of $COT2ALIGN_HOME,
+    $XDG_CACHE_HOME/cot2align and ~/.cache/cot2align that can be written. With none (no home directory, or a
+    read-only one, as in many containers and batch jobs): `<tmp>/cot2align-<uid>`, said in one warning."""
+    key = tuple(os.environ.get(k) for k in ("COT2ALIGN_HOME", "XDG_CACHE_HOME", "HOME"))
+    if key not in _HOMES:
+        candidates, tried, chosen = _home_candidates(), [], None
+        for name, path in candidates:
+            why = _writable(path)
+            if why is None:
+                chosen = path
+                break
+            tried.append(f"{name} = {path}: {why}")
+        if chosen is None:
+            chosen = _fallback_home()
+        if tried or not candidates:
+            reporter(None, __name__)(f"{'; '.join(tried) or 'no home directory'}; cot2align's files go to {chosen} "
+                                     "(set COT2ALIGN_HOME to choose)", logging.WARNING)
+        _HOMES[key] = chosen
+    return _HOMES[key]
 
 
 def bundled_tokenizer_dir(name: str) -> Path:

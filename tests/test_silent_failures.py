@@ -80,6 +80,280 @@ def test_a_rebuilt_cache_does_not_reuse_the_students_memo_of_the_old_build(tmp_p
 # ==================================================================================================================
 
 
+def _s4_cli(args: list[str]):
+    """Run a command in this process (click's runner: its exit code and stderr, as a user's shell sees them)."""
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+
+    return CliRunner().invoke(main, [*args, "-q"])
+
+
+def _s4_refused(result, *words: str) -> str:
+    """The command ended with exit code 2 and one `error:` line (no traceback) holding `words`; returns the line."""
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exit_code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def _s4_evaluate(out, data="sample", **kwargs) -> dict:
+    from cot2align.eval import evaluate_model
+
+    kwargs = {"limit": 2, "max_new_tokens": 2, "metric": "ce", **kwargs}
+    return evaluate_model("tiny-gpt2", data, "test", out=str(out), log=lambda m: None, **kwargs)
+
+
+def _s4_other_data(tmp_path):
+    """Data B: other records of the sample's test split, in a file of their own."""
+    import json
+
+    from cot2align.data import load_records
+
+    records, _ = load_records("sample", "test")
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[5:10]))
+    return path
+
+
+def test_s4_evaluate_adds_a_metric_only_to_the_same_model_data_split_and_limit(tmp_path):
+    import json
+
+    import pytest
+
+    from cot2align.errors import ConfigError
+
+    out = tmp_path / "eval"
+    rouge = _s4_evaluate(out, metric="rougeL", seeds=[10])
+    before = (out / "results.json").read_bytes()
+    other = _s4_other_data(tmp_path)
+    # --metric ce on data B into A's results: refused before any work, naming the data; nothing changed
+    with pytest.raises(ConfigError, match=r"--out .*another evaluation \(data: stored sample .* now .*b\.jsonl") as e:
+        _s4_evaluate(out, data=str(other))
+    assert "--overwrite" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"examples \(--limit\): stored 2, now 3"):
+        _s4_evaluate(out, limit=3)
+    with pytest.raises(ConfigError, match="split: stored test, now dev"):
+        from cot2align.eval import evaluate_model
+
+        evaluate_model("tiny-gpt2", "sample", "dev", limit=2, metric="ce", out=str(out), log=lambda m: None)
+    with pytest.raises(ConfigError, match="model: stored tiny-gpt2"):
+        from cot2align.eval import evaluate_model
+
+        evaluate_model("tiny-llama", "sample", "test", limit=2, metric="ce", out=str(out), log=lambda m: None)
+    assert (out / "results.json").read_bytes() == before
+    # the same file read into other records (another field as the reference) is other data too
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({**json.loads(line), "summary": "x"}) + "\n"
+                               for line in other.read_text().splitlines()))
+    _s4_evaluate(tmp_path / "eval_b", data=str(renamed))
+    with pytest.raises(ConfigError, match="another --field-map"):
+        _s4_evaluate(tmp_path / "eval_b", data=str(renamed), field_map={"output": "summary"})
+
+    # the same evaluation: the CE joins the ROUGE-L, which is kept as it was
+    merged = _s4_evaluate(out)
+    stored = json.loads((out / "results.json").read_text())
+    assert stored == merged and stored["per_run"] == rouge["per_run"] and stored["mean"] == rouge["mean"]
+    assert stored["ce"]["n_pairs"] > 0 and (out / "seed-10.jsonl").exists()
+    # --overwrite replaces the whole evaluation: B's CE alone, A's ROUGE-L and its generations gone
+    replaced = _s4_evaluate(out, data=str(other), overwrite=True)
+    stored = json.loads((out / "results.json").read_text())
+    assert stored == replaced and stored["data"] == str(other) and "mean" not in stored and "per_run" not in stored
+    assert not (out / "seed-10.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.glob("eval*")) == ["eval", "eval_b"]      # no lock or temporary left
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
+def test_s4_evaluate_cli_refuses_other_data_in_one_line_and_overwrite_replaces(tmp_path):
+    import json
+
+    out = tmp_path / "eval"
+    common = ["evaluate", "--model", "tiny-gpt2", "--limit", "2", "--metric", "ce", "--out", str(out)]
+    assert _s4_cli([*common, "--data", "sample"]).exit_code == 0
+    other = _s4_other_data(tmp_path)
+    _s4_refused(_s4_cli([*common, "--data", str(other)]), "another evaluation", "data:", "--overwrite")
+    assert json.loads((out / "results.json").read_text())["data"] == "sample"
+    done = _s4_cli([*common, "--data", str(other), "--overwrite"])
+    assert done.exit_code == 0, done.stderr
+    assert json.loads((out / "results.json").read_text())["data"] == str(other)
+
+
+def test_s4_evaluate_leaves_results_whole_and_removes_a_killed_runs_temporaries(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    _s4_evaluate(out)
+    # a dead writer's write-aside copies (a pid that has exited), and an unrelated user file
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (out / f".results.json.{pid}.tmp").write_text('{"half": ')
+    (out / f".seed-10.jsonl.{pid}.tmp").write_text('{"id"')
+    (out / "notes.txt").write_text("mine")
+    _s4_evaluate(out, metric="rougeL", seeds=[10])
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json", "seed-10.jsonl"]
+    stored = json.loads((out / "results.json").read_text())
+    assert "ce" in stored and "mean" in stored
+
+
+def test_s4_a_symlink_and_its_target_share_one_lock(tmp_path):
+    from cot2align.locks import lock_path
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "c").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real" / "c")
+    (tmp_path / "ahead").symlink_to(tmp_path / "real" / "not-yet")     # a target that does not exist yet
+    assert lock_path(tmp_path / "alias") == lock_path(tmp_path / "real" / "c") == tmp_path / "real" / "c.lock"
+    assert lock_path(tmp_path / "alias", rank=1) == tmp_path / "real" / "c.rank1.lock"
+    assert lock_path(tmp_path / "ahead") == tmp_path / "real" / "not-yet.lock"
+    (tmp_path / "linked-dir").symlink_to(tmp_path / "real")              # a symlink above the output
+    assert lock_path(tmp_path / "linked-dir" / "c") == tmp_path / "real" / "c.lock"
+
+
+_S4_COMMANDS = {
+    "cache-teacher": ["cache-teacher", "--model", "tiny-qwen2", "--data", "sample", "--limit", "2"],
+    "distill": ["distill", "--method", "sft", "--data", "sample", "--student", "tiny-gpt2", "--limit", "2",
+                "--max-steps", "1"],
+    "sft": ["sft", "--model", "tiny-gpt2", "--data", "sample", "--limit", "2", "--max-steps", "1"],
+    "augment-cot": ["augment-cot", "--model", "tiny-gpt2", "--data", "sample", "--limit", "2", "--max-new-tokens", "2"],
+    "evaluate": ["evaluate", "--model", "tiny-gpt2", "--data", "sample", "--limit", "2", "--metric", "ce"],
+}
+
+
+def test_s4_every_command_through_a_symlink_meets_the_lock_of_its_target(tmp_path):
+    """A run holds the lock of real/<out>; the same command with --out a symlink to it is refused in one line, rc 2,
+    and writes nothing into the target."""
+    import hashlib
+
+    from cot2align.errors import ConfigError
+    from cot2align.locks import writer_lock
+
+    for command, args in _S4_COMMANDS.items():
+        real = tmp_path / command / "real" / ("cot.jsonl" if command == "augment-cot" else "out")
+        real.parent.mkdir(parents=True)
+        if command == "augment-cot":
+            real.write_text('{"id": "x", "rationale": "kept"}\n')
+        else:
+            real.mkdir()
+        alias = tmp_path / command / "alias"
+        alias.symlink_to(real)
+        state = sorted(p.name for p in real.iterdir()) if real.is_dir() else hashlib.sha256(real.read_bytes()).digest()
+        with writer_lock(real, ConfigError, "the running writer"):
+            line = _s4_refused(_s4_cli([*args, "--out", str(alias)]), "in use by another run", str(real) + ".lock")
+        assert (sorted(p.name for p in real.iterdir()) if real.is_dir()
+                else hashlib.sha256(real.read_bytes()).digest()) == state, (command, line)
+        assert sorted(p.name for p in real.parent.iterdir()) == [real.name], command     # no lock left behind
+
+
+def test_s4_no_writable_home_falls_back_to_one_private_dir_under_tmp_with_one_warning(tmp_path):
+    """HOME a file (no home directory can be made there, even as root), no COT2ALIGN_HOME or XDG_CACHE_HOME: a
+    command that unpacks a bundled tokenizer works, says so in one warning, and its files go to TMPDIR/cot2align-<uid>
+    — the same directory for every run of this user, so nothing accumulates in the temporary directory."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "home").write_text("not a directory")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("COT2ALIGN_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(tmp_path / "home"), TMPDIR=str(tmp))
+    home = tmp / f"cot2align-{os.getuid()}"
+
+    def entries():       # torch keeps its own per-user torchinductor_<user> there: not ours
+        return sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.name.startswith("torchinductor_")
+                      and "torchinductor_" not in str(p))
+
+    done = subprocess.run([sys.executable, "-m", "cot2align.cli", "evaluate", "--model", "tiny-gpt2", "--data", "sample",
+                           "--limit", "1", "--metric", "ce", "--out", str(tmp_path / "eval"), "-q"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(home) in warnings[0] and "COT2ALIGN_HOME" in warnings[0], done.stderr
+    assert "Traceback" not in done.stderr and (tmp_path / "eval" / "results.json").exists()
+    assert (home.stat().st_mode & 0o777) == 0o700
+    made = entries()     # the one directory, which every later run reuses (test_s4_home_order_...), nothing else
+    assert made[0] == home.name and all(e.startswith(home.name) for e in made) and not any(".tmp" in e for e in made)
+
+
+def test_s4_home_order_and_a_fallback_that_is_not_ours(tmp_path, monkeypatch):
+    import logging
+    import os
+
+    import pytest
+
+    from cot2align import modeling
+    from cot2align.errors import ConfigError
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("cot2align.modeling").addHandler(handler)
+    monkeypatch.setattr(modeling, "_HOMES", {})
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "file").write_text("")
+    try:
+        monkeypatch.setenv("HOME", str(tmp_path / "h"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        monkeypatch.setenv("COT2ALIGN_HOME", str(tmp_path / "own"))
+        assert modeling.cot2align_home() == tmp_path / "own"
+        monkeypatch.delenv("COT2ALIGN_HOME")
+        assert modeling.cot2align_home() == tmp_path / "xdg" / "cot2align"
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        assert modeling.cot2align_home() == tmp_path / "h" / ".cache" / "cot2align"
+        assert said == []
+        # an unusable $COT2ALIGN_HOME: the next in order, said once however often it is asked
+        monkeypatch.setenv("COT2ALIGN_HOME", str(tmp_path / "file" / "x"))
+        assert modeling.cot2align_home() == modeling.cot2align_home() == tmp_path / "h" / ".cache" / "cot2align"
+        assert len(said) == 1 and "$COT2ALIGN_HOME" in said[0]
+        # nothing writable: the per-user directory under the temporary directory — never one that is not ours
+        monkeypatch.setenv("HOME", str(tmp_path / "file"))
+        fallback = tmp_path / "tmp" / f"cot2align-{os.getuid()}"
+        assert modeling.cot2align_home() == fallback and len(said) == 2
+        fallback.chmod(0o777)                       # opened to other users (or made by one)
+        modeling._HOMES.clear()
+        with pytest.raises(ConfigError, match="set COT2ALIGN_HOME .*not a private directory of this user"):
+            modeling.cot2align_home()
+        fallback.rmdir()
+        fallback.symlink_to(tmp_path / "h")         # a symlink planted in the shared temporary directory
+        modeling._HOMES.clear()
+        with pytest.raises(ConfigError, match="set COT2ALIGN_HOME .*not a private directory of this user"):
+            modeling.cot2align_home()
+    finally:
+        logging.getLogger("cot2align.modeling").removeHandler(handler)
+
+
+def test_s4_failures_a_user_causes_exit_2_without_a_traceback(tmp_path):
+    """Exit codes (README "Exit codes"): 0 ok, 1 `cache verify` found damage, 2 a usage or input error, 130
+    interrupted. Errors that reach the command line as a bare OSError (a path that is a file) are one line too."""
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["evaluate", "--model", "tiny-gpt2", "--data", "sample", "--no-such-flag"], "no-such-flag"),      # click
+        (["evaluate", "--model", "tiny-gpt2", "--data", "sample", "--out", str(tmp_path / "file")], "is a file"),
+        (["cache", "verify", str(tmp_path / "missing")], "no such file or directory"),          # not damage: 2
+        (["cache", "info", str(tmp_path / "file")], "Not a directory"),
+        (["cache-teacher", "--model", "tiny-qwen2", "--data", "sample", "--out", str(tmp_path / "file")], "file"),
+        (["quickstart", "--out", str(tmp_path / "file")], "File exists"),
+        (["report", str(tmp_path / "empty")], "no evaluate results"),
+    ]
+    for args, words in cases:
+        _s4_refused(_s4_cli(args), words)
+    # and as a process: the shell sees 2 and one line
+    done = subprocess.run([sys.executable, "-m", "cot2align.cli", "cache", "verify", str(tmp_path / "file")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    verify_found = _s4_cli(["cache", "verify", str(tmp_path / "empty")])      # something there, but not a cache
+    assert verify_found.exit_code == 1 and "FAIL" in verify_found.stderr
+
+
 # (end of section 4)
 
 
