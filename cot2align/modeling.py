@@ -188,8 +188,11 @@ def _from_hub(loader, name: str, **kwargs):
     line, not transformers' paragraph and traceback."""
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as e:
-        if Path(name).exists():      # a local directory that is damaged: the full error is the useful one
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if Path(name).exists():      # a local directory that is not (or no longer) a model: empty, no model_type ...
+            raise ConfigError(f"model {name}: not a loadable model directory ({reason})") from None
+        if isinstance(e, ValueError):
             raise
         raise ConfigError(f"model {name}: not a local path, and the hub could not provide it "
                           f"({str(e).strip().splitlines()[0][:200]})") from None

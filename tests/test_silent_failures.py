@@ -342,7 +342,14 @@ def test_s4_failures_a_user_causes_exit_2_without_a_traceback(tmp_path):
         (["cache-teacher", "--model", "tiny-qwen2", "--data", "sample", "--out", str(tmp_path / "file")], "file"),
         (["quickstart", "--out", str(tmp_path / "file")], "File exists"),
         (["report", str(tmp_path / "empty")], "no evaluate results"),
+        # a local directory that is not a model (empty; a config.json without model_type): ValueError before
+        (["evaluate", "--model", str(tmp_path / "empty"), "--data", "sample"], "not a loadable model directory"),
+        (["evaluate", "--model", str(tmp_path / "no_type"), "--data", "sample"], "not a loadable model directory"),
+        (["cache-teacher", "--model", str(tmp_path / "empty"), "--data", "sample", "--out", str(tmp_path / "c")],
+         "not a loadable model directory"),
     ]
+    (tmp_path / "no_type").mkdir()
+    (tmp_path / "no_type" / "config.json").write_text('{"hidden_size": 8}')
     for args, words in cases:
         _s4_refused(_s4_cli(args), words)
     # and as a process: the shell sees 2 and one line
