@@ -20,7 +20,7 @@ Each section below imports what it needs inside its tests, so sections stay inde
 # ==================================================================================================================
 
 
-def test_a_rebuilt_cache_does_not_reuse_the_students_memo_of_the_old_build(tmp_path):
+def test_s2_a_rebuilt_cache_does_not_reuse_the_students_memo_of_the_old_build(tmp_path):
     """Build a cache, tokenise it for a MinED student (memoised in <cache>.students/), rebuild the cache at the same
     path with another teacher on the same data: the student's ids and MinED rows must equal those of a fresh copy
     of the rebuilt cache (no memo), not the old build's."""
