@@ -3,9 +3,11 @@
 The commit protocol (format.py) in four calls:
   create()      manifest first (status "creating"), then texts, offsets, prompt lengths, every part's array
                 metadata and progress, the teacher files, then the manifest again (status "writing");
-  write_rows()  a block's rows of one view of one part — each chunk one whole-object write;
-  commit()      the part's progress, written only after all of the block's chunks (by that part's writer
-                alone: parts never share a chunk or a progress record, so ranks never race);
+  write_rows()  a block's rows of one view of one part — each chunk one whole-object write, every chunk written
+                (even one of fill values only) and its crc32c trailer recorded (chunk_index.py);
+  commit()      the block's chunk index file, then the part's progress, written only after all of the block's
+                chunks (by that part's writer alone: parts never share a chunk, an index file or a progress
+                record, so ranks never race);
   finalize()    status "complete", once every part is complete.
 A restart recomputes each part from its first uncommitted block, with the same batches, so the final arrays
 equal those of an uninterrupted run; rows past a part's committed blocks are never read.
@@ -13,6 +15,7 @@ equal those of an uninterrupted run; rows past a part's committed blocks are nev
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,15 +24,17 @@ import numpy as np
 import zarr
 from safetensors.torch import save_file
 
+from cot2align.cache.chunk_index import (ROOT_INDEX, WRITE_EVERY_CHUNK, ChunkRecorder, block_index_key, encode)
 from cot2align.cache.format import EXAMPLE_CHUNK, TEXT_FIELDS, VIEWS, checksum_codecs, file_sha256, with_checksum
 from cot2align.cache.storage import Location
 
 
 class CacheWriter:
-    def __init__(self, location: Location, group: zarr.Group, manifest: dict):
+    def __init__(self, location: Location, group: zarr.Group, manifest: dict, store: ChunkRecorder):
         self.location = location
         self.group = group
         self.manifest = manifest
+        self.store = store                      # records the trailer of every chunk written, for the chunk index
 
     # ---------------------------------------------------------------- creation and reopening
 
@@ -40,10 +45,14 @@ class CacheWriter:
         manifest = dict(manifest, status="creating")
         if location.is_local and location.local_path.is_dir():
             _empty_but_manifest(location.local_path)
-        root = zarr.open_group(store=location.zarr_store(read_only=False), mode="w", attributes=with_checksum(manifest))
+        store = ChunkRecorder(location.zarr_store(read_only=False))
+        root = zarr.open_group(store=store, mode="w", attributes=with_checksum(manifest))
         _write_texts(root, texts)
         for view in VIEWS:
             _write_view_index(root.create_group(view), offsets[view], prompt_len[view])
+        root_index = encode(store.take())
+        store.write_file(ROOT_INDEX, root_index)
+        manifest["store"] = dict(manifest["store"], chunk_index_sha256=hashlib.sha256(root_index).hexdigest())
         for number, part in enumerate(manifest["store"]["parts"]):
             group = root.create_group(f"parts/{number}", attributes={"blocks_done": 0})
             for view in VIEWS:
@@ -62,12 +71,13 @@ class CacheWriter:
         manifest["teacher"] = dict(manifest["teacher"], files_sha256=files_sha256)
         manifest["status"] = "writing"
         root.attrs.put(with_checksum(manifest))
-        return cls(location, root, manifest)
+        return cls(location, root, manifest, store)
 
     @classmethod
     def reopen(cls, location: Location):
-        root = zarr.open_group(store=location.zarr_store(read_only=False), mode="r+")
-        return cls(location, root, dict(root.attrs.asdict()))
+        store = ChunkRecorder(location.zarr_store(read_only=False))
+        root = zarr.open_group(store=store, mode="r+")
+        return cls(location, root, dict(root.attrs.asdict()), store)
 
     # ---------------------------------------------------------------- blocks
 
@@ -79,10 +89,13 @@ class CacheWriter:
         g = self.group[f"parts/{part}/{view}"]
         for name, data in arrays.items():
             if len(data):
-                g[name][row_start:row_start + len(data)] = data
+                g[name].with_config(WRITE_EVERY_CHUNK)[row_start:row_start + len(data)] = data
 
     def commit(self, part: int, blocks_done: int) -> None:
-        """Record a part's progress: called only after every chunk of the block is written."""
+        """Record a part's progress: called only after every chunk of the block is written. The block's chunk
+        index goes first: a kill before the progress moves leaves the block uncommitted, redone by the next run."""
+        block = self.manifest["store"]["parts"][part]["blocks"][0] + blocks_done - 1
+        self.store.write_file(block_index_key(part, block), encode(self.store.take(f"parts/{part}/")))
         self.group[f"parts/{part}"].attrs.put({"blocks_done": blocks_done})
 
     def finalize(self, extra: dict) -> None:
@@ -109,7 +122,7 @@ def _write_texts(root: zarr.Group, texts: dict[str, list[str]]) -> None:
     examples = root.create_group("examples")
     for name in TEXT_FIELDS:
         arr = examples.create_array(name, shape=(n,), dtype=str, chunks=(min(EXAMPLE_CHUNK, max(n, 1)),),
-                                    compressors=checksum_codecs("topk"))
+                                    compressors=checksum_codecs("topk"), config=WRITE_EVERY_CHUNK)
         if n:
             arr[:] = np.array(texts[name], dtype=object)
 
@@ -117,10 +130,10 @@ def _write_texts(root: zarr.Group, texts: dict[str, list[str]]) -> None:
 def _write_view_index(g: zarr.Group, offsets: np.ndarray, prompt_len: np.ndarray) -> None:
     n = len(prompt_len)
     off = g.create_array("offsets", shape=(n + 1,), dtype=np.int64, chunks=(min(EXAMPLE_CHUNK, n + 1),),
-                         compressors=checksum_codecs("topk"))
+                         compressors=checksum_codecs("topk"), config=WRITE_EVERY_CHUNK)
     off[:] = offsets
     pl = g.create_array("prompt_len", shape=(n,), dtype=np.int32, chunks=(min(EXAMPLE_CHUNK, max(n, 1)),),
-                        compressors=checksum_codecs("topk"))
+                        compressors=checksum_codecs("topk"), config=WRITE_EVERY_CHUNK)
     if n:
         pl[:] = prompt_len
 
