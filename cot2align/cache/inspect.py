@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from cot2align.cache.chunk_index import ChunkProblem, chunk_place
 from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_teacher_files, read_manifest
@@ -16,13 +17,13 @@ from cot2align.cache.storage import Location
 from cot2align.logs import reporter
 
 
-def _open(where):
-    """(location, manifest, root group, chunk index or None), refused as opening the cache refuses it, except
-    that an unfinished cache is shown (and verified) too."""
+def _open(where) -> tuple[Location, dict]:
+    """(location, manifest), refused as opening the cache refuses it, except that an unfinished cache is shown
+    (and verified) too."""
     location = Location(where)
     manifest = read_manifest(location)
     check_opens(location, manifest, allow_incomplete=True)
-    return (location, manifest, *open_arrays(location, manifest))
+    return location, manifest
 
 
 def refusal(location: Location) -> str | None:
@@ -41,7 +42,8 @@ def refusal(location: Location) -> str | None:
 def cache_info(path: str | Path) -> dict:
     """Manifest summary, rows per view, bytes per row by array, compression ratios, throughput, and why the cache
     would be refused when it would be."""
-    location, manifest, root, _ = _open(path)
+    location, manifest = _open(path)
+    root = zarr.open_group(store=location.zarr_store(read_only=True), mode="r")    # sizes only: no chunk is read
     parts = read_parts(manifest, root, location.url)
     arrays = {}
     rows = {view: 0 for view in VIEWS}
@@ -113,7 +115,8 @@ def verify_cache(path: str | Path, log=None) -> list[str]:
     """
     say = reporter(log, __name__)
     try:
-        location, manifest, root, index = _open(path)
+        location, manifest = _open(path)
+        root, index = open_arrays(location, manifest)
     except CacheError as e:
         return [str(e)]
     problems: list[str] = []
