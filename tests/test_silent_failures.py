@@ -129,7 +129,7 @@ def test_s1_a_chunk_copied_over_another_position_is_refused(tmp_path, monkeypatc
         open_cache(path).texts()
     assert any("examples/id/c/2: chunk in the wrong place" in p for p in verify_cache(path))
     shutil.copyfile(chunks / "2" / "0", chunks / "1" / "0")
-    assert "parts/0/std/hidden/c/1/0: chunk in the wrong place" in verify_cache(path)[0]
+    assert any("parts/0/std/hidden/c/1/0: chunk in the wrong place" in p for p in verify_cache(path))
     damaged = bytearray((chunks / "3" / "0").read_bytes())     # a flipped bit in a chunk's own crc32c: corrupted,
     damaged[-1] ^= 0x10                                       # not another position's chunk
     (chunks / "3" / "0").write_bytes(bytes(damaged))
