@@ -49,9 +49,9 @@ class TeacherCache:
                                             if n else np.zeros(0, np.int32))}
                       for view in VIEWS}
         self.parts = read_parts(manifest, self.group, self.url)
-        if self.index is not None:
+        if self.index is not None:          # where each part's chunk index entries are (one file per block)
             for part in self.parts:
-                self.index.add_part(part, self.offsets_by_view(), manifest["progress"]["blocks"])
+                self.index.add_part(part, {v: self.views[v]["offsets"] for v in VIEWS}, manifest["progress"]["blocks"])
         self._part_starts = [p.examples[0] for p in self.parts]
         self._n = n if self.complete else readable_prefix(self.parts)
         self._texts = None
@@ -89,9 +89,6 @@ class TeacherCache:
     def offsets(self, view: str) -> np.ndarray:
         """int64 [n + 1]: the global rows of example i are offsets[i]:offsets[i + 1]."""
         return self.views[view]["offsets"]
-
-    def offsets_by_view(self) -> dict[str, np.ndarray]:
-        return {view: self.views[view]["offsets"] for view in VIEWS}
 
     def column(self, view: str, name: str) -> np.ndarray:
         """A whole per-row id array of a view (input_ids or target_ids, int64 [rows]), read part by part."""

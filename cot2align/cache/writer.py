@@ -1,8 +1,9 @@
 """Writer primitives of the cache: create the store, fill a part block by block, commit progress, complete.
 
 The commit protocol (format.py) in four calls:
-  create()      manifest first (status "creating"), then texts, offsets, prompt lengths, every part's array
-                metadata and progress, the teacher files, then the manifest again (status "writing");
+  create()      manifest first (status "creating"), then texts, offsets, prompt lengths and their chunk index,
+                every part's array metadata and progress, the teacher files, then the manifest again (status
+                "writing", with the chunk index's sha256);
   write_rows()  a block's rows of one view of one part — each chunk one whole-object write, every chunk written
                 (even one of fill values only) and its crc32c trailer recorded (chunk_index.py);
   commit()      the block's chunk index file, then the part's progress, written only after all of the block's
