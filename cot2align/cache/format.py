@@ -1,7 +1,14 @@
-"""The teacher cache format, version 2 (DESIGN §4): names, dtypes, chunking, codecs, and the commit protocol.
+"""The teacher cache format: names, dtypes, chunking, codecs, and the commit protocol.
+
+This code writes format version 4 and reads versions 1 to 4. Version 4 adds the chunk index (chunk_index.py):
+the crc32c of every chunk recorded under its position, so that a missing chunk, or a valid chunk copied or moved
+to another position, is refused by the reader and by `cache verify` (in versions 1-3 both read as data: a
+missing chunk as zeros or empty texts). Versions 1-3 are still read, without that check.
 
     <cache>/zarr.json         group attributes = the manifest (store.parts: which examples, blocks and rows each
                               part holds; status creating -> writing -> complete)
+    <cache>/chunk_index.json  (v4) crc32c of each chunk of the arrays written at creation, by position; its sha256
+                              is the manifest's store.chunk_index_sha256
     <cache>/teacher/          tokenizer files, config.json, head.safetensors (embed_tokens, lm_head[, lm_head_bias])
     <cache>/examples/         id, prompt_std, response_std, prompt_cot, response_cot   (str [n])
     <cache>/std/, <cache>/cot/
@@ -10,6 +17,7 @@
     <cache>/parts/<p>/        one part per writer (rank) of the teacher pass: a contiguous range of examples,
                               whose rows are rows[view][0]:rows[view][1] of the global row axis
         zarr.json             the part's progress: blocks_done (its own, written by its own writer only)
+        chunk_index/<b>.json  (v4) crc32c of each chunk block b wrote, by position (written before blocks_done)
         std/, cot/            the per-row arrays of the part's rows (T_p = its row count):
             input_ids     int32  [T_p]     teacher token at stored position t
             target_ids    int32  [T_p]     teacher token at t+1
@@ -27,16 +35,20 @@ directory): (1) the manifest is written first with status "creating", then every
 the teacher's outputs (texts, offsets, prompt lengths, array metadata, teacher files), then the manifest with
 status "writing"; an interrupted creation is redone in place by the next run of the same inputs. (2) Each
 writer fills its part block by block; every chunk is one whole-object write (a local file written aside and
-renamed, an object PUT), and the part's progress moves only after all of a block's chunks are written. A
-reader refuses anything but "complete", and never reads rows past a part's committed blocks. (3) When every part
-is complete, the manifest's status becomes "complete" (one last write). Every chunk carries a crc32c checksum,
-so `cache verify` detects a corrupted chunk.
+renamed, an object PUT), and the part's progress moves only after all of a block's chunks and (v4) its chunk
+index file are written. A reader refuses anything but "complete", and never reads rows past a part's committed
+blocks. (3) When every part is complete, the manifest's status becomes "complete" (one last write). Every chunk
+carries a crc32c checksum, so `cache verify` detects a corrupted chunk.
 
 Version 3 adds integrity for what the chunks' crc32c does not cover: `manifest.checksum` (sha256 of the
 manifest's canonical JSON without that field, renewed on every manifest write) and `teacher.files_sha256`
 (sha256 of each file under teacher/: head.safetensors, the tokenizer files, config.json). `open_cache` checks
 the manifest and the tokenizer files on open and head.safetensors when it is read; `cache verify` checks all.
 A hand-edited manifest value (say `eos_id`) or one flipped byte in the head is refused, naming the file.
+
+Version 4 adds the chunk index above, and writes every chunk (Zarr would leave out a chunk that holds only the
+fill value, so an all-zero chunk and a deleted one looked alike): a chunk is trusted when it exists, ends in the
+crc32c the index recorded for its position, and decodes.
 """
 
 from __future__ import annotations
@@ -51,8 +63,9 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from cot2align.errors import CacheError  # noqa: F401  (re-exported: raised here)
 
 FORMAT = "cot2align-cache"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+CHUNK_INDEX_SINCE = 4
 VIEWS = ("std", "cot")
 TEXT_FIELDS = ("id", "prompt_std", "response_std", "prompt_cot", "response_cot")
 

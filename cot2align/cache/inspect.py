@@ -1,4 +1,5 @@
-"""`cache info` (what is in a cache, how big, how fast it was made) and `cache verify` (is it intact)."""
+"""`cache info` (what is in a cache, how big, how fast it was made, whether it would be opened) and `cache verify`
+(is it intact: everything opening it checks, then every chunk)."""
 
 from __future__ import annotations
 
@@ -8,41 +9,51 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cot2align.cache.format import (TEXT_FIELDS, VIEWS, CacheError, check_format, check_teacher_files, read_manifest)
+from cot2align.cache.chunk_index import ChunkProblem, chunk_place
+from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_teacher_files, read_manifest
+from cot2align.cache.parts import read_parts
+from cot2align.cache.reader import TeacherCache, check_opens, check_tokenizer_files, open_arrays
 from cot2align.cache.storage import Location
+from cot2align.logs import reporter
 
 
-def _open(where) -> tuple[Location, dict, zarr.Group]:
+def _open(where) -> tuple[Location, dict]:
+    """(location, manifest), refused as opening the cache refuses it, except that an unfinished cache is shown
+    (and verified) too."""
     location = Location(where)
     manifest = read_manifest(location)
-    if manifest is None:
-        raise CacheError(f"{location}: no cache here (zarr.json not found)")
-    check_format(manifest, location.url)
-    return location, manifest, zarr.open_group(store=location.zarr_store(read_only=True), mode="r")
+    check_opens(location, manifest, allow_incomplete=True)
+    return location, manifest
 
 
-def _part_prefixes(manifest: dict) -> list[str]:
-    """Where each part's per-row arrays live: v1 keeps them beside the offsets, v2 under parts/<p>/."""
-    if manifest["format_version"] == 1:
-        return [""]
-    return [f"parts/{p}/" for p in range(len(manifest["store"]["parts"]))]
+def refusal(location: Location) -> str | None:
+    """Why opening the cache for training would refuse it (None: it would open), by the very checks open_cache
+    runs; a remote cache's tokenizer files are fetched into a temporary directory to check them."""
+    try:
+        cache = TeacherCache(location, check_tokenizer=False)
+        with tempfile.TemporaryDirectory() as scratch:
+            check_tokenizer_files(cache.manifest, location.local_copy("teacher", Path(scratch) / "teacher"),
+                                  location.url)
+    except CacheError as e:
+        return str(e)
+    return None
 
 
 def cache_info(path: str | Path) -> dict:
-    """Manifest summary, rows per view, bytes per row by array, compression ratios, throughput."""
-    location, manifest, root = _open(path)
+    """Manifest summary, rows per view, bytes per row by array, compression ratios, throughput, and why the cache
+    would be refused when it would be."""
+    location, manifest = _open(path)
+    root = zarr.open_group(store=location.zarr_store(read_only=True), mode="r")    # sizes only: no chunk is read
+    parts = read_parts(manifest, root, location.url)
     arrays = {}
     rows = {view: 0 for view in VIEWS}
-    for prefix in _part_prefixes(manifest):
+    for part in parts:
         for view in VIEWS:
-            g = root[f"{prefix}{view}"]
-            rows[view] += int(g["input_ids"].shape[0])
-            for name in sorted(g.array_keys()):
-                if name in ("offsets", "prompt_len"):
-                    continue
+            rows[view] += int(part.arrays[view]["input_ids"].shape[0])
+            for name, arr in sorted(part.arrays[view].items()):
                 entry = arrays.setdefault(name, {"raw_bytes": 0, "stored_bytes": 0})
-                entry["raw_bytes"] += int(np.prod(g[name].shape)) * g[name].dtype.itemsize
-                entry["stored_bytes"] += location.size(f"{prefix}{view}/{name}", chunks_only=True)
+                entry["raw_bytes"] += int(np.prod(arr.shape)) * arr.dtype.itemsize
+                entry["stored_bytes"] += location.size(f"{part.prefix}{view}/{name}", chunks_only=True)
     total_rows = sum(rows.values())
     for entry in arrays.values():
         entry["bytes_per_row"] = entry["stored_bytes"] / max(total_rows, 1)
@@ -56,7 +67,7 @@ def cache_info(path: str | Path) -> dict:
         "tokenizer": manifest["tokenizer"]["name_or_path"],
         "data": {k: manifest["data"].get(k) for k in ("name", "split", "path", "hub", "dataset", "data_split",
                                                       "n_examples", "n_cot_examples", "truncated")},
-        "parts": len(_part_prefixes(manifest)),
+        "parts": len(parts),
         "rows": rows,
         "topk": manifest["store"]["topk"],
         "hidden_codec": manifest["store"].get("hidden_codec"),
@@ -65,6 +76,7 @@ def cache_info(path: str | Path) -> dict:
         "bytes_per_row_vs_bf16_hidden": per_row_total / hidden_bf16,
         "total_bytes": location.size(chunks_only=True),
         "pass": manifest.get("pass", {}),
+        "refused": refusal(location),
     }
 
 
@@ -73,6 +85,7 @@ def format_info(info: dict) -> str:
     split = f", split {d['data_split']}" if d.get("data_split") else ""     # the split read of a DatasetDict or hub id
     lines = [
         f"cache        {info['path']}  ({info['status']})",
+        *([f"REFUSED      opening it for training would fail: {info['refused']}"] if info.get("refused") else []),
         f"teacher      {t['name_or_path']}  {t['model_type']}  D={t['hidden_size']}  V={t['vocab_size']}  "
         f"layers={t['num_layers']}  dtype={t['dtype']}  embeddings={t['embed_kind']}  exact_logits={t['exact_logits']}",
         f"data         {d['name']} [{d['split']}]  {d['n_examples']} examples, {d['n_cot_examples']} with CoT  "
@@ -93,85 +106,117 @@ def format_info(info: dict) -> str:
 
 
 def verify_cache(path: str | Path, log=None) -> list[str]:
-    """Check everything the trainer trusts: the manifest against its checksum, every file under teacher/ against
-    the manifest's sha256, then every chunk of every array (crc32c) and the offsets, shapes, dtypes and values.
+    """Check everything the trainer trusts: every check opening the cache runs (the manifest against its checksum,
+    the tokenizer files against its sha256 and vocab_hash, the chunk index against its sha256), every file under
+    teacher/, then every chunk of every array — present, at its own position (the chunk index, format 4), intact
+    (crc32c) — and the offsets, shapes, dtypes and values.
 
-    Returns a list of problems (empty = intact); a bad chunk is named by its file and the examples it holds.
+    Returns a list of problems (empty = intact); a bad chunk is named by its file, its rows and its examples.
     """
+    say = reporter(log, __name__)
     try:
-        location, manifest, root = _open(path)
+        location, manifest = _open(path)
+        root, index = open_arrays(location, manifest)
     except CacheError as e:
         return [str(e)]
     problems: list[str] = []
     if manifest.get("status") != "complete":
         problems.append(f"{location}: status is '{manifest.get('status')}', not complete")
-    try:
-        with tempfile.TemporaryDirectory() as scratch:    # a remote cache's teacher files, downloaded to check
-            check_teacher_files(manifest, location.local_copy("teacher", Path(scratch) / "teacher"), location.url)
-    except CacheError as e:
-        problems.append(str(e))
+    problems += _verify_teacher(location, manifest)
+    if index is None:
+        say(f"{location}: format version {manifest['format_version']} has no chunk index: a missing chunk (read as "
+            "zeros) or a chunk in the wrong place cannot be detected; rebuild it with this cot2align for format 4")
     n = manifest["data"]["n_examples"]
     for name in TEXT_FIELDS:
         arr = root["examples"][name]
         if arr.shape != (n,):
             problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")
         problems += _read_all(arr, location, lambda a, b: (a, b))[1]
-    for view in VIEWS:
-        problems += _verify_view(root, location, view, manifest, n)
+    index_of, more = _verify_view_index(root, location, n)
+    problems += more
+    if more:
+        return problems
+    try:
+        parts = read_parts(manifest, root, location.url)
+    except CacheError as e:
+        return [*problems, str(e)]
+    if index is not None:
+        for part in parts:
+            index.add_part(part, {view: index_of[view][0] for view in VIEWS}, manifest["progress"]["blocks"])
+        problems += [f"{location}/{key}: missing (its block is committed)" for key in index.block_files()
+                     if location.read_text(key) is None]
+    for part in parts:
+        for view in VIEWS:
+            offsets, prompt_len = index_of[view]
+            problems += _verify_part_view(part, view, location, manifest, offsets, prompt_len)
+    return problems
+
+
+def _verify_teacher(location: Location, manifest: dict) -> list[str]:
+    """Every file under teacher/ against the manifest's sha256, then the tokenizer as opening the cache checks it
+    (a remote cache's files fetched into a temporary directory)."""
+    problems = []
+    with tempfile.TemporaryDirectory() as scratch:
+        teacher_dir = location.local_copy("teacher", Path(scratch) / "teacher")
+        for check in (check_teacher_files, check_tokenizer_files):
+            try:
+                check(manifest, teacher_dir, location.url)
+            except CacheError as e:
+                problems.append(str(e))
+                break
     return problems
 
 
 def _read_all(arr, location: Location, examples_of) -> tuple[np.ndarray | None, list[str]]:
-    """Read an array chunk by chunk; every unreadable chunk is named by its file and the examples whose rows it
-    holds (`examples_of(first_row, end_row) -> (first_example, end_example)`). Returns (values or None, problems)."""
+    """Read an array chunk by chunk; every unreadable, missing or misplaced chunk is named by its file, its rows
+    and the examples that hold them (`examples_of(first_row, end_row) -> (first_example, end_example)`).
+    Returns (values or None, problems)."""
     chunk = arr.chunks[0]
     pieces, problems = [], []
     for c, start in enumerate(range(0, arr.shape[0], chunk)):
-        end = min(start + chunk, arr.shape[0])
         try:
-            pieces.append(arr[start:end])
+            pieces.append(arr[start:min(start + chunk, arr.shape[0])])
+        except ChunkProblem as e:
+            problems.append(e.named(location.url, chunk_place(arr, c, examples_of)))
         except Exception as e:  # checksum mismatch, truncated file, codec error
             key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
-            first, last = examples_of(start, end)
-            problems.append(f"{location}/{arr.path}/{key}: unreadable chunk (rows {start}..{end - 1}, examples "
-                            f"{first}..{max(last - 1, first)}): {type(e).__name__}: {e}")
+            problems.append(f"{location}/{arr.path}/{key}: unreadable chunk ({chunk_place(arr, c, examples_of)}): "
+                            f"{type(e).__name__}: {e}")
     if problems:
         return None, problems
     return (np.concatenate(pieces) if pieces else arr[:]), []
 
 
-def _verify_view(root, location: Location, view: str, manifest: dict, n: int) -> list[str]:
-    """One view: the global offsets, then each part's per-row arrays: shape and dtype, then (when those hold)
-    their values over the part's rows."""
-    offsets, problems = _read_all(root[view]["offsets"], location, lambda a, b: (a, b))
-    prompt_len, more = _read_all(root[view]["prompt_len"], location, lambda a, b: (a, b))
-    problems += more
-    if offsets is None or prompt_len is None:
-        return problems
-    if offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
-        return [f"{view}/offsets: not a non-decreasing [n+1] array starting at 0"]
-    spans = [(0, n)] if manifest["format_version"] == 1 else [tuple(p["examples"]) for p in manifest["store"]["parts"]]
-    for prefix, (first, end) in zip(_part_prefixes(manifest), spans):
-        g, label = root[f"{prefix}{view}"], f"{prefix}{view}"
-        part_offsets = offsets[first:end + 1] - offsets[first]
+def _verify_view_index(root, location: Location, n: int) -> tuple[dict, list[str]]:
+    """Each view's offsets and prompt lengths: view -> (offsets, prompt_len), and the problems found."""
+    found, problems = {}, []
+    for view in VIEWS:
+        offsets, bad = _read_all(root[view]["offsets"], location, lambda a, b: (a, b))
+        prompt_len, more = _read_all(root[view]["prompt_len"], location, lambda a, b: (a, b))
+        problems += bad + more
+        if offsets is not None and (offsets.shape != (n + 1,) or offsets[0] != 0 or np.any(np.diff(offsets) < 0)):
+            problems.append(f"{view}/offsets: not a non-decreasing [n+1] array starting at 0")
+        found[view] = (offsets, prompt_len)
+    return found, problems
 
-        def examples_of(row_a, row_b, part_offsets=part_offsets, first=first):
-            # the examples whose rows intersect [row_a, row_b) of this part
-            return (first + int(np.searchsorted(part_offsets, row_a, side="right")) - 1,
-                    first + int(np.searchsorted(part_offsets, row_b, side="left")))
 
-        found = _verify_shapes(g, label, manifest, int(part_offsets[-1]))
-        if not found:
-            values = {}
-            for name in g.array_keys():
-                if name not in ("offsets", "prompt_len"):
-                    values[name], bad = _read_all(g[name], location, examples_of)
-                    found += bad
-            if not found:
-                found = _verify_values(values, label, part_offsets, prompt_len[first:end],
-                                       manifest["teacher"]["vocab_size"])
-        problems += found
-    return problems
+def _verify_part_view(part, view: str, location: Location, manifest: dict, offsets: np.ndarray,
+                      prompt_len: np.ndarray) -> list[str]:
+    """One view of one part: its per-row arrays' shapes and dtypes, then (when those hold) their chunks and
+    values over the part's rows."""
+    first, end = part.examples
+    g, label = part.groups[view], f"{part.prefix}{view}"
+    part_offsets = offsets[first:end + 1] - offsets[first]
+    found = _verify_shapes(g, label, manifest, int(part_offsets[-1]))
+    if found:
+        return found
+    values = {}
+    for name, arr in part.arrays[view].items():
+        values[name], bad = _read_all(arr, location, lambda a, b: part.examples_of(view, offsets, a, b))
+        found += bad
+    if found:
+        return found
+    return _verify_values(values, label, part_offsets, prompt_len[first:end], manifest["teacher"]["vocab_size"])
 
 
 def _verify_shapes(g, view: str, manifest: dict, rows: int) -> list[str]:

@@ -18,7 +18,6 @@ touches zarr or a storage dtype.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,52 +26,36 @@ import zarr
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from cot2align.cache.format import (TEXT_FIELDS, VIEWS, CacheError, check_format, check_teacher_files, manifest_checksum,
-                                    read_manifest)
+from cot2align.cache.chunk_index import ChunkIndex, ChunkProblem, CheckingStore, chunk_of, chunk_place
+from cot2align.cache.format import (CHUNK_INDEX_SINCE, TEXT_FIELDS, VIEWS, CacheError, check_format,
+                                    check_teacher_files, manifest_checksum, read_manifest)
+from cot2align.cache.parts import read_parts, readable_prefix
 from cot2align.cache.storage import Location
 from cot2align.modeling import cot2align_home, tokenizer_hash
-
-PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob")
-
-
-@dataclass
-class Part:
-    """A contiguous range of examples whose per-row arrays one writer filled (format v2; v1 is one part)."""
-
-    examples: tuple[int, int]                 # [first, end)
-    row_start: dict[str, int]                 # view -> the part's first global row
-    arrays: dict[str, dict]                   # view -> name -> zarr array over the part's rows
-    committed: int                            # examples [first, committed) are readable (all when complete)
 
 
 class TeacherCache:
     def __init__(self, where, allow_incomplete: bool = False, check_tokenizer: bool = True):
         self.location = where if isinstance(where, Location) else Location(where)
         self.url = self.location.url
-        manifest = read_manifest(self.location)
-        if manifest is None:
-            raise CacheError(f"{self.url}: no cache here (zarr.json not found)")
-        check_format(manifest, self.url)
-        status = manifest.get("status")
-        if status != "complete" and not allow_incomplete:
-            raise CacheError(f"{self.url}: cache status is '{status}', not complete (still being written or "
-                             "interrupted; rerun cache-teacher to finish it)")
-        self.manifest = manifest
-        self.complete = status == "complete"
-        self.group = zarr.open_group(store=self.location.zarr_store(read_only=True), mode="r")
+        self.manifest = manifest = read_manifest(self.location)
+        check_opens(self.location, manifest, allow_incomplete)
+        self.complete = manifest["status"] == "complete"
+        self.group, self.index = open_arrays(self.location, manifest)
         n = manifest["data"]["n_examples"]
-        self.views = {view: {"offsets": self.group[view]["offsets"][:],
-                             "prompt_len": self.group[view]["prompt_len"][:] if n else np.zeros(0, np.int32)}
+        self.views = {view: {"offsets": self._read(self.group[view]["offsets"], slice(None), "the offsets"),
+                             "prompt_len": (self._read(self.group[view]["prompt_len"], slice(None), "the prompt lengths")
+                                            if n else np.zeros(0, np.int32))}
                       for view in VIEWS}
-        self.parts = _parts(manifest, self.group, self.views)
+        self.parts = read_parts(manifest, self.group, self.url)
+        if self.index is not None:          # where each part's chunk index entries are (one file per block)
+            for part in self.parts:
+                self.index.add_part(part, {v: self.views[v]["offsets"] for v in VIEWS}, manifest["progress"]["blocks"])
         self._part_starts = [p.examples[0] for p in self.parts]
-        self._n = n if self.complete else _readable_prefix(self.parts)
+        self._n = n if self.complete else readable_prefix(self.parts)
         self._texts = None
         if check_tokenizer:
-            tokenizer_files = [n for n in manifest["teacher"].get("files_sha256", {}) if n != "head.safetensors"]
-            check_teacher_files(manifest, self.teacher_dir(), f"{self.url}", names=tokenizer_files)
-            if tokenizer_hash(self.tokenizer()) != manifest["tokenizer"]["vocab_hash"]:
-                raise CacheError(f"{self.url}/teacher: tokenizer files do not match the manifest's vocab_hash")
+            check_tokenizer_files(manifest, self.teacher_dir(), self.url)
 
     # ------------------------------------------------------------------ basics
 
@@ -121,7 +104,8 @@ class TeacherCache:
         for part in self.parts:
             end = int(self.views[view]["offsets"][min(part.committed, self._n)]) - part.row_start[view]
             if end > 0:
-                pieces.append(part.arrays[view][name][:end])
+                pieces.append(self._read(part.arrays[view][name], slice(0, end), f"the {view} {name} column",
+                                         self._examples_of(part, view)))
         return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
 
     def teacher_rows(self, i: int, view: str, names=None) -> dict[str, torch.Tensor]:
@@ -152,15 +136,23 @@ class TeacherCache:
         for name, arr in part.arrays[view].items():
             if names is not None and name not in names:
                 continue
-            out[name] = (self._read(arr, slice(local, local + b - a), f"example {i}") if b > a
-                         else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
+            out[name] = (self._read(arr, slice(local, local + b - a), f"example {i}", self._examples_of(part, view))
+                         if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
         return out
 
-    def _read(self, arr, rows: slice, what: str) -> np.ndarray:
-        """arr[rows], or a CacheError naming the array: a crc32c mismatch, a truncated or missing chunk is never
-        trained on."""
+    def _examples_of(self, part, view: str):
+        return lambda row_a, row_b: part.examples_of(view, self.views[view]["offsets"], row_a, row_b)
+
+    def _read(self, arr, rows: slice, what: str, examples_of=None) -> np.ndarray:
+        """arr[rows], or a CacheError naming the array: a crc32c mismatch, a truncated chunk, and (format 4) a
+        missing chunk or one in the wrong place are never trained on. `examples_of(first_row, end_row)`: the
+        examples of the array's rows (default: row i is example i, as in the per-example arrays)."""
         try:
             return arr[rows]
+        except ChunkProblem as e:
+            place = chunk_place(arr, chunk_of(e.key)[1], examples_of or (lambda a, b: (a, b)))
+            raise CacheError(f"{e.named(self.url, place)}; run `cot2align cache verify {self.url}` to list every "
+                             "damaged chunk") from None
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else ""
             raise CacheError(f"{self.url}/{arr.path}: unreadable chunk holding {what} ({type(e).__name__}: {reason}); "
@@ -257,31 +249,38 @@ def open_cache(path: str | Path, allow_incomplete: bool = False, check_tokenizer
     return TeacherCache(path, allow_incomplete=allow_incomplete, check_tokenizer=check_tokenizer)
 
 
-def _parts(manifest: dict, group, views: dict) -> list[Part]:
-    """The parts of the store: format v2's manifest list, or v1's single part (arrays beside the offsets)."""
-    n = manifest["data"]["n_examples"]
-    complete = manifest.get("status") == "complete"
-    if manifest["format_version"] == 1:
-        committed = n if complete else manifest.get("progress", {}).get("examples_done", 0)
-        arrays = {view: {name: group[view][name] for name in PER_ROW if name in group[view]} for view in VIEWS}
-        return [Part((0, n), {view: 0 for view in VIEWS}, arrays, committed)]
-    block_starts = manifest["progress"]["blocks"]
-    parts = []
-    for number, spec in enumerate(manifest["store"]["parts"]):
-        g = group[f"parts/{number}"]
-        first, end = spec["examples"]
-        done = int(g.attrs.get("blocks_done", 0))
-        committed = end if complete else block_starts[spec["blocks"][0] + done]
-        arrays = {view: {name: g[view][name] for name in PER_ROW if name in g[view]} for view in VIEWS}
-        parts.append(Part((first, end), {view: spec["rows"][view][0] for view in VIEWS}, arrays, committed))
-    return parts
+def check_opens(location: Location, manifest: dict | None, allow_incomplete: bool = False) -> None:
+    """What opening a cache refuses before reading an array: no manifest, another format, a manifest that fails its
+    checksum or lacks a field, and (unless `allow_incomplete`) a cache that is not complete."""
+    if manifest is None:
+        raise CacheError(f"{location}: no cache here (zarr.json not found)")
+    check_format(manifest, location.url)
+    status = manifest.get("status")
+    if status != "complete" and not allow_incomplete:
+        raise CacheError(f"{location}: cache status is '{status}', not complete (still being written or "
+                         "interrupted; rerun cache-teacher to finish it)")
 
 
-def _readable_prefix(parts: list[Part]) -> int:
-    """Examples readable from the start of an unfinished cache: committed blocks, part after complete part."""
-    n = 0
-    for part in parts:
-        n = part.committed
-        if part.committed < part.examples[1]:
-            break
-    return n
+def open_arrays(location: Location, manifest: dict):
+    """(root group, chunk index or None): the store read through the chunk index from format 4 on, so that each
+    chunk fetched is checked against the crc32c recorded at its position."""
+    store = location.zarr_store(read_only=True)
+    index = None
+    if manifest["format_version"] >= CHUNK_INDEX_SINCE:
+        index = ChunkIndex.open(location, store, manifest)
+        store = CheckingStore(store, index)
+    return zarr.open_group(store=store, mode="r"), index
+
+
+def check_tokenizer_files(manifest: dict, teacher_dir: Path, where) -> None:
+    """The teacher's tokenizer as opening a cache checks it: each tokenizer file against the manifest's sha256,
+    then the vocabulary hash of the tokenizer they load against the manifest's."""
+    tokenizer_files = [name for name in manifest["teacher"].get("files_sha256", {}) if name != "head.safetensors"]
+    check_teacher_files(manifest, teacher_dir, where, names=tokenizer_files)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    except Exception as e:
+        raise CacheError(f"{where}/teacher: the tokenizer files cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if tokenizer_hash(tokenizer) != manifest["tokenizer"]["vocab_hash"]:
+        raise CacheError(f"{where}/teacher: tokenizer files do not match the manifest's vocab_hash")
