@@ -80,7 +80,7 @@ def main():
     cfg = build_config(DistillConfig, cache=str(cache_path), student=args.student, method="dskd", alpha=0.9, epochs=3,
                        batch_size=args.batch_size, lr=1e-5, max_steps=args.trainer_steps, out=str(work / "run"), overwrite=True,
                        val_examples=2, val_max_new_tokens=4)
-    cfg.resolve(None)
+    cfg = cfg.with_defaults(None)
 
     # 1. the real trainer: loader wait share and tokens/s (its metrics)
     summary = distill(cfg, log=lambda m: None, progress=False, cache=cache)

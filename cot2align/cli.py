@@ -134,7 +134,9 @@ def _config_options(command):
 def _print_config(cfg) -> None:
     import yaml
 
-    click.echo(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).rstrip())
+    from cot2align.config import config_to_dict
+
+    click.echo(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
 
 
 C = CacheTeacherConfig
@@ -260,16 +262,16 @@ def _training_options(command):
 
 
 def _resolved(cfg: DistillConfig) -> DistillConfig:
-    """The config as distill will run it: unset fields filled from the paper's setting for the cache's teacher."""
+    """The config as distill / sft will run and record it (train/resolve.py): the paper's setting for the cache's
+    teacher, the dtype of the device, the output directory and the resume state filled in."""
+    from cot2align.train.resolve import resolve_distill_config
+
+    cache = None
     if cfg.cache:
         from cot2align.cache import open_cache
-        from cot2align.config import model_family
 
-        teacher = open_cache(cfg.cache, check_tokenizer=False).manifest["teacher"]["name_or_path"]
-        cfg.resolve(model_family(teacher))
-    else:
-        cfg.resolve(None)
-    return cfg
+        cache = open_cache(cfg.cache, check_tokenizer=False)
+    return resolve_distill_config(cfg, cache)
 
 
 @main.command("distill")
@@ -370,7 +372,7 @@ def sft_cmd(config_file, print_config, **flags):
     flags["field_map"] = _field_map(flags["field_map"])
     cfg = build_config(DistillConfig, config_file, method="sft", cot2align=False, **sft_defaults(model, flags))
     if print_config:
-        return _print_config(cfg)
+        return _print_config(_resolved(cfg))
     from cot2align.train.distill import distill
 
     _print_summary(distill(cfg))

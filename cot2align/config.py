@@ -114,36 +114,71 @@ def data_name(data) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Configs
+# Configs. Every field has a kind, declared beside it (tests/test_silent_failures.py checks that none is left out):
+#   identity  changes what is trained or produced: a --resume must have the same value (train/resolve.py)
+#   runtime   how or where it runs (device, workers, trackers, paths to the same data): may change on --resume
+#   output    what is reported or published about the result (validation output, --push-to-hub): may change
 # --------------------------------------------------------------------------------------------
+
+KINDS = ("identity", "runtime", "output")
+
+
+def _kind(kind: str, default, factory):
+    metadata = {"kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def identity(default=None, *, factory=None):
+    return _kind("identity", default, factory)
+
+
+def runtime(default=None, *, factory=None):
+    return _kind("runtime", default, factory)
+
+
+def output(default=None, *, factory=None):
+    return _kind("output", default, factory)
+
+
+def field_kind(cls, name: str) -> str | None:
+    """The kind of the field `name` of the config dataclass `cls` (None when it has none: a test fails then)."""
+    return {f.name: f.metadata.get("kind") for f in dataclasses.fields(cls)}.get(name)
+
+
+def fields_of_kind(cls, kind: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("kind") == kind]
+
 
 
 @dataclass
 class CacheTeacherConfig:
     """`cot2align cache-teacher`: one teacher pass over the std and CoT views of a dataset."""
 
-    model: str = "tiny-qwen2"
-    data: str = "sample"
-    split: str = "train"
-    out: str | None = None             # default cache/<family>_<data>
-    adapter: str | None = None         # a LoRA adapter (peft) to merge into --model
-    topk: int = 64
-    batch_tokens: int = 8192           # padded tokens per teacher batch (B x L_max)
-    max_length: int = 512              # teacher tokens, prompt + response (+ EOS)
-    max_prompt_length: int = 256
-    hidden_dtype: str = "bf16"         # bf16 (lossless bits of the bf16 state) | int8 (per-row absmax)
-    resume: bool = False
-    data_root: str | None = None
-    field_map: dict = field(default_factory=dict)
-    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
-    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
-    device: str | None = None          # default: cuda if available else cpu
-    seed: int = 0                      # tiny presets only
-    block_examples: int = 256          # examples per committed block
-    hidden_codec: str = "auto"         # auto | raw | zstd | lz4
-    trust_remote_code: bool = False
-    limit: int | None = None           # only the first N records (smoke runs)
-    dtype: str | None = None           # teacher compute dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
+    model: str = identity("tiny-qwen2")
+    data: str = identity("sample")
+    split: str = identity("train")
+    out: str | None = runtime(None)              # default cache/<family>_<data>
+    adapter: str | None = identity(None)         # a LoRA adapter (peft) to merge into --model
+    topk: int = identity(64)
+    batch_tokens: int = runtime(8192)            # padded tokens per teacher batch (B x L_max)
+    max_length: int = identity(512)              # teacher tokens, prompt + response (+ EOS)
+    max_prompt_length: int = identity(256)
+    hidden_dtype: str = identity("bf16")         # bf16 (lossless bits of the bf16 state) | int8 (per-row absmax)
+    resume: bool = runtime(False)
+    data_root: str | None = runtime(None)
+    field_map: dict = identity(factory=dict)
+    data_config: str | None = identity(None)     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = identity(None)      # the dataset's split to read [default: the one --split means]
+    device: str | None = runtime(None)           # default: cuda if available else cpu
+    seed: int = identity(0)                      # tiny presets only
+    block_examples: int = identity(256)          # examples per committed block (the cache's layout)
+    hidden_codec: str = runtime("auto")          # auto | raw | zstd | lz4 (lossless: the same values stored)
+    trust_remote_code: bool = runtime(False)
+    limit: int | None = identity(None)           # only the first N records (smoke runs)
+    dtype: str | None = identity(None)           # teacher compute dtype: bf16 | fp16 | fp32
+                                                 # [default: bf16 on CUDA, fp32 on CPU]
 
     def validate(self) -> None:
         check_dtype(self.dtype)
@@ -179,65 +214,72 @@ PAPER_SETTINGS: dict[str, dict] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillConfig:
-    """`cot2align distill`: train a student from a teacher cache (or, for --method sft, plain data)."""
+    """`cot2align distill`: train a student from a teacher cache (or, for --method sft, plain data).
 
-    cache: str | None = None
-    student: str | None = None         # default: the paper's student for the cache's teacher
-    method: str = "dskd"               # sft | kl | uld | mined | dskd
-    cot2align: bool | None = None      # add the CoT view and L_CCoT; default on, off for sft from plain data
-    alpha: float | None = None         # weight of the distillation terms, in [0, 1]
-    out: str | None = None             # default runs/<student>_<method>[_cot2align]_a<alpha>
-    data: str | None = None            # --method sft without a cache: a dataset name or JSON/JSONL file
-    split: str = "train"
-    data_root: str | None = None
-    data_config: str | None = None     # a hub dataset's configuration (--data / --val-data owner/name)
-    data_split: str | None = None      # the --data dataset's split to read [default: the one --split means]
-    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names of --data / --val-data
-    epochs: int | None = None
-    max_steps: int | None = None       # stop after this many optimiser steps (smoke runs, tests)
-    lr: float | None = None
-    projector_lr: float = 1e-3
-    batch_size: int | None = None
-    grad_accum: int | None = None
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    lora_rank: int | None = None       # None: full fine-tuning
-    lora_alpha: int | None = None
-    lora_dropout: float | None = None
-    lora_targets: str = "all-linear"
-    keep_adapter: bool = False
-    kd_temperature: float = 2.0
-    kl_variant: str | None = None
-    ot_epsilon: float = 10.0
-    ot_iters: int = 100
-    ot_grad: str = "envelope"
-    ot_compile: bool = False
-    teacher_dist: str = "exact"        # exact (hidden . lm_head^T) | topk (+ tail bucket)
-    seed: int = 10
-    max_length: int = 512              # student tokens
-    device: str | None = None
-    num_workers: int | None = None     # DataLoader workers (default 2 on GPU, 0 on CPU)
-    fsdp: bool = False                 # under torchrun/accelerate: shard the student (FSDP2) instead of DDP
-    val_data: str | None = None        # default: the dev split of the cache's dataset, else held-out cache examples
-    val_examples: int = 50             # bounded validation subset (loss and greedy ROUGE-L)
-    val_max_new_tokens: int = 128
-    select_by: str = "rougeL"          # which epoch's model --out gets: rougeL (greedy validation ROUGE-L, ties to the
-                                       # lower validation CE: the paper's rule), ce (lowest validation CE), last
-    save_every: int = 0                # also checkpoint every N optimiser steps (0: each epoch only)
-    resume: bool = False
-    overwrite: bool = False
-    limit: int | None = None           # only the first N training examples
-    trust_remote_code: bool = False
-    report_to: str = "tensorboard"     # where metrics go besides metrics.jsonl: tensorboard, wandb (comma-separated) or none
-    push_to_hub: bool = False          # upload the finished run (model, tokenizer, card) to the Hugging Face Hub
-    hub_model_id: str | None = None    # its repository, NAME or OWNER/NAME [default: the --out directory's name]
-    hub_private: bool = False          # create that repository private
-    dtype: str | None = None           # bf16 | fp16 | fp32: autocast, and the frozen base's weights under LoRA (full
-                                       # fine-tuning keeps fp32 master weights) [default: bf16 on CUDA, fp32 on CPU]
-    gradient_checkpointing: bool = False   # recompute activations in the backward: less memory, more compute
+    Frozen: flags + YAML make one, `train/resolve.py` turns it into the resolved config a run records (paper
+    defaults, dtype, device, resume state filled in), and nothing changes either afterwards."""
+
+    cache: str | None = identity(None)           # compared by content on --resume (a moved cache is the same)
+    student: str | None = identity(None)         # default: the paper's student for the cache's teacher
+    method: str = identity("dskd")               # sft | kl | uld | mined | dskd
+    cot2align: bool | None = identity(None)      # add the CoT view and L_CCoT; default on, off for sft from plain data
+    alpha: float | None = identity(None)         # weight of the distillation terms, in [0, 1]
+    out: str | None = runtime(None)              # default runs/<student>_<method>[_cot2align]_a<alpha>
+    data: str | None = identity(None)            # --method sft without a cache: a dataset name or JSON/JSONL file
+    split: str = identity("train")
+    data_root: str | None = runtime(None)
+    data_config: str | None = identity(None)     # a hub dataset's configuration (--data / --val-data owner/name)
+    data_split: str | None = identity(None)      # the --data dataset's split to read [default: the one --split means]
+    field_map: dict = identity(factory=dict)     # OURS: THEIRS field names of --data / --val-data
+    epochs: int | None = identity(None)          # epochs and max_steps set the cosine schedule's length: a longer
+    max_steps: int | None = identity(None)       # run is another run (stop after this many optimiser steps)
+    lr: float | None = identity(None)
+    projector_lr: float = identity(1e-3)
+    batch_size: int | None = identity(None)
+    grad_accum: int | None = identity(None)
+    warmup_ratio: float = identity(0.0)
+    weight_decay: float = identity(0.01)
+    max_grad_norm: float = identity(1.0)
+    lora_rank: int | None = identity(None)       # None: full fine-tuning
+    lora_alpha: int | None = identity(None)
+    lora_dropout: float | None = identity(None)
+    lora_targets: str = identity("all-linear")
+    keep_adapter: bool = output(False)           # save the LoRA adapter, not merged weights
+    kd_temperature: float = identity(2.0)
+    kl_variant: str | None = identity(None)
+    ot_epsilon: float = identity(10.0)
+    ot_iters: int = identity(100)
+    ot_grad: str = identity("envelope")
+    ot_compile: bool = runtime(False)            # the same Sinkhorn loop, compiled
+    teacher_dist: str = identity("exact")        # exact (hidden . lm_head^T) | topk (+ tail bucket)
+    seed: int = identity(10)
+    max_length: int = identity(512)              # student tokens
+    device: str | None = runtime(None)
+    num_workers: int | None = runtime(None)      # DataLoader workers (default 2 on GPU, 0 on CPU)
+    fsdp: bool = runtime(False)                  # under torchrun/accelerate: shard the student (FSDP2) instead of DDP
+    val_data: str | None = identity(None)        # default: the dev split of the cache's dataset, else held-out cache
+                                                 # examples, which then do not train: both choose the training set
+    val_examples: int = identity(50)             # bounded validation subset (loss and greedy ROUGE-L)
+    val_max_new_tokens: int = output(128)
+    select_by: str = output("rougeL")            # which epoch's model --out gets: rougeL (greedy validation ROUGE-L,
+                                                 # ties to the lower validation CE: the paper's rule), ce (lowest
+                                                 # validation CE), last
+    save_every: int = runtime(0)                 # also checkpoint every N optimiser steps (0: each epoch only)
+    resume: bool = runtime(False)                # resolved: true only when --out holds a run to continue
+    overwrite: bool = runtime(False)
+    limit: int | None = identity(None)           # only the first N training examples
+    trust_remote_code: bool = runtime(False)
+    report_to: str = runtime("tensorboard")      # where metrics go besides metrics.jsonl: tensorboard, wandb
+                                                 # (comma-separated) or none
+    push_to_hub: bool = output(False)            # upload the finished run (model, tokenizer, card) to the Hugging Face Hub
+    hub_model_id: str | None = output(None)      # its repository, NAME or OWNER/NAME [default: the --out directory's name]
+    hub_private: bool = output(False)            # create that repository private
+    dtype: str | None = identity(None)           # bf16 | fp16 | fp32: autocast, and the frozen base's weights under LoRA
+                                                 # (full fine-tuning keeps fp32 master weights) [default: bf16 on CUDA,
+                                                 # fp32 on CPU]. Identity: every step's numerics depend on it
+    gradient_checkpointing: bool = runtime(False)   # recompute activations in the backward: less memory, same result
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
@@ -257,56 +299,65 @@ class DistillConfig:
         for name, choices in (("ot_grad", ("envelope", "unrolled")), ("select_by", ("rougeL", "ce", "last"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected {' or '.join(choices)}, got {getattr(self, name)!r}")
-        if self.cot2align is None:     # on by default; plain data (no cache) has no teacher views to align
-            self.cot2align = not (self.cache is None and self.method == "sft")
-        if self.cache is None and (self.method != "sft" or self.cot2align):
+        cot2align = self.cot2align if self.cot2align is not None else self.default_cot2align
+        if self.cache is None and (self.method != "sft" or cot2align):
             raise ConfigError("cache: --cache is required (only --method sft --no-cot2align can train from --data)")
         if self.cache is None and self.data is None:
             raise ConfigError("data: --method sft needs --cache or --data")
 
-    def resolve(self, teacher_family: str | None) -> str | None:
-        """Fill unset fields from the paper's setting for this teacher; returns the setting's name."""
+    @property
+    def default_cot2align(self) -> bool:
+        """CoT2Align is on by default; plain data (no cache) has no teacher views to align."""
+        return not (self.cache is None and self.method == "sft")
+
+    def with_defaults(self, teacher_family: str | None) -> DistillConfig:
+        """A copy with the unset fields filled: cot2align, the student and hyperparameters of the paper's setting
+        for this teacher (PAPER_SETTINGS, when its student is the one trained), else general defaults. What
+        setup derives besides (dtype, device, resume state) is filled by train/resolve.py."""
         setting = PAPER_SETTINGS.get(teacher_family or "")
-        if self.student is None:
+        student = self.student
+        if student is None:
             if setting is None:
                 raise ConfigError(f"student: the teacher family '{teacher_family}' has no paper setting; "
                                   "pass --student")
-            self.student = setting["student"]
+            student = setting["student"]
         defaults = dict(epochs=3, lr=1e-4, batch_size=4, grad_accum=1, alpha=0.5, kl_variant="forward",
                         lora_alpha=8, lora_dropout=0.1)
-        if setting is not None and setting["student"] == self.student:
+        if paper_setting(teacher_family, student) is not None:
             defaults.update({k: v for k, v in setting.items() if k not in ("student", "setting")})
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                if name == "lora_rank":
-                    continue
-                setattr(self, name, value)
-        if self.lora_rank is None and setting is not None and setting["student"] == self.student:
-            self.lora_rank = setting.get("lora_rank")
-        self.validate()
-        return setting["setting"] if setting is not None and setting["student"] == self.student else None
+        filled = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        cot2align = self.cot2align if self.cot2align is not None else self.default_cot2align
+        resolved = dataclasses.replace(self, student=student, cot2align=cot2align, **filled)
+        resolved.validate()
+        return resolved
+
+
+def paper_setting(teacher_family: str | None, student: str | None) -> str | None:
+    """The name of the paper's setting a run of `student` from this teacher follows, or None."""
+    setting = PAPER_SETTINGS.get(teacher_family or "")
+    return setting["setting"] if setting is not None and setting["student"] == student else None
 
 
 @dataclass
 class EvaluateConfig:
     """`cot2align evaluate`: one model on one dataset split, the paper's protocol and/or held-out CE."""
 
-    model: str | None = None           # required: a model directory (e.g. a distill --out)
-    data: str | None = None            # required: dataset alias or file
-    split: str = "test"
-    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
-    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
-    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names
-    metric: str = "rougeL"             # rougeL | ce | all
-    seeds: str = "10,20,30,40,50"      # sampling seeds (comma-separated)
-    greedy: bool = False               # greedy decoding once instead of sampling per seed
-    out: str | None = None             # default MODEL/eval/<data>_<split>
-    limit: int | None = None
-    max_new_tokens: int = 512
-    batch_size: int = 16
-    data_root: str | None = None
-    device: str | None = None
-    overwrite: bool = False            # kind: runtime
+    model: str | None = identity(None)           # required: a model directory (e.g. a distill --out)
+    data: str | None = identity(None)            # required: dataset alias or file
+    split: str = identity("test")
+    data_config: str | None = identity(None)     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = identity(None)      # the dataset's split to read [default: the one --split means]
+    field_map: dict = identity(factory=dict)     # OURS: THEIRS field names
+    metric: str = identity("rougeL")             # rougeL | ce | all
+    seeds: str = identity("10,20,30,40,50")      # sampling seeds (comma-separated)
+    greedy: bool = identity(False)               # greedy decoding once instead of sampling per seed
+    out: str | None = runtime(None)              # default MODEL/eval/<data>_<split>
+    limit: int | None = identity(None)
+    max_new_tokens: int = identity(512)
+    batch_size: int = runtime(16)
+    data_root: str | None = runtime(None)
+    device: str | None = runtime(None)
+    overwrite: bool = runtime(False)             # replace an existing results.json of another evaluation
 
 
 REPORT_TARGETS = ("tensorboard", "wandb")

@@ -17,6 +17,7 @@ from cot2align.cli import main
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
 from cot2align.teacher.cache_pass import _check_dtype, cache_teacher
 from cot2align.train.distill import distill
+from cot2align.train.resolve import resolve_distill_config
 from cot2align.train.setup import load_student, setup, student_weights_dtype
 
 TEACHER, STUDENT = "tiny-qwen2", "tiny-gpt2"
@@ -91,8 +92,10 @@ def test_autocast_follows_dtype(data_and_cache, tmp_path):
 
     for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         held = ExitStack()
-        run = setup(build_config(DistillConfig, cache=str(data_and_cache[1]), student=STUDENT, method="dskd",
-                                 dtype=dtype, val_examples=0, out=str(tmp_path / dtype)), lambda m: None, None, held)
+        cache = open_cache(data_and_cache[1])
+        cfg = build_config(DistillConfig, cache=str(data_and_cache[1]), student=STUDENT, method="dskd", dtype=dtype,
+                           val_examples=0, out=str(tmp_path / dtype))
+        run = setup(resolve_distill_config(cfg, cache), lambda m: None, cache, held)
         try:
             with run.autocast:
                 students, _ = views(next(iter(run.loader)), run.train_model, run.heads, run.device, run.compute_dtype)
@@ -177,18 +180,18 @@ def test_augment_cot_loads_the_teacher_in_dtype(data_and_cache, tmp_path, monkey
 
 
 def test_accelerate_launch_settings_fill_what_the_command_line_leaves_unset(monkeypatch):
-    from cot2align.config import DistillConfig, build_config
-    from cot2align.train.setup import accelerate_settings
+    from cot2align.train.resolve import accelerate_settings, resolve_distill_config
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    cfg = build_config(DistillConfig, cache="c")
-    assert accelerate_settings(cfg) == ["dtype fp16 (mixed_precision fp16)", "fsdp (use_fsdp)"]
-    assert cfg.dtype == "fp16" and cfg.fsdp
+    cfg = build_config(DistillConfig, method="sft", cot2align=False, data="sample", student=STUDENT)
+    assert accelerate_settings(cfg) == ({"dtype": "fp16", "fsdp": True},
+                                        ["dtype fp16 (mixed_precision fp16)", "fsdp (use_fsdp)"])
+    resolved = resolve_distill_config(cfg, None)
+    assert resolved.dtype == "fp16" and resolved.fsdp and cfg.dtype is None      # a new config; the request as given
     given = build_config(DistillConfig, cache="c", dtype="bf16")          # a flag wins over the launcher's config
-    accelerate_settings(given)
-    assert given.dtype == "bf16"
+    assert accelerate_settings(given)[0] == {"fsdp": True}
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     plain = build_config(DistillConfig, cache="c")
-    assert accelerate_settings(plain) == ["dtype fp32 (mixed_precision no)"] and not plain.fsdp
+    assert accelerate_settings(plain) == ({"dtype": "fp32"}, ["dtype fp32 (mixed_precision no)"])

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cot2align.config import ConfigError, check_dtype
+from cot2align.config import ConfigError, check_dtype, identity, runtime
 from cot2align.data.readers import DataError, load_records
 from cot2align.data.templates import cot_output, cot_prompt
 from cot2align.eval.generation import generate_batch
@@ -40,24 +40,26 @@ SEPARATOR = "Therefore, the answer is"
 
 @dataclass
 class AugmentConfig:
-    model: str | None = None           # required: the (fine-tuned) teacher
-    data: str | None = None            # required: dataset alias or JSON/JSONL file
-    out: str | None = None             # required: the output JSONL
-    split: str = "train"
-    data_root: str | None = None
-    data_config: str | None = None     # a hub dataset's configuration (--data owner/name)
-    data_split: str | None = None      # the dataset's split to read [default: the one --split means]
-    field_map: dict = field(default_factory=dict)   # OURS: THEIRS field names
-    backend: str = "hf"
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-    limit: int | None = None
-    adapter: str | None = None
-    device: str | None = None
-    trust_remote_code: bool = False
-    dtype: str | None = None           # the teacher's dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
+    """`cot2align augment-cot`. Field kinds as in config.py: identity changes the rationales written."""
+
+    model: str | None = identity(None)           # required: the (fine-tuned) teacher
+    data: str | None = identity(None)            # required: dataset alias or JSON/JSONL file
+    out: str | None = runtime(None)              # required: the output JSONL
+    split: str = identity("train")
+    data_root: str | None = runtime(None)
+    data_config: str | None = identity(None)     # a hub dataset's configuration (--data owner/name)
+    data_split: str | None = identity(None)      # the dataset's split to read [default: the one --split means]
+    field_map: dict = identity(factory=dict)     # OURS: THEIRS field names
+    backend: str = identity("hf")                # hf | vllm: other samplers, other rationales
+    max_new_tokens: int = identity(256)
+    temperature: float = identity(1.0)
+    seed: int = identity(0)
+    batch_size: int = runtime(16)
+    limit: int | None = identity(None)
+    adapter: str | None = identity(None)
+    device: str | None = runtime(None)
+    trust_remote_code: bool = runtime(False)
+    dtype: str | None = identity(None)           # the teacher's dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
 
     def validate(self) -> None:
         check_dtype(self.dtype)

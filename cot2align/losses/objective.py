@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cot2align.config import identity, runtime
 from cot2align.losses.ccot import ccot_loss
 from cot2align.losses.dskd import DSKDProjectors, dskd_loss
 from cot2align.losses.kl import kl_loss
@@ -32,16 +33,18 @@ METHODS = ("sft", "kl", "uld", "mined", "dskd")
 
 @dataclass
 class LossConfig:
-    kl_variant: str = "forward"       # the KL family member for kl and DSKD's t2s_kd
-    kd_temperature: float = 2.0       # τ of kl / mined / dskd (reference scripts); no τ² factor
-    uld_temperature: float = 1.0
-    skew_lambda: float = 0.1
-    adaptive_alpha: float = 0.5
-    ot_epsilon: float = 10.0
-    ot_iters: int = 100
-    ot_grad: str = "envelope"
-    ot_compile: bool = False          # torch.compile the Sinkhorn loop (GPU; shapes padded to multiples of 64)
-    vocab_chunk: int = 32768
+    """The objective's settings (built from DistillConfig's; field kinds as in config.py)."""
+
+    kl_variant: str = identity("forward")        # the KL family member for kl and DSKD's t2s_kd
+    kd_temperature: float = identity(2.0)        # τ of kl / mined / dskd (reference scripts); no τ² factor
+    uld_temperature: float = identity(1.0)
+    skew_lambda: float = identity(0.1)
+    adaptive_alpha: float = identity(0.5)
+    ot_epsilon: float = identity(10.0)
+    ot_iters: int = identity(100)
+    ot_grad: str = identity("envelope")
+    ot_compile: bool = runtime(False)            # torch.compile the Sinkhorn loop (GPU; shapes padded to multiples of 64)
+    vocab_chunk: int = runtime(32768)            # vocabulary columns per chunk of the exact teacher distribution
 
 
 @dataclass

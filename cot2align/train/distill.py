@@ -1,5 +1,6 @@
 """`cot2align distill`: train a student from the teacher cache (DESIGN §6). The recipe, top to bottom:
 
+    cfg = resolve_distill_config(cfg)      flags + YAML + paper defaults + device, dtype, resume state (train/resolve.py)
     run = setup(cfg)                       models, heads, projectors, loader, optimiser, resume (train/setup.py)
     for each epoch:
         train_epoch(run)                   per batch: the student's forward on each view, the cached teacher
@@ -35,6 +36,7 @@ from cot2align.train.checkpoint import save_checkpoint
 from cot2align.train.fsdp import average_gradients, clip_grad_norm
 from cot2align.train.metrics import append as append_metrics
 from cot2align.train.outputs import call_trackers, has_saved_model, progress_bar, save_best, write_outputs
+from cot2align.train.resolve import resolve_distill_config
 from cot2align.train.setup import Run, finished_summary, setup, trainable_state, whole_model
 from cot2align.train.validation import is_better, validate
 from cot2align.write_errors import reported
@@ -47,10 +49,11 @@ def distill(cfg: DistillConfig, log=None, progress: bool = True, cache=None) -> 
     """Train one student; `cache` may be an already opened TeacherCache (sweep opens it once). Messages go to
     the `cot2align.train` logger, or to `log` when given; `progress`: the step bar (on a terminal)."""
     if cache is None and cfg.cache:
-        cache = open_cache(cfg.cache)       # once, for this check and for the run
+        cache = open_cache(cfg.cache)       # once, for the resolution, this check and the run
+    say = reporter(log, "cot2align.train") if int(os.environ.get("RANK", "0")) == 0 else silent
+    cfg = resolve_distill_config(cfg, cache, say)     # the one config the run reads and records from here on
     finished = finished_summary(cfg, cache)
     if finished is not None:
-        say = reporter(log, "cot2align.train") if int(os.environ.get("RANK", "0")) == 0 else silent
         say(f"--resume {finished['out']}: the run finished earlier ({finished['steps']} steps); nothing to do"
             + ("; to upload it: cot2align push" if cfg.push_to_hub else ""))
         return finished

@@ -2,7 +2,7 @@
 
     setup(cfg) -> Run
       _setup_distributed   rank, world size, device (torchrun / accelerate launch, or one process)
-      _setup_config        the cache, the paper setting that fills unset fields, the output directory (locked)
+      _setup_out           the output directory (locked), a resumed run checked to be the same run
       _setup_student       the student's tokenizer and model (full fine-tuning or LoRA)
       _setup_heads         both models' heads, MinED's vocabulary map, the trainable projectors
       _setup_fsdp          shard the student's blocks (FSDP2) when asked and launched on several ranks
@@ -11,13 +11,14 @@
       _setup_resume        the last checkpoint, when --resume
       _setup_logging       run.json, config.yaml, metrics.jsonl and the --report-to trackers (rank 0)
 
+`cfg` is the resolved config (train/resolve.py): setup reads it and never changes it.
+
 The order is the order of the random draws (model init, projectors, data order), which a resumed run and a
 run with other world sizes must repeat exactly.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -37,19 +38,20 @@ from transformers import get_cosine_schedule_with_warmup
 
 from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache import open_cache
-from cot2align.config import ConfigError, DistillConfig, config_to_dict, model_family
+from cot2align.config import ConfigError, DistillConfig, config_to_dict, fields_of_kind
 from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
 from cot2align.logs import reporter, silent
 from cot2align.model_limits import check_student
 from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
-from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, dtype_name, tokenizer_hash
+from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, tokenizer_hash
 from cot2align.train.batches import dataloader, load_heads, pad_id
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
 from cot2align.train.data import student_view_ids, tokenize_cache
 from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
 from cot2align.train.metrics import open_metrics
 from cot2align.train.outputs import open_trackers
+from cot2align.train.resolve import teacher_name as teacher_of
 from cot2align.train.validation import split_validation
 from cot2align.write_errors import reported
 
@@ -116,14 +118,14 @@ class Run:
 
 
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
-    """`held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
+    """`cfg`: the resolved config (resolve_distill_config); `cache`: the opened teacher cache (opened here when
+    None). `held` keeps the writer lock of --out (rank 0) until the caller's `with` ends."""
     rank, world, device = _setup_distributed(cfg)
     say = reporter(log, "cot2align.train") if rank == 0 else silent
-    from_launcher = accelerate_settings(cfg)
-    if from_launcher:
-        say(f"from the accelerate config: {', '.join(from_launcher)}")
-    cfg.dtype = dtype_name(resolve_dtype(cfg.dtype, device))    # recorded in config.yaml as it ran
-    cache, teacher_name, out = _setup_config(cfg, cache, rank, world, say, held)
+    if cache is None and cfg.cache:
+        cache = open_cache(cfg.cache)
+    teacher_name = teacher_of(cache)
+    out = _setup_out(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
     compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32     # the teacher's cached rows
@@ -167,37 +169,10 @@ def _setup_distributed(cfg: DistillConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-# `accelerate launch` passes the user's accelerate config to the processes it starts as environment variables;
-# these two are cot2align settings too, and are taken from there when the command line leaves them unset.
-ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}
-
-
-def accelerate_settings(cfg: DistillConfig) -> list[str]:
-    """Fill --dtype from ACCELERATE_MIXED_PRECISION and --fsdp from ACCELERATE_USE_FSDP when not given; returns
-    what was taken (flags and YAML values win). The process count and machines come from the launcher itself."""
-    taken = []
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if cfg.dtype is None and precision in ACCELERATE_PRECISION:
-        cfg.dtype = ACCELERATE_PRECISION[precision]
-        taken.append(f"dtype {cfg.dtype} (mixed_precision {precision})")
-    if not cfg.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1"):
-        cfg.fsdp = True
-        taken.append("fsdp (use_fsdp)")
-    return taken
-
-
-def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say, held: ExitStack):
-    """Open the cache, fill unset fields from the paper's setting for its teacher, lock and prepare --out."""
-    if cache is None and cfg.cache:
-        cache = open_cache(cfg.cache)
-    teacher_name = cache.manifest["teacher"]["name_or_path"] if cache is not None else None
-    setting = cfg.resolve(model_family(teacher_name) if teacher_name else None)
-    if setting:
-        say(f"paper setting: {setting} — method {cfg.method}{' + CoT2Align' if cfg.cot2align else ''}, "
-            f"alpha {cfg.alpha}, lr {cfg.lr}, {cfg.epochs} epochs, batch {cfg.batch_size}x{cfg.grad_accum}"
-            f"{f', LoRA r={cfg.lora_rank}' if cfg.lora_rank else ', full fine-tuning'}")
+def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: ExitStack) -> Path:
+    """Lock and prepare --out: a new run's empty directory, or the same run to continue (--resume)."""
     check_student(cfg, cache)        # --max-length fits the student (and MinED the cache): before --out is touched
-    out = Path(cfg.out or default_out(cfg))
+    out = Path(cfg.out)
     if rank == 0:      # rank 0 alone writes --out: one lock per job (locks.py)
         held.enter_context(writer_lock(out, ConfigError, f"--out {out}", log=say))
         prepare_out_dir(out, cfg, cache)
@@ -206,7 +181,7 @@ def _setup_config(cfg: DistillConfig, cache, rank: int, world: int, say, held: E
             say(f"--out {out}: removed {len(removed)} half-written checkpoint file(s) left by a killed run")
     if world > 1:
         torch.distributed.barrier()
-    return cache, teacher_name, out
+    return out
 
 
 def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
@@ -254,10 +229,9 @@ def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: 
         student_ids = records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
     indices, val_records = split_validation(cfg, cache, list(range(n_examples)))
-    workers = cfg.num_workers if cfg.num_workers is not None else (2 if device.type == "cuda" else 0)
     arrays = teacher_arrays(cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
     loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
-                        pad_id(tokenizer), cfg.batch_size, cfg.seed, workers, device.type == "cuda", rank, world)
+                        pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world)
     return loader, val_records, views
 
 
@@ -304,15 +278,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_out(cfg: DistillConfig) -> str:
-    tag = f"{model_family(cfg.student)}_{cfg.method}{'_cot2align' if cfg.cot2align else ''}_a{cfg.alpha}"
-    return str(Path("runs") / tag)
-
-
-# What makes a run the same run: --resume refuses to continue one under any other of these.
-RUN_IDENTITY = ("student", "method", "cot2align", "lora_rank", "lora_targets", "data", "split", "limit")
-
-
 def cache_identity(cache) -> str | None:
     """The teacher cache a run trains on, by content (its fingerprint), not by path: a moved cache is the same."""
     if cache is None:
@@ -321,8 +286,9 @@ def cache_identity(cache) -> str | None:
 
 
 def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
-    """Refuse a directory holding another run unless --resume (the same run: same cache, student, method ...) or
-    --overwrite (which deletes only a cot2align run directory, never anything else)."""
+    """Refuse a directory holding another run unless --resume (the same run: check_same_run) or --overwrite (which
+    deletes only a cot2align run directory, never anything else). `cfg` is resolved: its `resume` is already
+    false for an empty directory (a run killed before its first write starts afresh)."""
     marker = out / RUN_MARKER
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; expected a directory for the run")
@@ -330,9 +296,9 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
         if cfg.resume:
             if not marker.exists():
                 raise ConfigError(f"--out {out}: --resume given but the directory holds no cot2align run")
-            _check_same_run(marker, cfg, cache)
-            # the run trains on (finished_summary let it through: longer, or its summary torn): until its new end
-            # it is not finished, and its summary.json is written again then
+            check_same_run(marker, cfg, cache)
+            # the run trains on (finished_summary let it through: its summary torn): until its end it is not
+            # finished, and its summary.json is written again then
             (out / "summary.json").unlink(missing_ok=True)
             return
         if not cfg.overwrite:
@@ -344,25 +310,17 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, cache=None) -> None:
         shutil.rmtree(out)
     elif cfg.resume and not out.exists():
         raise ConfigError(f"--resume: {out} does not exist, so there is no run to resume; drop --resume to start one")
-    elif cfg.resume:
-        cfg.resume = False     # an empty directory: a run killed before its first write starts afresh
     out.mkdir(parents=True, exist_ok=True)
 
 
 def finished_summary(cfg: DistillConfig, cache) -> dict | None:
-    """`--resume` of a run that has finished (its summary.json, written last, exists) with the same --epochs and
-    --max-steps: that summary, after the same-run checks — nothing is trained or rewritten, so the kept epoch's
-    model stays as it is. None otherwise (a run asked to go on further trains on from its last checkpoint)."""
-    if not cfg.resume:
+    """`--resume` (resolved config) of a run that has finished (its summary.json, written last, exists): that
+    summary, after the same-run check — nothing is trained or rewritten, so the kept epoch's model stays as it is.
+    None otherwise. A longer --epochs or --max-steps is another run (identity fields), refused here too."""
+    out = Path(cfg.out)
+    if not cfg.resume or not (out / "summary.json").is_file() or not (out / RUN_MARKER).is_file():
         return None
-    resolved = copy.copy(cfg)                 # resolve() sets scalar fields only
-    resolved.resolve(model_family(cache.manifest["teacher"]["name_or_path"]) if cache is not None else None)
-    out = Path(resolved.out or default_out(resolved))
-    if not (out / "summary.json").is_file() or not (out / RUN_MARKER).is_file():
-        return None
-    recorded = _check_same_run(out / RUN_MARKER, resolved, cache)
-    if any(recorded.get(name) != getattr(resolved, name) for name in ("epochs", "max_steps")):
-        return None                 # a longer (or shorter) run asked for: train on from the last checkpoint
+    check_same_run(out / RUN_MARKER, cfg, cache)
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -370,20 +328,28 @@ def finished_summary(cfg: DistillConfig, cache) -> dict | None:
     return dict(summary, out=str(out))
 
 
-def _check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
-    """Refuse to continue another run (RUN_IDENTITY, the cache's content); the recorded config when it is the same."""
+# What makes a run the same run: every identity field of DistillConfig (config.py), the cache by its content.
+RUN_IDENTITY = tuple(name for name in fields_of_kind(DistillConfig, "identity") if name != "cache")
+
+
+def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
+    """Refuse, in one line naming every difference, to continue a run under other identity fields than it was
+    started with, or on a cache of other content; the recorded config when it is the same run. A run recorded
+    before a field existed is compared on what it recorded."""
     try:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{marker}: unreadable (not JSON); cannot tell which run this is — cannot --resume") from None
     old, now = recorded.get("config", {}), config_to_dict(cfg)     # a `datasets` object as data: by description
-    for name in RUN_IDENTITY:
-        if name in old and old[name] != now[name]:
-            raise ConfigError(f"--resume {marker.parent}: the run was started with {name}={old[name]!r}, this command "
-                              f"has {name}={now[name]!r}; resume with the same settings or choose another --out")
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
+    changed = [name for name in RUN_IDENTITY if name in old and old[name] != now[name]]
+    if changed:
+        was = ", ".join(f"{name}={old[name]!r}" for name in changed)
+        has = ", ".join(f"{name}={now[name]!r}" for name in changed)
+        raise ConfigError(f"--resume {marker.parent}: the run was started with {was}; this command has {has} — "
+                          "resume with the same settings, or start a new run with another --out")
     return old
 
 

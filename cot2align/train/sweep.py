@@ -8,6 +8,7 @@ against α per method (DIR/rougeL_vs_alpha.png).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -30,18 +31,20 @@ def sweep(cache_path: str, students: list[str | None], methods: list[str], alpha
     resume = flags.pop("resume", None)
     rows = []
     for student, method, alpha in itertools.product(students, methods, alphas):
-        cfg = build_config(DistillConfig, config_file, cache=cache_path, student=student, method=method, alpha=alpha, **flags)
-        cfg.resolve(model_family(cache.manifest["teacher"]["name_or_path"]))
-        cfg.out = str(out_dir / f"{model_family(cfg.student)}_{method}{'_cot2align' if cfg.cot2align else ''}_a{alpha}")
+        request = build_config(DistillConfig, config_file, cache=cache_path, student=student, method=method,
+                               alpha=alpha, **flags)
+        named = request.with_defaults(model_family(cache.manifest["teacher"]["name_or_path"]))   # for the run's name
+        run_out = str(out_dir / f"{model_family(named.student)}_{method}{'_cot2align' if named.cot2align else ''}_a{alpha}")
         # --resume (flag or YAML): runs that finished are kept, an interrupted one continues from its checkpoint,
         # the ones not yet started start
-        cfg.resume = bool(resume if resume is not None else cfg.resume) and Path(cfg.out).exists()
-        say(f"sweep: {cfg.student} {method}{' + CoT2Align' if cfg.cot2align else ''} alpha={alpha} -> {cfg.out}")
+        asked = bool(resume if resume is not None else request.resume)
+        cfg = dataclasses.replace(request, out=run_out, resume=asked and Path(run_out).exists())
+        say(f"sweep: {named.student} {method}{' + CoT2Align' if named.cot2align else ''} alpha={alpha} -> {run_out}")
         summary = distill(cfg, log=log, cache=cache)
         final = summary["history"][-1] if summary["history"] else {}
-        rows.append({"student": cfg.student, "method": method, "cot2align": cfg.cot2align, "alpha": alpha,
+        rows.append({"student": named.student, "method": method, "cot2align": named.cot2align, "alpha": alpha,
                      "best_val_rougeL": summary["best_val_rougeL"], "final_val_ce": final.get("val_ce"),
-                     "steps": summary["steps"], "out": cfg.out})
+                     "steps": summary["steps"], "out": run_out})
     _write_tables(rows, out_dir)
     _plot(rows, out_dir)
     return rows
