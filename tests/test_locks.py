@@ -164,8 +164,9 @@ def test_stale_locks_are_taken_over_leftovers_removed_and_the_runs_complete(tiny
     stale_lock(run)
     args = ["distill", "--cache", cache, "--student", "tiny-gpt2", "--method", "sft", "--no-cot2align",
             "--batch-size", "2", "--val-examples", "1", "--val-max-new-tokens", "1", "--save-every", "1", "--out", run]
-    result = cli(*args, "--max-steps", "1")
+    result = cli(*args, "--max-steps", "2")
     assert result.exit_code == 0 and "taking over the lock" in result.stderr, result.output
+    (run / "summary.json").unlink()         # as if killed after its last checkpoint: --resume finishes it
     dead_tmp = run / "checkpoints" / f".step-00000002.{dead_pid()}.tmp"
     live_tmp = run / "checkpoints" / f".latest.{os.getppid()}.tmp"
     dead_tmp.mkdir()

@@ -31,6 +31,9 @@ TRUST = "trust_remote_code"
 CONFIG_NAMES = {"cfg", "config"}     # the resolved config dataclass, built from flags and the user's --config
 
 
+FIELD_KINDS = ("identity", "runtime", "output")     # config.py's field helpers: a kind around the default
+
+
 def _is_const(node, value) -> bool:
     return isinstance(node, ast.Constant) and node.value is value
 
@@ -91,8 +94,12 @@ class Audit(ast.NodeVisitor):
 
     visit_FunctionDef = visit_AsyncFunctionDef = _visit_function
 
-    def visit_AnnAssign(self, node):            # dataclass fields
-        if isinstance(node.target, ast.Name) and node.target.id == TRUST and not _is_const(node.value, False):
+    def visit_AnnAssign(self, node):            # dataclass fields: `= False`, or `= runtime(False)` (the field's kind)
+        value = node.value
+        if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in FIELD_KINDS
+                and len(value.args) == 1 and not value.keywords):
+            value = value.args[0]
+        if isinstance(node.target, ast.Name) and node.target.id == TRUST and not _is_const(value, False):
             self.flag(node, f"field {TRUST} must default to False")
         self.generic_visit(node)
 
@@ -188,6 +195,8 @@ def test_the_source_tree_keeps_the_security_rules():
     ("m.from_pretrained(p, trust_remote_code=manifest['trust_remote_code'])", TRUST),
     ("m.from_pretrained(p, trust_remote_code=settings.get('trust_remote_code', False))", TRUST),
     ("def f(trust_remote_code=False):\n    m.from_pretrained(p, trust_remote_code=trust_remote_code)", None),
+    ("trust_remote_code: bool = runtime(True)", TRUST),
+    ("trust_remote_code: bool = runtime(False)", None),
     ("def g():\n    m.from_pretrained(p, trust_remote_code=trust_remote_code)", TRUST),   # not a parameter here
     ("def f(trust_remote_code=True):\n    pass", TRUST),
     ("class C:\n    trust_remote_code: bool = True", TRUST),
@@ -359,7 +368,8 @@ def test_hostile_ids_and_a_poisoned_manifest_stay_inside_and_never_enable_remote
     marker = json.loads((work / "run" / "run.json").read_text())
     marker["config"]["trust_remote_code"] = True
     (work / "run" / "run.json").write_text(json.dumps(marker))
-    resumed = build_config(DistillConfig, max_steps=2, out="run", resume=True, **common)
+    (work / "run" / "summary.json").unlink()      # as if killed before its end: --resume loads the run again
+    resumed = build_config(DistillConfig, max_steps=1, out="run", resume=True, **common)
     distill(resumed, log=lambda m: None, progress=False)
     assert resumed.trust_remote_code is False and trust_seen and not any(trust_seen)
     outside = {f for f in _files(tmp_path) if not f.startswith("a/b/work")}
