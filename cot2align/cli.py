@@ -197,9 +197,12 @@ def cache_info_cmd(path, as_json):
 def cache_verify_cmd(path):
     """Check the manifest, the teacher files and every chunk; exit 1 naming each problem."""
     from cot2align.cache.inspect import verify_cache
+    from cot2align.cache.storage import Location
 
     if "://" not in path and not os.path.lexists(path):     # a mistyped path is a usage error (2), not damage (1)
         raise CacheError(f"{path}: no such file or directory")
+    if "://" in path:       # an object store that cannot be reached at all is a usage error (2) too, not damage
+        Location(path).read_text("zarr.json")
     problems = verify_cache(path)
     if problems:
         for p in problems:

@@ -273,6 +273,30 @@ def test_s2_a_rebuilt_cache_does_not_reuse_the_students_memo_of_the_old_build(tm
         if name != "manifest_key":
             assert np.array_equal(rebuilt[name], fresh[name]), name
 
+
+def test_s2_a_damaged_students_memo_is_recomputed_with_one_warning(tmp_path):
+    """A memo truncated by a full disk (or edited) is derived data: said once and recomputed, never a traceback."""
+    import numpy as np
+
+    from cot2align.cache import open_cache
+    from cot2align.config import CacheTeacherConfig, build_config
+    from cot2align.modeling import load_tokenizer, tokenizer_hash
+    from cot2align.teacher.cache_pass import cache_teacher
+    from cot2align.train.data import tokenize_cache
+
+    out = tmp_path / "cache"
+    cache_teacher(build_config(CacheTeacherConfig, model="tiny-qwen2", data="sample", limit=3, out=str(out), topk=4),
+                  log=lambda m: None)
+    student = load_tokenizer("tiny-gpt2")
+    first = tokenize_cache(open_cache(out), student, tokenizer_hash(student), 512)
+    [memo] = (tmp_path / "cache.students").glob("*.npz")
+    memo.write_bytes(memo.read_bytes()[:300])
+    said = []
+    again = tokenize_cache(open_cache(out), student, tokenizer_hash(student), 512, log=said.append)
+    assert len(said) == 1 and "unreadable students' memo" in said[0], said
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert np.load(memo)["manifest_key"].shape == first["manifest_key"].shape      # rewritten whole
+
 # (end of section 2)
 
 
@@ -758,6 +782,7 @@ def test_s4_home_order_and_a_fallback_that_is_not_ours(tmp_path, monkeypatch):
 def test_s4_failures_a_user_causes_exit_2_without_a_traceback(tmp_path):
     """Exit codes (README "Exit codes"): 0 ok, 1 `cache verify` found damage, 2 a usage or input error, 130
     interrupted. Errors that reach the command line as a bare OSError (a path that is a file) are one line too."""
+    import os
     import subprocess
     import sys
 
@@ -786,6 +811,17 @@ def test_s4_failures_a_user_causes_exit_2_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    # an object store that cannot be reached (no credentials here; a closed port as its endpoint): one line, 2
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true",
+               COT2ALIGN_STORAGE_OPTIONS='{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}')
+    for args in (["cache", "info", "s3://nobucket/x"], ["cache", "verify", "s3://nobucket/x"],
+                 ["distill", "--cache", "s3://nobucket/x", "--student", "tiny-gpt2"]):
+        done = subprocess.run([sys.executable, "-m", "cot2align.cli", *args], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "cannot read the object store" in done.stderr.strip().splitlines()[-1], done.stderr
     verify_found = _s4_cli(["cache", "verify", str(tmp_path / "empty")])      # something there, but not a cache
     assert verify_found.exit_code == 1 and "FAIL" in verify_found.stderr
 

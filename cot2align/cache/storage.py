@@ -193,6 +193,16 @@ class RemoteLocation(Location):
         # an example's rows are a slice of a chunk its neighbours share: fetch each chunk once, not per example
         return MemoryChunkStore(store, int(os.environ.get("COT2ALIGN_REMOTE_MEMORY_MB", "512")) << 20)
 
+    def read_text(self, relative: str) -> str | None:
+        """As for any location; a store that cannot be reached at all (no credentials, a wrong endpoint, no such
+        bucket) is one line naming the URL — the first read of every command that opens or writes a cache."""
+        try:
+            return super().read_text(relative)
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CacheError(f"{self.url}: cannot read the object store ({type(e).__name__}: {reason}); check its "
+                             "credentials and endpoint (AWS_* variables, COT2ALIGN_STORAGE_OPTIONS)") from None
+
     def writer_lock(self, error, what: str, rank: int = 0, log=None):
         return nullcontext()
 

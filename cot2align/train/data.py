@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +53,17 @@ def memo_paths(cache, tokenizer_hash: str, max_length: int, mined: bool) -> list
     return [place / f"{key}.npz" for place in places]
 
 
-def _read_memo(paths: list[Path], manifest_key: np.ndarray) -> dict[str, np.ndarray] | None:
+def _read_memo(paths: list[Path], manifest_key: np.ndarray, log) -> dict[str, np.ndarray] | None:
+    """The memo of this cache build, if one of `paths` holds it; a damaged one (truncated by a full disk, edited)
+    is said once and recomputed — it is derived data, rewritten by this run."""
     for path in paths:
         if path.exists():
-            with np.load(path) as stored:
-                if np.array_equal(stored["manifest_key"], manifest_key):
-                    return dict(stored)
+            try:
+                with np.load(path) as stored:
+                    if np.array_equal(stored["manifest_key"], manifest_key):
+                        return dict(stored)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                log(f"{path}: unreadable students' memo ({type(e).__name__}); recomputing it", logging.WARNING)
     return None
 
 
@@ -88,7 +94,7 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     paths = memo_paths(cache, tokenizer_hash, max_length, vocab_map is not None)
     # the build this memo belongs to: a cache rebuilt at the same path (another teacher, same data) gets a new memo
     manifest_key = np.frombuffer(bytes.fromhex(cache.build_id), dtype=np.uint8)
-    stored = _read_memo(paths, manifest_key)
+    stored = _read_memo(paths, manifest_key, reporter(log, __name__))
     if stored is not None:
         return stored
     aligner = None
