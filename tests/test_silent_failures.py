@@ -826,6 +826,21 @@ def test_s4_failures_a_user_causes_exit_2_without_a_traceback(tmp_path):
     assert verify_found.exit_code == 1 and "FAIL" in verify_found.stderr
 
 
+
+def test_s4_a_run_inside_the_teacher_cache_is_refused(tmp_path):
+    """`distill --out <cache>/run` would write into the cache (which nothing but cache-teacher writes)."""
+    from cot2align.config import CacheTeacherConfig, build_config
+    from cot2align.teacher.cache_pass import cache_teacher
+
+    cache = tmp_path / "cache"
+    cache_teacher(build_config(CacheTeacherConfig, model="tiny-qwen2", data="sample", limit=2, out=str(cache), topk=4),
+                  log=lambda m: None)
+    before = sorted(p.name for p in cache.rglob("*"))
+    result = _s4_cli(["distill", "--cache", str(cache), "--student", "tiny-gpt2", "--max-steps", "1",
+                      "--val-examples", "0", "--out", str(cache / "run")])
+    _s4_refused(result, "inside the teacher cache")
+    assert sorted(p.name for p in cache.rglob("*")) == before
+
 # (end of section 4)
 
 

@@ -165,6 +165,10 @@ class LocalLocation(Location):
         or None when that directory cannot be written (read-only storage): the cache itself is never written."""
         return self.local_path.parent / f"{self.local_path.name}{suffix}" if writable_parent(self.local_path) else None
 
+    def contains(self, path: str | Path) -> bool:
+        """Whether a local `path` lies inside this cache (where no run may write)."""
+        return Path(path).resolve().is_relative_to(self.local_path.resolve())
+
     def local_copy(self, relative: str, target: Path) -> Path:
         """The local directory holding the files under `relative`: the cache's own."""
         return self.local_path / relative
@@ -211,6 +215,9 @@ class RemoteLocation(Location):
 
     def clear_for_creation(self) -> None:
         pass                  # Zarr's overwrite of the group removes what a killed creation wrote
+
+    def contains(self, path: str | Path) -> bool:
+        return False          # a local path is never inside an object store
 
     def beside(self, suffix: str) -> Path | None:
         return None           # read-only to a trainer: derived data goes under $COT2ALIGN_HOME instead

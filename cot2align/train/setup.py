@@ -173,6 +173,8 @@ def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: Exit
     """Lock and prepare --out: a new run's empty directory, or the same run to continue (--resume)."""
     check_student(cfg, cache)        # --max-length fits the student (and MinED the cache): before --out is touched
     out = Path(cfg.out)
+    if cache is not None and cache.location.contains(out):
+        raise ConfigError(f"--out {out}: inside the teacher cache {cache.url}, which no run writes; choose another --out")
     if rank == 0:      # rank 0 alone writes --out: one lock per job (locks.py)
         held.enter_context(writer_lock(out, ConfigError, f"--out {out}", log=say))
         prepare_out_dir(out, cfg, cache)
