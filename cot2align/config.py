@@ -189,9 +189,9 @@ class CacheTeacherConfig:
         if self.hidden_codec not in ("auto", "raw", "zstd", "lz4"):
             raise ConfigError(f"hidden_codec: expected auto, raw, zstd or lz4, got {self.hidden_codec!r}")
         if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be below --max-length ({self.max_length})")
+            raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
         if self.batch_tokens < self.max_length:
-            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be at least --max-length ({self.max_length})")
+            raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})")
 
 
 # The paper's settings (Table 4 and the authors' scripts), keyed by the teacher's family: the student a bare
