@@ -263,3 +263,107 @@ def test_exact_token_map_on_real_tokenizers_counts_tokens_not_head_rows():
     assert result.stu2tea[gpt2.eos_token_id] == qwen.eos_token_id
     hello = gpt2.convert_tokens_to_ids("Ġhello")
     assert qwen.convert_ids_to_tokens(int(result.stu2tea[hello])) == "Ġhello"
+
+
+# ----------------------------------------------------------------------------- against TRL's ULDLoss
+#
+# The pinned numbers below come from TRL's own code, run once on these hand cases: trl 1.16.0 from PyPI (its ULDLoss is
+# unchanged on huggingface/trl main f2cd577), `ULDLoss(config, student_tok, teacher_tok)` with use_extended_uld=True,
+# uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=True, adaptive weights, beta as stated, both temperatures 1,
+# uld_skip_{student,teacher}_eos=False, cross-entropy weight 0; tokenizers whose get_vocab() are S_STR / T_STR; one
+# prompt token (id 0, label -100) before the response; the logits of `hand_logits`; byte offsets as in each case.
+# Its `_merge_probabilities_with_alignment_groups` gave the merged rows, `last_matched_loss` / `last_unmatched_loss`
+# the two parts (means over the chunks), and the call the total.
+
+S_STR, T_STR = ["a", "b", "c", "d", "e"], ["a", "b", "x", "y", "z", "w"]   # "a", "b" shared: adaptive w = 2 / 6
+
+
+def hand_logits(n, v, f, phase):
+    i = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(v, dtype=torch.float64)[None, :]
+    return (2 * f(0.7 * i + 1.3 * j + phase))[None]
+
+
+def hand_case(s_ids, t_ids, s_chunks, t_chunks):
+    """Our rows: row r predicts response token r (TRL's logits shifted by its "bayesian" strategy)."""
+    z_s = hand_logits(len(s_ids) + 1, 5, torch.sin, 0.1)[:, :-1]
+    z_t = hand_logits(len(t_ids) + 1, 6, torch.cos, 0.4)[:, :-1]
+    s_chunks, t_chunks = torch.tensor([s_chunks]), torch.tensor([t_chunks])
+    return dict(student_logits=z_s, student_targets=torch.tensor([s_ids]), student_mask=s_chunks >= 0,
+                student_chunks=s_chunks, teacher=z_t, teacher_targets=torch.tensor([t_ids]),
+                teacher_mask=t_chunks >= 0, teacher_chunks=t_chunks, stu2tea=torch.tensor([0, 1, -1, -1, -1]))
+
+
+# case 2: student "a|bc|d|e|f", teacher "ab|c|de|f" -> chunks {a,bc | ab}, {d,e | c}... by byte offsets: TRL's groups
+# student [[0, 1], [2, 3], [4]], teacher [[0, 1], [2], [3]]
+CASE2 = dict(s_ids=[0, 2, 3, 4, 1], t_ids=[1, 3, 4, 0], s_chunks=[0, 0, 1, 1, 2], t_chunks=[0, 0, 1, 2])
+TRL_CASE2_MERGED_STUDENT = [
+    [0.0412917602809755, 0.055277697258207, 0.00589950580343934, 0.00133123126108995, 0.00562443103100162],
+    [0.00724226520500646, 0.000712749514798093, 0.000196049520857423, 0.000998617171888314, 0.00867423740762294],
+    [0.13820014132249, 0.0149850454031694, 0.0208869304147645, 0.230080898060043, 0.595846984799533]]
+TRL_CASE2_MERGED_TEACHER = [
+    [0.00799101728274458, 0.000738110598777776, 0.000591511451821708, 0.00568852051415512, 0.0238275649360356,
+     0.0053315687181647],
+    [0.0549198554678275, 0.0117283482435722, 0.0467873748627646, 0.45930051301242, 0.390756126219457,
+     0.0365077821939589],
+    [0.0177533237479767, 0.0181183377193477, 0.187694467572642, 0.642411985867458, 0.119774128544134,
+     0.0142477565484414]]
+# (case name, case, beta, TRL total, TRL matched part, TRL unmatched part)
+TRL_PINS = [
+    ("one-token chunks", dict(s_ids=[2, 0, 4], t_ids=[3, 0, 5], s_chunks=[0, 1, 2], t_chunks=[0, 1, 2]), 0.5,
+     0.4464061564183522, 0.1764751517379576, 0.5813716587585495),
+    ("merged chunks", CASE2, 0.5, 0.26218915879034577, 0.021131959073693793, 0.3827177586486717),
+    ("merged chunks, beta 0.2", CASE2, 0.2, 0.2593473520596026, 0.0126065388814643, 0.3827177586486717),
+]
+
+
+def test_gold_merge_equals_trl_bayesian_merge():
+    """Our merged rows π · p(· | last row) are TRL's "bayesian" merged rows, number for number."""
+    from cot2align.losses.gold import pair_chunks
+
+    case = hand_case(**CASE2)
+    case.pop("stu2tea")
+    pairs = pair_chunks(**case)
+    for logits, last, log_prefix, pinned in (
+            (case["student_logits"], pairs.student_last, pairs.student_log_prefix, TRL_CASE2_MERGED_STUDENT),
+            (case["teacher"], pairs.teacher_last, pairs.teacher_log_prefix, TRL_CASE2_MERGED_TEACHER)):
+        rows = torch.softmax(logits.reshape(-1, logits.shape[-1])[last], -1) * log_prefix.exp()[:, None]
+        assert torch.allclose(rows, torch.tensor(pinned, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def _gjsd_term(t, s, beta):
+    m = beta * t + (1 - beta) * s
+    return beta * t * math.log(t / m) + (1 - beta) * s * math.log(s / m)
+
+
+@pytest.mark.parametrize("name,spec,beta,total,matched,unmatched", TRL_PINS, ids=[p[0] for p in TRL_PINS])
+def test_gold_equals_trl_uld_hybrid_up_to_the_documented_buckets(name, spec, beta, total, matched, unmatched):
+    """With TRL's scope (matched tokens compared in every chunk) our two parts are TRL's plus exactly the two terms we
+    add on purpose: the JSD term of the bucket holding the mass not compared token by token (r_t, r_s), and |ρ_s − ρ_t|
+    (the mass a merged row lacks). Where both vanish (one-token chunks with equal rest masses) the losses are equal."""
+    case = hand_case(**spec)
+    d_match, d_rest = gold_divergences(**case, beta=beta, scope="all")
+    rest_terms, rho_gaps = [], []
+    for (qs, qt), (rho_s, rho_t) in _merged_rows(case):
+        r_s, r_t = 1 - qs[0] - qs[1], 1 - qt[0] - qt[1]
+        rest_terms.append(_gjsd_term(r_t, r_s, beta))
+        rho_gaps.append(abs(rho_s - rho_t))
+    assert abs((d_match.mean().item() - sum(rest_terms) / len(rest_terms)) - matched) < 1e-12
+    assert abs((d_rest.mean().item() - sum(rho_gaps) / len(rho_gaps)) - unmatched) < 1e-12
+    w = 2 / 6
+    ours = gold_loss(**case, matched_weight=w, beta=beta, scope="all").item()
+    correction = w * sum(rest_terms) / len(rest_terms) + (1 - w) * sum(rho_gaps) / len(rho_gaps)
+    assert abs(ours - correction - total) < 1e-12
+    assert min(rho_gaps) == 0 and (max(rho_gaps) > 0) == (spec is CASE2)     # one-token chunks lack no mass
+
+
+def _merged_rows(case):
+    """[((q_s, q_t), (ρ_s, ρ_t)) per chunk] of one example, from the slow reference's chain rule."""
+    s_rows = chunk_rows(case["student_chunks"], case["student_mask"], 0)
+    t_rows = chunk_rows(case["teacher_chunks"], case["teacher_mask"], 0)
+    out = []
+    for c in sorted(s_rows):
+        qs, rho_s = merged(case["student_logits"][0], case["student_targets"][0], s_rows[c], 1.0)
+        qt, rho_t = merged(case["teacher"][0], case["teacher_targets"][0], t_rows[c], 1.0)
+        out.append(((qs, qt), (rho_s, rho_t)))
+    return out
