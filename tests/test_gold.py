@@ -247,10 +247,10 @@ def test_gold_identical_models_give_zero_and_float32_runs():
 
 
 def test_exact_token_map_is_one_to_one_by_bytes_with_specials_by_role():
-    teacher = ["<eos>", " a", "b", " a", "", "c"]        # " a" twice (lowest id kept), a hole
+    teacher = ["<eos>", " a", "b", " a", "", "c"]        # " a" twice (the highest id kept), a hole
     student = ["x", "b", " a", "<|end|>", " a", "c"]
     result = build_exact_token_map(teacher, student, special_pairs={0: 3})
-    assert result.stu2tea.tolist() == [-1, 2, 1, 0, -1, 5]
+    assert result.stu2tea.tolist() == [-1, 2, -1, 0, 3, 5]
     assert result.n_matched == 4 and result.n_teacher_tokens == 5
     assert result.adaptive_matched_weight == 4 / 5
 
@@ -371,3 +371,33 @@ def _merged_rows(case):
         qt, rho_t = merged(case["teacher"][0], case["teacher_targets"][0], t_rows[c], 1.0)
         out.append(((qs, qt), (rho_s, rho_t)))
     return out
+
+
+@pytest.mark.parametrize("teacher_name,student_name", [("tiny-qwen2", "tiny-gpt2"), ("tiny-qwen2", "tiny-llama")])
+def test_one_token_chunks_of_real_tokenizers_are_exact_pairs(teacher_name, student_name):
+    """In a chunk of one token on each side (align/chunks.py) both tokens spell the same bytes, so the exact map pairs
+    them — digits, accents, an emoji, a newline, the final EOS (by role) — except where a SentencePiece dummy prefix
+    makes the first token " The" on one side and "The" on the other."""
+    import numpy as np
+
+    from cot2align.align.chunks import chunk_alignment
+    from cot2align.align.exact_tokens import exact_token_map
+    from cot2align.align.vocab import token_strings
+    from cot2align.modeling import load_tokenizer
+
+    teacher, student = load_tokenizer(teacher_name), load_tokenizer(student_name)
+    exact = exact_token_map(teacher, student)
+    strings_s, strings_t = token_strings(student), token_strings(teacher)
+    text = "The café's 1234 naïve résumé costs $5.99 — 🙂 done.\nNew line: x = y + 2"
+    ids_s = student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    ids_t = teacher(text, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+    chunks_s, chunks_t = chunk_alignment(student, teacher)(ids_s, ids_t, text)
+    paired = 0
+    for c in range(int(chunks_s.max()) + 1):
+        rows_s, rows_t = np.nonzero(chunks_s == c)[0], np.nonzero(chunks_t == c)[0]
+        if len(rows_s) == len(rows_t) == 1:
+            s_id, t_id = ids_s[rows_s[0]], ids_t[rows_t[0]]
+            same = strings_s[s_id] == strings_t[t_id] or (s_id, t_id) == (student.eos_token_id, teacher.eos_token_id)
+            assert (exact.stu2tea[s_id] == t_id) == same, (strings_s[s_id], strings_t[t_id])
+            paired += same
+    assert paired >= 10

@@ -7,8 +7,9 @@ here, once per tokenizer pair:
   * two tokens match when they stand for the same bytes (`align.vocab.token_strings`: "Ġhello" and "▁hello"
     are both " hello"). TRL compares the raw vocabulary strings instead, which is the same for two byte-level
     BPE tokenizers and misses every match between a byte-level and a SentencePiece one;
-  * the map is one-to-one: when one side spells the same bytes with several ids, its lowest id is the one
-    compared (a distribution can give one probability per string only once);
+  * the map is one-to-one: when one side spells the same bytes with several ids, its highest id is the one
+    compared. Among the bundled tokenizers only SentencePiece ones do that, a byte-fallback token ("<0x31>", ids
+    3-258) and the ordinary piece ("1") that the tokenizer actually produces, which comes later;
   * special tokens match by role (the student's end-of-sequence is the teacher's, whatever each one spells),
     because a response's final EOS is aligned as its own chunk and "the text ends here" is the same event for
     both models. TRL matches them only when the strings happen to coincide.
@@ -46,17 +47,11 @@ def build_exact_token_map(teacher_strings: list[str], student_strings: list[str]
                           special_pairs: dict[int, int] | None = None) -> ExactTokenMap:
     """The one-to-one exact map from normalised token strings ("" = a hole in the id space, never matched);
     special_pairs {teacher id: student id} match by role and take precedence over string matches."""
-    first_teacher: dict[str, int] = {}
-    for t_id, s in enumerate(teacher_strings):
-        if s:
-            first_teacher.setdefault(s, t_id)
+    last_teacher = {s: t_id for t_id, s in enumerate(teacher_strings) if s}        # later ids overwrite earlier
+    last_student = {s: s_id for s_id, s in enumerate(student_strings) if s}
     stu2tea = np.full(len(student_strings), -1, dtype=np.int64)
-    taken: set[int] = set()
-    for s_id, s in enumerate(student_strings):
-        t_id = first_teacher.get(s, -1) if s else -1
-        if t_id >= 0 and t_id not in taken:
-            stu2tea[s_id] = t_id
-            taken.add(t_id)
+    for s, s_id in last_student.items():
+        stu2tea[s_id] = last_teacher.get(s, -1)
     for t_id, s_id in (special_pairs or {}).items():
         if not (0 <= s_id < len(stu2tea) and 0 <= t_id < len(teacher_strings)):
             continue
