@@ -97,6 +97,15 @@ def test_cache_fed_gold_equals_online_teacher(both_ways, settings):
         t_counts = torch.stack([torch.bincount(row[row >= 0], minlength=64) for row in c.teacher_chunks])
         both = (s_counts > 0) & (t_counts > 0)
         assert ((s_counts == 1) & (t_counts == 1)).sum() > 0 and (both & ((s_counts > 1) | (t_counts > 1))).sum() > 0
+        # the chunk ids sit on the rows whose targets they spell: in one-token chunks the two realised tokens are an
+        # exact pair (all but a first word that SentencePiece spells " The" and GPT-2 "The"; EOS by role)
+        pairs = exact = 0
+        one_token = [(b, ch) for b in range(len(s_counts)) for ch in range(64) if s_counts[b, ch] == t_counts[b, ch] == 1]
+        for b, ch in one_token:
+            s_target = students[v].target_ids[b][c.student_chunks[b] == ch]
+            t_target = c.target_ids[b][c.teacher_chunks[b] == ch]
+            pairs, exact = pairs + 1, exact + int(heads.exact_stu2tea[s_target] == t_target)
+        assert exact >= pairs - len(s_counts), (exact, pairs)
 
 
 def _run(cache_dir, out, **kw):

@@ -290,7 +290,8 @@ def gold_divergences(student_logits: torch.Tensor, student_targets: torch.Tensor
     flat_student = student_logits.reshape(-1, student_logits.shape[-1])
     flat_teacher = flatten(teacher)
     n_pairs = len(pairs.student_last)
-    d_match = flat_student.new_zeros(n_pairs, dtype=torch.float64 if flat_student.dtype == torch.float64 else torch.float32)
+    dtype = torch.float64 if flat_student.dtype == torch.float64 else torch.float32
+    d_match = flat_student.new_zeros(n_pairs, dtype=dtype)
     d_rest = d_match.clone()
     for group, group_maps in ((with_matched, maps), (~with_matched, None)):
         index = group.nonzero().squeeze(1)
