@@ -77,7 +77,7 @@ class ChunkPairs:
 
 
 def _side_rows(chunks: torch.Tensor, mask: torch.Tensor, width: int):
-    """For one side: its chunk rows (flat indices), their keys b·width + chunk, rows per key and the last row per key."""
+    """For one side: its chunk rows (flat indices), their keys b·width + chunk, rows per key, the last row per key."""
     valid = mask.bool() & (chunks >= 0)
     rows = valid.flatten().nonzero().squeeze(1)
     batch_of_row = torch.div(rows, chunks.shape[1], rounding_mode="floor")
