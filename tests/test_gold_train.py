@@ -100,7 +100,7 @@ def test_cache_fed_gold_equals_online_teacher(both_ways, settings):
         # the chunk ids sit on the rows whose targets they spell: in one-token chunks the two realised tokens are an
         # exact pair (all but a first word that SentencePiece spells " The" and GPT-2 "The"; EOS by role)
         pairs = exact = 0
-        one_token = [(b, ch) for b in range(len(s_counts)) for ch in range(64) if s_counts[b, ch] == t_counts[b, ch] == 1]
+        one_token = ((s_counts == 1) & (t_counts == 1)).nonzero().tolist()
         for b, ch in one_token:
             s_target = students[v].target_ids[b][c.student_chunks[b] == ch]
             t_target = c.target_ids[b][c.teacher_chunks[b] == ch]
