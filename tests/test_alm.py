@@ -231,3 +231,46 @@ def test_an_older_cache_without_target_logprob_is_read_and_verified(tmp_path, mo
     assert "tail" in _verify_target_logprob(dict(values, target_logprob=np.array([-0.5, -1.5], np.float32)), "std")[0]
     assert "log-probability" in _verify_target_logprob(dict(values, target_logprob=np.array([0.5, -2.5], np.float32)),
                                                        "std")[0]
+
+
+def test_kd_term_counts_each_aligned_chunk_once_over_the_views_and_falls_back_to_hidden_states():
+    """kd_term = Σ over views of the chunk divergences / all aligned chunks; without target_logprob the teacher's
+    log-probs come from hidden · lm_headᵀ and give the same value."""
+    from types import SimpleNamespace
+
+    from cot2align.losses.alm import kd_term
+
+    torch.manual_seed(0)
+    V_s, V_t, D = 11, 13, 6
+    lm_head = torch.randn(V_t, D, dtype=torch.float64)
+    students, teachers, with_hidden = {}, {}, {}
+    for seed, v in enumerate(("std", "cot")):
+        s_lp, _, s_ch, t_ch, s_m, t_m = random_batch(seed)
+        logits = torch.randn(*s_ch.shape, V_s, dtype=torch.float64, requires_grad=True)
+        targets_s = torch.randint(0, V_s, s_ch.shape)
+        hidden = torch.randn(*t_ch.shape, D, dtype=torch.float64)
+        targets_t = torch.randint(0, V_t, t_ch.shape)
+        exact = torch.log_softmax(hidden @ lm_head.T, -1).gather(-1, targets_t[..., None]).squeeze(-1)
+        students[v] = SimpleNamespace(logits=logits, target_ids=targets_s, mask=s_m)
+        common = dict(target_ids=targets_t, mask=t_m, student_chunks=s_ch, teacher_chunks=t_ch)
+        teachers[v] = SimpleNamespace(target_logprob=exact.float(), dist=None, **common)
+        with_hidden[v] = SimpleNamespace(target_logprob=None, dist=HeadTeacher(hidden, lm_head), **common)
+    cfg = SimpleNamespace(alm_temperature=2.0)
+    kd, parts = kd_term(students, teachers, ["std", "cot"], None, None, cfg)
+    expected_sum, expected_count = 0.0, 0
+    for v in ("std", "cot"):
+        s_lp = torch.log_softmax(students[v].logits, -1).gather(-1, students[v].target_ids[..., None]).squeeze(-1)
+        t = teachers[v]
+        d, aligned = alm_terms(s_lp, t.target_logprob.double(), t.student_chunks, t.teacher_chunks, students[v].mask,
+                               t.mask, 2.0)
+        expected_sum, expected_count = expected_sum + d.sum(), expected_count + int(aligned.sum())
+    torch.testing.assert_close(kd, expected_sum / expected_count)
+    assert parts == {"kd/alm": kd}
+    fallback, _ = kd_term(students, with_hidden, ["std", "cot"], None, None, cfg)
+    torch.testing.assert_close(fallback, kd, rtol=1e-6, atol=1e-7)
+    kd.backward()
+    assert torch.isfinite(students["std"].logits.grad).all() and students["std"].logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="target_logprob"):
+        top = SimpleNamespace(**dict(vars(with_hidden["std"]), dist=TopKTeacher(
+            torch.zeros(3, 12, 2), torch.zeros(3, 12, 2, dtype=torch.long), torch.zeros(3, 12), V_t)))
+        kd_term(students, {"std": top}, ["std"], None, None, cfg)

@@ -143,3 +143,29 @@ def teacher_realised_logprobs(dist, targets: torch.Tensor, mask: torch.Tensor, r
     if values:
         out = out.to(values[0].dtype).index_put_(where, torch.cat(values))
     return out
+
+
+def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
+    """The objective's L_KD for --method alm: L_ALM over the aligned chunks of every view in use (each chunk
+    counted once, whichever view it is in), and its parts for logging.
+
+    The teacher's log-probs are the cache's exact `target_logprob`; a cache written before that array existed
+    gives them from its hidden states (hidden · lm_headᵀ, the exact logits; setup loads the hidden states then,
+    or refuses --teacher-dist topk in one line)."""
+    total, aligned_chunks = None, None
+    for v in views:
+        s, t = student[v], teacher[v]
+        if t.student_chunks is None or t.teacher_chunks is None:
+            raise ValueError("alm: the batch has no chunk alignment (student_chunks / teacher_chunks)")
+        student_lp = realised_logprobs(s.logits, s.target_ids)
+        teacher_lp = t.target_logprob
+        if teacher_lp is None:
+            if isinstance(t.dist, HeadTeacher) and t.dist.hidden is None:
+                raise ValueError("alm: the teacher rows have neither target_logprob nor hidden states")
+            teacher_lp = teacher_realised_logprobs(t.dist, t.target_ids, t.mask)
+        divergence, aligned = alm_terms(student_lp, teacher_lp.detach(), t.student_chunks, t.teacher_chunks, s.mask,
+                                        t.mask, cfg.alm_temperature)
+        total = divergence.sum() if total is None else total + divergence.sum()
+        aligned_chunks = aligned.sum() if aligned_chunks is None else aligned_chunks + aligned.sum()
+    kd = total / aligned_chunks.clamp_min(1)
+    return kd, {"kd/alm": kd}

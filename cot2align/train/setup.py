@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -50,7 +51,7 @@ from cot2align.train.batches import dataloader, load_heads, pad_id
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
 from cot2align.train.data import student_view_ids, tokenize_cache
 from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
-from cot2align.train.metrics import open_metrics
+from cot2align.train.metrics import append, open_metrics, read_records
 from cot2align.train.outputs import open_trackers
 from cot2align.train.resolve import teacher_name as teacher_of
 from cot2align.train.validation import split_validation
@@ -148,6 +149,7 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
         run.metrics_file, run.trackers = _setup_logging(cfg, out, teacher_name, cache, say, state if cfg.resume else None)
+        _log_alignment(cfg, cache, tokenizer, run.metrics_file, say)
     return run
 
 
@@ -270,6 +272,23 @@ def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache, say, resu
         os.replace(tmp, out / RUN_MARKER)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return open_metrics(out, resumed_state), open_trackers(out, cfg, say)
+
+
+def _log_alignment(cfg: DistillConfig, cache, tokenizer, metrics_file, say) -> None:
+    """A cross-tokenizer run starts by measuring how the student's tokens line up with the teacher's
+    (align/stats.py) on 100 cached examples: the figures go to metrics.jsonl, a degenerate alignment is said
+    before hours of training are spent on it."""
+    method = registered(cfg.method)
+    if cache is None or method.kd is None or method.same_tokenizer:
+        return
+    if any("alignment" in r for r in read_records(Path(metrics_file.name))):
+        return           # a resumed run: measured when it started (same cache, same tokenizer)
+    from cot2align.align.stats import alignment_stats
+
+    stats = alignment_stats(cache, tokenizer, limit=100, with_mined=method.vocab_map)
+    append(metrics_file, {"step": 0, "alignment": stats})
+    for warning in stats["warnings"]:
+        say(f"token alignment: {warning}", logging.WARNING)
 
 
 # ------------------------------------------------------------------------------------------ helpers
