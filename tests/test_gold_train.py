@@ -132,3 +132,17 @@ def test_gold_short_run_lowers_the_loss(cache_dir, tmp_path):
     _run(cache_dir, tmp_path / "run", epochs=3)
     losses = [r["loss"] for r in _metrics(tmp_path / "run") if "loss" in r and "kd/gold_matched" in r]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_gold_from_the_top_k_of_a_cache_without_target_logprob_is_refused_in_one_line(cache_dir, tmp_path,
+                                                                                       monkeypatch):
+    """A cache written before target_logprob: under --teacher-dist topk the realised tokens' probabilities outside
+    the top-k are unknown, so the run is refused before anything is trained (exact still works: see the loss's
+    fallback, checked by the cache-fed = online test, whose online side has no target_logprob)."""
+    from cot2align.config import ConfigError
+    from cot2align.train import setup
+
+    monkeypatch.setattr(setup, "has_array", lambda manifest, name: name != "target_logprob")
+    with pytest.raises(ConfigError, match=r"--method gold --teacher-dist topk: .* target_logprob .* --teacher-dist exact"):
+        _run(cache_dir, tmp_path / "run", teacher_dist="topk", max_steps=1)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
