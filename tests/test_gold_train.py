@@ -143,6 +143,7 @@ def test_gold_from_the_top_k_of_a_cache_without_target_logprob_is_refused_in_one
     from cot2align.train import setup
 
     monkeypatch.setattr(setup, "has_array", lambda manifest, name: name != "target_logprob")
-    with pytest.raises(ConfigError, match=r"--method gold --teacher-dist topk: .* target_logprob .* --teacher-dist exact"):
+    refusal = r"--method gold --teacher-dist topk: .* target_logprob .* --teacher-dist exact"
+    with pytest.raises(ConfigError, match=refusal):
         _run(cache_dir, tmp_path / "run", teacher_dist="topk", max_steps=1)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
