@@ -6,7 +6,8 @@ Alignment. Both tokenisations of the same response are cut into chunks whose byt
 j_1 < … < j_m. Row i's distribution p(· | i) predicts the realised token y_i at that row (our rows are already
 shifted that way: TRL's "bayesian" strategy; its default "observed" one reads p(y_i) off the row before).
 
-Merge (the chain rule; trl issue #5152, PR #5905). A chunk's rows become one row over the last row's vocabulary:
+Merge (the chain rule; trl issue #5152 and PR #5905, which corrected PR #4765). A chunk's rows become one row
+over the vocabulary of its last row:
 
     q_s(v) = Π_{a<n} p_s(y_{i_a} | i_a) · p_s^τ(v | i_n) = π_s · p_s^τ(v | i_n),      v ∈ V_s
 
@@ -40,6 +41,11 @@ Deliberate differences from TRL's code (trl 1.16.0 = main at the time of writing
   * w counts the teacher tokenizer's tokens, not its head's (padded) rows, so it does not depend on padding.
   * The final EOS is kept, as its own chunk (EOS ↔ EOS is a matched pair by role); TRL skips both by default.
   * One τ for both sides; the mean over all chunks of the batch (TRL: per sequence, then over sequences).
+
+A known limit, shared with TRL: a SentencePiece side spells a response's first word with its dummy-prefix space
+("▁The") where a byte-level side has "The"; the two make one chunk of one token each but not an exact pair, so
+that chunk's exact-match term compares the two spellings' columns crosswise (`cot2align cache align-stats` shows
+the share of responses whose first token matches exactly).
 
 Teacher as logits / `HeadTeacher` (exact) or `TopKTeacher`: the teacher's top-k tokens are compared as above and
 its mass outside the top-k (the tail, tempered as in losses/teacher.py) joins r_t in D_match and forms one bucket
