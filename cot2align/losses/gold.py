@@ -42,7 +42,7 @@ Deliberate differences from TRL's code (trl 1.16.0 = main at the time of writing
   * The final EOS is kept, as its own chunk (EOS ↔ EOS is a matched pair by role); TRL skips both by default.
   * One τ for both sides; the mean over all chunks of the batch (TRL: per sequence, then over sequences).
 
-A known limit, shared with TRL: a SentencePiece side spells a response's first word with its dummy-prefix space
+A known limit: a SentencePiece side spells a response's first word with its dummy-prefix space
 ("▁The") where a byte-level side has "The"; the two make one chunk of one token each but not an exact pair, so
 that chunk's exact-match term compares the two spellings' columns crosswise (`cot2align cache align-stats` shows
 the share of responses whose first token matches exactly).
