@@ -66,6 +66,8 @@ class Heads:
     teacher_lm_head_bias: torch.Tensor | None = None
     stu2tea: torch.Tensor | None = None      # MinED vocabulary map
     tea2stu: torch.Tensor | None = None
+    exact_stu2tea: torch.Tensor | None = None        # GOLD: teacher id of the same bytes per student id, −1 none
+    exact_matched_weight: float | None = None        # GOLD's adaptive weight: shared tokens / teacher tokens
 
 
 def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim: int) -> nn.ModuleDict:
