@@ -311,16 +311,18 @@ class _DistillFields:
         """CoT2Align is on by default; plain data (no cache) has no teacher views to align."""
         return not (self.cache is None and self.method == "sft")
 
-    def with_defaults(self, teacher_family: str | None) -> _DistillFields:
+    def with_defaults(self, teacher_family: str | None, teacher: str | None = None) -> _DistillFields:
         """A copy with the unset fields filled: cot2align, the student and hyperparameters of the paper's setting
-        for this teacher (PAPER_SETTINGS, when its student is the one trained), else general defaults. What
-        setup derives besides (dtype, device, resume state) is filled by train/resolve.py."""
+        for this teacher family (PAPER_SETTINGS, when its student is the one trained; families.py finds the family
+        of a teacher however it is named), else general defaults. `teacher` names it in an error. What setup
+        derives besides (dtype, device, resume state) is filled by train/resolve.py."""
         setting = PAPER_SETTINGS.get(teacher_family or "")
         student = self.student
         if student is None:
             if setting is None:
-                raise ConfigError(f"student: the teacher family '{teacher_family}' has no paper setting; "
-                                  "pass --student")
+                known = "; ".join(s["setting"].split(" (")[0] for s in PAPER_SETTINGS.values())
+                raise ConfigError(f"student: the teacher {teacher or teacher_family!r} follows no paper setting "
+                                  f"(settings: {known}); pass --student to choose the student")
             student = setting["student"]
         defaults = dict(epochs=3, lr=1e-4, batch_size=4, grad_accum=1, alpha=0.5, kl_variant="forward",
                         lora_alpha=8, lora_dropout=0.1)

@@ -30,6 +30,7 @@ from cot2align.cache.manifest import build_manifest, existing_cache, split_parts
 from cot2align.cache.storage import Location
 from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
+from cot2align.families import base_model_of
 from cot2align.data.readers import load_records
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
@@ -382,6 +383,7 @@ def _describe_inputs(cfg, model, plan: _Plan, weights, info, block_max_rows, dty
     config, head_out = model.config, model.get_output_embeddings()
     teacher = {
         "name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
+        "base_model": base_model_of(cfg.model),      # what a local teacher says it was made from (families.py)
         "revision": getattr(config, "_commit_hash", None), "weights": weights,
         "model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
         "hidden_size": int(head_out.weight.shape[1]), "vocab_size": int(head_out.weight.shape[0]),

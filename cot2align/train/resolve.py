@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cot2align.config import DistillConfig, model_family, paper_setting
+from cot2align.families import teacher_family
 from cot2align.logs import silent
 from cot2align.modeling import dtype_name, resolve_dtype
 
@@ -63,8 +64,8 @@ def resolve_distill_config(cfg: DistillConfig, cache, say=silent) -> DistillConf
     from_launcher, taken = accelerate_settings(cfg)
     if taken:
         say(f"from the accelerate config: {', '.join(taken)}")
-    family = model_family(teacher_name(cache)) if cache is not None else None
-    filled = dataclasses.replace(cfg, **from_launcher).with_defaults(family)
+    family = teacher_family(cache.manifest["teacher"]) if cache is not None else None
+    filled = dataclasses.replace(cfg, **from_launcher).with_defaults(family, teacher_name(cache))
     setting = paper_setting(family, filled.student)
     if setting:
         say(f"paper setting: {setting} — method {filled.method}{' + CoT2Align' if filled.cot2align else ''}, "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cot2align.cache import open_cache
 from cot2align.config import DistillConfig, build_config, model_family
+from cot2align.families import teacher_family
 from cot2align.logs import reporter
 from cot2align.plotting import pyplot
 from cot2align.train.distill import distill
@@ -33,7 +34,8 @@ def sweep(cache_path: str, students: list[str | None], methods: list[str], alpha
     for student, method, alpha in itertools.product(students, methods, alphas):
         request = build_config(DistillConfig, config_file, cache=cache_path, student=student, method=method,
                                alpha=alpha, **flags)
-        named = request.with_defaults(model_family(cache.manifest["teacher"]["name_or_path"]))   # for the run's name
+        teacher = cache.manifest["teacher"]
+        named = request.with_defaults(teacher_family(teacher), teacher["name_or_path"])     # for the run's name
         run_out = str(out_dir / f"{model_family(named.student)}_{method}{'_cot2align' if named.cot2align else ''}_a{alpha}")
         # --resume (flag or YAML): runs that finished are kept, an interrupted one continues from its checkpoint,
         # the ones not yet started start
