@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from cot2align.config import DTYPES, OT_GRADS, SELECT_BY, CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
+from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_GRADS, SELECT_BY, CacheTeacherConfig, DistillConfig,
+                              EvaluateConfig, build_config)
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
 from cot2align.logs import configure as configure_logging
@@ -86,6 +87,8 @@ DATA_HELP = ("Dataset: alias (dolly, alpaca, sni, dialogsum, sample), JSON/JSONL
              "directory, or hub id (owner/name).")
 DATA_CONFIG_HELP = "The hub dataset's configuration (--data owner/name)."
 DATA_SPLIT_HELP = "The dataset's split to read [default: the one --split means: train, validation|dev, test]."
+REVISION_HELP = "The hub model's commit, branch or tag. [default: main]"
+ATTN_HELP = "Attention kernels (flash_attention_2 needs the flash-attn package)."
 
 
 def _field_map(pairs: tuple[str, ...]) -> dict | None:
@@ -167,6 +170,8 @@ C = CacheTeacherConfig
 @_field(C, "limit", help="Only the first N records.")
 @_field(C, "block_examples", help="Examples per committed block.")
 @_field(C, "trust_remote_code", help="Run the model repo's own code (only on this flag).")
+@_field(C, "revision", help=REVISION_HELP)
+@_field(C, "attn_implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP, default_text="sdpa")
 def cache_teacher_cmd(config_file, print_config, field_map, **flags):
     """Run the teacher once over the std and CoT views of a dataset and write the Zarr cache."""
     cfg = build_config(CacheTeacherConfig, config_file, field_map=_field_map(field_map), **flags)
@@ -275,6 +280,8 @@ _TRAINING_OPTIONS = [
     _field(D, "dtype", type=click.Choice(DTYPES), help="Autocast; with LoRA also the frozen base's weights.",
            default_text="bf16 on CUDA (a LoRA base loads in bf16), fp32 on CPU"),
     _field(D, "gradient_checkpointing", help="Recompute activations in the backward: less memory, more compute."),
+    _field(D, "revision", help=REVISION_HELP),
+    _field(D, "attn_implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP, default_text="sdpa"),
 ]
 
 
@@ -438,6 +445,8 @@ def sft_cmd(config_file, print_config, **flags):
 @click.option("--adapter", help="A LoRA adapter merged into --model.")
 @click.option("--device", help="[default: cuda if available, else cpu]")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repo's own code.")
+@click.option("--revision", help=REVISION_HELP)
+@click.option("--attn-implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP + " [default: sdpa]")
 def augment_cot_cmd(config_file, print_config, **flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
     from cot2align.data.augment import AugmentConfig, augment_cot
@@ -474,6 +483,8 @@ E = EvaluateConfig
 @_field(E, "data_root", default_text="$COT2ALIGN_DATA_ROOT or ./data")
 @_field(E, "device", default_text="cuda if available, else cpu")
 @_field(E, "overwrite", help="Replace the results in --out, even of another model, data, split or limit.")
+@_field(E, "revision", help=REVISION_HELP)
+@_field(E, "attn_implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP, default_text="sdpa")
 def evaluate_cmd(config_file, print_config, **flags):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
     cfg = build_config(EvaluateConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
@@ -490,7 +501,8 @@ def evaluate_cmd(config_file, print_config, **flags):
     summary = evaluate_model(cfg.model, cfg.data, cfg.split, seed_list, cfg.greedy, cfg.out, cfg.limit, cfg.max_new_tokens,
                              batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
                              data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None,
-                             overwrite=cfg.overwrite)
+                             overwrite=cfg.overwrite, revision=cfg.revision,
+                             attn_implementation=cfg.attn_implementation)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 

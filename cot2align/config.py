@@ -180,9 +180,12 @@ class CacheTeacherConfig:
     limit: int | None = identity(None)           # only the first N records (smoke runs)
     dtype: str | None = identity(None)           # teacher compute dtype: bf16 | fp16 | fp32
                                                  # [default: bf16 on CUDA, fp32 on CPU]
+    revision: str | None = identity(None)        # the hub teacher's commit, branch or tag [default: main]
+    attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]
 
     def validate(self) -> None:
         check_dtype(self.dtype)
+        check_attn_implementation(self.attn_implementation)
         if self.topk < 1:
             raise ConfigError(f"topk: expected a positive integer, got {self.topk}")
         if self.hidden_dtype not in ("bf16", "int8"):
@@ -285,12 +288,15 @@ class _DistillFields:
                                                  # (full fine-tuning keeps fp32 master weights) [default: bf16 on CUDA,
                                                  # fp32 on CPU]. Identity: every step's numerics depend on it
     gradient_checkpointing: bool = runtime(False)   # recompute activations in the backward: less memory, same result
+    revision: str | None = identity(None)        # the hub student's commit, branch or tag [default: main]
+    attn_implementation: str | None = runtime(None)   # the student's: sdpa | eager | flash_attention_2 [default: sdpa]
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
         if self.method not in METHODS:
             raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         check_dtype(self.dtype)
+        check_attn_implementation(self.attn_implementation)
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         report_targets(self.report_to)
@@ -377,6 +383,11 @@ class EvaluateConfig:
     data_root: str | None = runtime(None)
     device: str | None = runtime(None)
     overwrite: bool = runtime(False)             # replace an existing results.json of another evaluation
+    revision: str | None = identity(None)        # a hub model's commit, branch or tag [default: main]
+    attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]
+
+    def validate(self) -> None:
+        check_attn_implementation(self.attn_implementation)
 
 
 REPORT_TARGETS = ("tensorboard", "wandb")
@@ -401,6 +412,21 @@ DTYPES = ("bf16", "fp16", "fp32")     # --dtype of every command that runs a mod
 def check_dtype(value: str | None) -> None:
     if value is not None and value not in DTYPES:
         raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {value!r}")
+
+
+# --attn-implementation of every command that loads a model (transformers' attn_implementation); flash_attention_2
+# needs the flash-attn package
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(value: str | None) -> None:
+    if value is None:
+        return
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {value!r}")
+    if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+                          "installed (pip install flash-attn; it needs a CUDA GPU), or use sdpa")
 
 
 def sft_defaults(model: str, flags: dict) -> dict:

@@ -58,7 +58,7 @@ def limits_of_model(model) -> ModelLimits:
     return ModelLimits(limits.positions, limits.positions_field, rows)
 
 
-def limits_of_name(name_or_path: str, trust_remote_code: bool = False) -> ModelLimits:
+def limits_of_name(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> ModelLimits:
     """The limits of the model `name_or_path` names, from its config alone; empty limits when the config cannot be
     read cheaply (a GGUF file, a hub model that cannot be reached): the loader then reports what is wrong, and a
     model that loads is run unchecked, as before."""
@@ -82,7 +82,8 @@ def limits_of_name(name_or_path: str, trust_remote_code: bool = False) -> ModelL
 
         source = _adapter_base(path)          # a LoRA adapter: its base model has the config
     try:
-        return limits_of_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
+        return limits_of_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                           revision=revision))
     except Exception:   # noqa: BLE001 — unreadable here means unchecked here: loading the model reports the cause
         return ModelLimits()
 
@@ -106,7 +107,8 @@ def check_head_covers_tokenizer(limits: ModelLimits, tokenizer_size: int, who: s
 def check_teacher(cfg, tokenizer, model=None) -> None:
     """`cache-teacher`: the teacher takes --max-length tokens and its head covers its tokenizer. From `model` when
     the caller passed one, else from the config of --model (before its weights are loaded)."""
-    limits = limits_of_model(model) if model is not None else limits_of_name(cfg.model, cfg.trust_remote_code)
+    limits = limits_of_model(model) if model is not None else limits_of_name(cfg.model, cfg.trust_remote_code,
+                                                                                        cfg.revision)
     who = f"the teacher {cfg.model}"
     check_positions(limits, cfg.max_length, who, CacheError)
     check_head_covers_tokenizer(limits, len(tokenizer), who)
@@ -115,7 +117,7 @@ def check_teacher(cfg, tokenizer, model=None) -> None:
 def check_student(cfg, cache=None) -> None:
     """`distill` (every method, sft included): the student takes --max-length tokens; and for MinED, the cache's
     teacher head covers its tokenizer (a cache written before cache-teacher refused such a teacher)."""
-    check_positions(limits_of_name(cfg.student, cfg.trust_remote_code), cfg.max_length, f"the student {cfg.student}",
+    check_positions(limits_of_name(cfg.student, cfg.trust_remote_code, cfg.revision), cfg.max_length, f"the student {cfg.student}",
                     ConfigError)
     if cache is not None and registered(cfg.method).vocab_map:
         rows, size = cache.manifest["teacher"]["vocab_size"], cache.manifest["tokenizer"]["size"]

@@ -22,7 +22,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from cot2align.config import MODEL_ALIASES, RANDOM_PRESETS, TINY_PRESETS, ConfigError
+from cot2align.config import MODEL_ALIASES, RANDOM_PRESETS, TINY_PRESETS, ConfigError, check_attn_implementation
 from cot2align.logs import reporter
 
 
@@ -198,22 +198,36 @@ def _from_hub(loader, name: str, **kwargs):
                           f"({str(e).strip().splitlines()[0][:200]})") from None
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def _no_revision(name: str, revision: str | None, what: str) -> None:
+    """A --revision names a commit, branch or tag of a hub repository: refused, in one line, for a model that has
+    none (transformers would ignore it for a local directory, silently)."""
+    if revision is not None:
+        raise ConfigError(f"--revision {revision}: {name} is {what}, which has no revisions; a revision names a "
+                          "commit, branch or tag of a hub model")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer of a model named as load_model takes it; `revision`: the hub repository's commit, branch or
+    tag (a LoRA adapter directory's: its base's)."""
     for presets in (TINY_PRESETS, RANDOM_PRESETS):
         if name_or_path in presets:
+            _no_revision(name_or_path, revision, "a built-in preset")
             return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(presets[name_or_path]["tokenizer"]))
     if name_or_path in MODEL_ALIASES:
         spec = MODEL_ALIASES[name_or_path]
         if "tokenizer" in spec:
+            _no_revision(name_or_path, revision, "a packaged model")
             return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(spec["tokenizer"]))
-        return AutoTokenizer.from_pretrained(spec["hub"], trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(spec["hub"], trust_remote_code=trust_remote_code, revision=revision)
     _check_local(name_or_path)
     path = Path(name_or_path)
     if path.exists() and (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
-        return load_tokenizer(_adapter_base(path), trust_remote_code)
+        return load_tokenizer(_adapter_base(path), trust_remote_code, revision)
     if not path.exists() and "/" not in name_or_path:
         raise ConfigError(_unknown_model_message(name_or_path))
-    return _from_hub(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code)
+    if path.exists():
+        _no_revision(name_or_path, revision, "a local path")
+    return _from_hub(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code, revision=revision)
 
 
 def _unknown_model_message(name: str) -> str:
@@ -221,8 +235,9 @@ def _unknown_model_message(name: str) -> str:
     return f"--model {name}: not a local path, hub id (owner/name) or known alias ({known})"
 
 
-def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
-    """A small random-initialised model of a real architecture, deterministic per seed."""
+def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None, attn_implementation: str | None = None):
+    """A small random-initialised model of a real architecture, deterministic per seed; attention sdpa (GPT-2:
+    eager) unless `attn_implementation` says otherwise."""
     spec = TINY_PRESETS[preset]
     tok = load_tokenizer(preset)
     vocab = vocab_size or len(tok)
@@ -231,7 +246,7 @@ def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
     kwargs["bos_token_id"] = tok.bos_token_id
     kwargs["eos_token_id"] = tok.eos_token_id
     config = AutoConfig.for_model(spec["model_type"], **kwargs)
-    config._attn_implementation = "sdpa" if spec["model_type"] != "gpt2" else "eager"
+    config._attn_implementation = attn_implementation or ("sdpa" if spec["model_type"] != "gpt2" else "eager")
     devices = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -240,11 +255,11 @@ def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None):
 
 
 def build_random_model(preset: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                       device: str | torch.device = "cpu"):
+                       device: str | torch.device = "cpu", attn_implementation: str | None = None):
     """A random-initialised model with a real configuration (benchmarks only), built on `device`."""
     spec = RANDOM_PRESETS[preset]
     config = AutoConfig.for_model(spec["model_type"], **spec["config"])
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation or "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -267,15 +282,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False):
-    """Load a causal LM in eval mode; LoRA adapters are merged into the base weights."""
+               seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
+               attn_implementation: str | None = None):
+    """Load a causal LM in eval mode; LoRA adapters are merged into the base weights. `revision`: the hub
+    repository's commit, branch or tag (refused for a model that has none); `attn_implementation`: sdpa (the
+    default), eager or flash_attention_2 (config.check_attn_implementation)."""
+    check_attn_implementation(attn_implementation)
+    if name_or_path in TINY_PRESETS or name_or_path in RANDOM_PRESETS:
+        _no_revision(name_or_path, revision, "a built-in preset")
     if name_or_path in TINY_PRESETS:
-        model = build_tiny_model(name_or_path, seed)
+        model = build_tiny_model(name_or_path, seed, attn_implementation=attn_implementation)
     elif name_or_path in RANDOM_PRESETS:
-        return build_random_model(name_or_path, seed, dtype, device)
+        return build_random_model(name_or_path, seed, dtype, device, attn_implementation)
     elif name_or_path in MODEL_ALIASES and "gguf_package" in MODEL_ALIASES[name_or_path]:
+        _no_revision(name_or_path, revision, "a packaged model")
         gguf = resolve_gguf(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     **({"attn_implementation": attn_implementation}
+                                                        if attn_implementation else {}))
         # transformers dequantises GGUF weights to ordinary float tensors but keeps marking the model as
         # quantized, which makes save_pretrained refuse it; nothing quantized is left, so drop the marks
         # (a fine-tuned copy is then saved as plain safetensors)
@@ -288,18 +312,37 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         path = Path(name_or_path)
         if path.exists() and (path / "adapter_config.json").exists() and adapter is None:
             return load_model(_adapter_base(path), dtype=dtype, device=device, seed=seed, adapter=str(path),
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, revision=revision,
+                              attn_implementation=attn_implementation)
         hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
         if not path.exists() and "/" not in hub:
             raise ConfigError(_unknown_model_message(name_or_path))
-        model = _from_hub(AutoModelForCausalLM, hub, dtype=dtype, use_safetensors=True, attn_implementation="sdpa",
-                          trust_remote_code=trust_remote_code)
+        if path.exists():
+            _no_revision(name_or_path, revision, "a local path")
+        model = _from_hub(AutoModelForCausalLM, hub, dtype=dtype, use_safetensors=True,
+                          attn_implementation=attn_implementation or "sdpa", trust_remote_code=trust_remote_code,
+                          revision=revision)
     if adapter is not None:
         _check_adapter(adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
+
+
+def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit a hub model (an alias's hub id, or owner/name) at `revision` was loaded from, read from the local
+    hub cache that loading filled; None for anything else (a preset, a local path) or when unknown."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
+    if "/" not in repo or Path(repo).exists():
+        return None
+    try:
+        found = try_to_load_from_cache(repo, "config.json", revision=revision or "main")
+    except ValueError:            # not a valid repository id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def _check_adapter(adapter: str) -> None:

@@ -54,3 +54,85 @@ def test_quiet_silences_the_libraries_bars_and_warnings(tmp_path):
         assert not [noise for noise in LIBRARY_NOISE if noise in stderr], stderr
     # without -q (in the same process, after two quiet commands) the libraries speak again
     assert "Loading weights" in evaluate_loud and "cross-entropy" in evaluate_loud
+
+
+# ------------------------------------------------------------------------------- --revision, --attn-implementation
+
+def _hub_repo(hub_cache: Path, repo_id: str, revisions: dict[str, int]) -> dict[str, str]:
+    """An offline hub cache holding `repo_id` at several revisions (branch name -> tiny-gpt2 seed), laid out as
+    huggingface_hub lays out downloads; the commit of each branch."""
+    from cot2align.modeling import build_tiny_model, load_tokenizer
+
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    commits = {}
+    for number, (branch, seed) in enumerate(revisions.items()):
+        commits[branch] = f"{number + 1:040x}"
+        (repo / "refs" / branch).write_text(commits[branch])
+        snapshot = repo / "snapshots" / commits[branch]
+        build_tiny_model("tiny-gpt2", seed=seed).save_pretrained(str(snapshot))
+        load_tokenizer("tiny-gpt2").save_pretrained(str(snapshot))
+    return commits
+
+
+def test_revision_reaches_every_model_load(tmp_path):
+    commits = _hub_repo(tmp_path / "hub", "someone/tiny", {"main": 0, "v1": 1})
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    evaluate = ["evaluate", "--model", "someone/tiny", "--data", "sample", "--metric", "ce", "--limit", "2"]
+    os.environ.update(env)
+    try:
+        run_commands(tmp_path, [
+            evaluate + ["--out", "main"], evaluate + ["--revision", "v1", "--out", "v1", "--attn-implementation", "eager"],
+            ["cache-teacher", "--model", "someone/tiny", "--revision", "v1", "--data", "sample", "--limit", "2",
+             "--out", "cache_v1", "--topk", "4"],
+            ["sft", "--model", "someone/tiny", "--revision", "v1", "--data", "sample", "--limit", "2", "--max-steps",
+             "1", "--val-examples", "0", "--attn-implementation", "eager", "--out", "sft_v1"]])
+    finally:
+        for key in env:
+            os.environ.pop(key)
+    main, v1 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("main", "v1"))
+    assert main["ce"]["nats_per_token"] != v1["ce"]["nats_per_token"]          # other weights were evaluated
+    assert v1["revision"] == "v1" and "revision" not in main
+    manifest = json.loads((tmp_path / "cache_v1" / "zarr.json").read_text())["attributes"]
+    assert manifest["teacher"]["revision"] == commits["v1"]
+    import yaml
+
+    recorded = yaml.safe_load((tmp_path / "sft_v1" / "config.yaml").read_text())
+    assert (recorded["revision"], recorded["attn_implementation"]) == ("v1", "eager")
+
+
+def test_revision_and_attention_refused_in_one_line(tmp_path):
+    import pytest
+
+    from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config, field_kind
+    from cot2align.data.augment import AugmentConfig
+    from cot2align.errors import ConfigError
+    from cot2align.modeling import load_model, load_tokenizer
+
+    for cls in (CacheTeacherConfig, DistillConfig, EvaluateConfig, AugmentConfig):
+        assert (field_kind(cls, "revision"), field_kind(cls, "attn_implementation")) == ("identity", "runtime")
+    with pytest.raises(ConfigError, match="--revision v1: tiny-gpt2 is a built-in preset") as error:
+        load_model("tiny-gpt2", revision="v1")
+    assert "\n" not in str(error.value)
+    local = tmp_path / "local"
+    load_model("tiny-gpt2").save_pretrained(str(local))
+    with pytest.raises(ConfigError, match="is a local path, which has no revisions"):
+        load_model(str(local), revision="v1")
+    with pytest.raises(ConfigError, match="is a local path"):
+        load_tokenizer(str(local), revision="v1")
+    assert load_model(str(local), attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_model("tiny-qwen2", attn_implementation="eager").config._attn_implementation == "eager"
+    assert load_model("tiny-qwen2").config._attn_implementation == "sdpa"
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("attn_implementation: flash\n")
+    with pytest.raises(ConfigError, match="attn_implementation: expected one of sdpa, eager, flash_attention_2"):
+        build_config(EvaluateConfig, config_file)
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        for cls in (CacheTeacherConfig, DistillConfig, EvaluateConfig, AugmentConfig):
+            with pytest.raises(ConfigError, match="flash-attn package, which is not installed"):
+                build_config(cls, **({"cache": "c"} if cls is DistillConfig else {}),
+                             attn_implementation="flash_attention_2")
+    with pytest.raises(ConfigError, match="vllm chooses its own"):
+        build_config(AugmentConfig, backend="vllm", attn_implementation="eager")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cot2align.config import ConfigError, check_dtype, identity, runtime
+from cot2align.config import ConfigError, check_attn_implementation, check_dtype, identity, runtime
 from cot2align.data.readers import DataError, load_records
 from cot2align.data.templates import cot_output, cot_prompt
 from cot2align.eval.generation import generate_batch
@@ -60,9 +60,14 @@ class AugmentConfig:
     device: str | None = runtime(None)
     trust_remote_code: bool = runtime(False)
     dtype: str | None = identity(None)           # the teacher's dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
+    revision: str | None = identity(None)        # the hub teacher's commit, branch or tag [default: main]
+    attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]; hf backend
 
     def validate(self) -> None:
         check_dtype(self.dtype)
+        check_attn_implementation(self.attn_implementation)
+        if self.attn_implementation is not None and self.backend == "vllm":
+            raise ConfigError("attn_implementation: applies to --backend hf; vllm chooses its own attention kernels")
 
 
 def degenerate_reason(rationale: str, hit_length_limit: bool) -> str | None:
@@ -164,7 +169,7 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
     except ImportError:
         raise ConfigError("--backend vllm: vllm is not installed (pip install 'cot2align[vllm]')") from None
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.dtype, "auto")
-    llm = LLM(model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    llm = LLM(model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, dtype=dtype, revision=cfg.revision)
     params = SamplingParams(temperature=cfg.temperature, top_p=1.0, top_k=-1, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     outputs = llm.generate(prompts, params)
     return [(o.outputs[0].text, o.outputs[0].finish_reason == "length") for o in outputs]
@@ -199,9 +204,10 @@ def _augment(cfg: AugmentConfig, out: Path, say) -> dict:
         batches = [todo]
     else:
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device,
-                           adapter=cfg.adapter, trust_remote_code=cfg.trust_remote_code)
-        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device, adapter=cfg.adapter,
+                           trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                           attn_implementation=cfg.attn_implementation)
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.revision)
         lengths = {rid: len(tokenizer(p)["input_ids"]) for rid, p in prompts.items()}
         ordered = sorted(todo, key=lambda r: lengths[r["id"]])
         batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]

@@ -30,7 +30,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
                    out: str | None = None, limit: int | None = None, max_new_tokens: int = 512, max_prompt_tokens: int = 256,
                    batch_size: int = 16, data_root: str | None = None, device: str | None = None, metric: str = "rougeL",
                    log=None, *, data_config: str | None = None, data_split: str | None = None,
-                   field_map: dict | None = None, overwrite: bool = False) -> dict:
+                   field_map: dict | None = None, overwrite: bool = False, revision: str | None = None,
+                   attn_implementation: str | None = None) -> dict:
     """Evaluate one model on a dataset split; results go to OUT/results.json (default
     MODEL/eval/<data>_<split>/), merged with what an earlier `evaluate` of another metric wrote there — only when
     that was the same model, data, split and limit (eval/results.py), else refused; `overwrite` replaces it.
@@ -51,7 +52,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
         raise ConfigError(f"--out {out_dir}: is a file; expected a directory (for results.json and the generations)")
     current = {"model": str(model_path), "data": data if isinstance(data, str) else source.get("dataset", str(data)),
                "split": split, "n_examples": len(examples), "source": source,
-               "model_fingerprint": model_files_fingerprint(str(model_path)), "examples_sha256": examples_sha256(examples)}
+               "model_fingerprint": model_files_fingerprint(str(model_path)), "examples_sha256": examples_sha256(examples),
+               **({"revision": revision} if revision is not None else {})}
     # one writer per --out (locks.py): two evaluations at once would interleave one results.json
     with writer_lock(out_dir, ConfigError, f"--out {out_dir}", log=log):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +61,9 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
             log(f"--out {out_dir}: removed the half-written files of a killed evaluate")
         earlier = read_earlier(out_dir)
         summary = {**results_to_extend(out_dir, current, overwrite), **current}     # refused before any work
-        model = load_model(model_path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
-        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device,
+                           revision=revision, attn_implementation=attn_implementation)
+        tokenizer = load_tokenizer(model_path, revision=revision)
         prompts = [standard_prompt(r["instruction"], r.get("input", "")) for r in examples]
         if metric in ("ce", "all"):
             ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in examples],

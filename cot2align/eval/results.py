@@ -64,6 +64,8 @@ def _differences(earlier: dict, current: dict) -> list[str]:
     if stored_source.get("sha256") != current["source"].get("sha256"):
         differ.append(f"data: stored {earlier.get('data')} ({_short(stored_source.get('sha256'))}), now "
                       f"{current['data']} ({_short(current['source'].get('sha256'))})")
+    if earlier.get("revision") != current.get("revision"):        # a hub model's commit, branch or tag
+        differ.append(f"revision: stored {earlier.get('revision')}, now {current.get('revision')}")
     if earlier.get("split") != current["split"]:
         differ.append(f"split: stored {earlier.get('split')}, now {current['split']}")
     if earlier.get("n_examples") != current["n_examples"]:

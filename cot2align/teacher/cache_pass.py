@@ -35,7 +35,7 @@ from cot2align.data.readers import load_records
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
 from cot2align.model_limits import check_teacher
-from cot2align.modeling import (load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
+from cot2align.modeling import (hub_commit, load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
                                 weights_fingerprint)
 from cot2align.teacher.batching import plan_batches, plan_blocks
 from cot2align.teacher.forward import probe_head, teacher_batch
@@ -60,7 +60,8 @@ def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: st
     files = {"model": model_files_fingerprint(cfg.model), "adapter": model_files_fingerprint(cfg.adapter)}
     return {
         "teacher": {"name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
-                    **({"files": files} if any(files.values()) else {})},
+                    **({"files": files} if any(files.values()) else {}),
+                    **({"revision": cfg.revision} if cfg.revision is not None else {})},
         "tokenizer": tok_hash,
         "data": {"sha256": data_source["sha256"], "split": cfg.split, "limit": cfg.limit, "field_map": cfg.field_map},
         "templates": _sha(load_templates()),
@@ -191,7 +192,7 @@ def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
     if cfg.limit is not None:
         records = records[: cfg.limit]
         source = dict(source, sha256=_sha([source["sha256"], cfg.limit]))
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.revision)
     tok_hash = tokenizer_hash(tokenizer)
     hidden_codec = HIDDEN_CODEC_AUTO if cfg.hidden_codec == "auto" else cfg.hidden_codec
     return _Plan(records, source, tokenizer, tok_hash, hidden_codec, _inputs_fingerprint(cfg, source, tok_hash, hidden_codec))
@@ -384,7 +385,7 @@ def _describe_inputs(cfg, model, plan: _Plan, weights, info, block_max_rows, dty
     teacher = {
         "name_or_path": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed,
         "base_model": base_model_of(cfg.model),      # what a local teacher says it was made from (families.py)
-        "revision": getattr(config, "_commit_hash", None), "weights": weights,
+        "revision": hub_commit(cfg.model, cfg.revision) or getattr(config, "_commit_hash", None), "weights": weights,
         "model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
         "hidden_size": int(head_out.weight.shape[1]), "vocab_size": int(head_out.weight.shape[0]),
         "num_layers": int(getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0))),

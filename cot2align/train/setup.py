@@ -188,7 +188,7 @@ def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: Exit
 
 
 def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
-    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if (registered(cfg.method).same_tokenizer and cache is not None
             and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]):
         raise ConfigError(f"--method {cfg.method}: the student tokenizer ({cfg.student}) differs from the teacher's "
@@ -390,7 +390,8 @@ def load_student(cfg: DistillConfig, device):
     """The student, full fine-tuning or LoRA (peft) over every linear layer (weights: student_weights_dtype), with
     gradient checkpointing when asked."""
     model = load_model(cfg.student, dtype=student_weights_dtype(cfg, device), device=device, seed=cfg.seed,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                       attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model, cfg)
     if cfg.lora_rank:
