@@ -370,6 +370,38 @@ def methods_cmd():
     click.echo(describe())
 
 
+@main.group("configs", invoke_without_command=True)
+@click.pass_context
+def configs_group(ctx):
+    """The paper's configs shipped with cot2align: list them, show one, copy one to edit. Any of them is also a
+    --config value as it is (`--config configs/tiny.yaml`, or just `--config tiny`)."""
+    if ctx.invoked_subcommand is None:
+        from cot2align import shipped_configs
+
+        width = max(map(len, shipped_configs.names()))
+        for name in shipped_configs.names():
+            click.echo(f"{name:<{width}}  {shipped_configs.first_line(shipped_configs.read(name))}")
+
+
+@configs_group.command("show")
+@click.argument("name")
+def configs_show_cmd(name):
+    """Print the shipped config NAME."""
+    from cot2align import shipped_configs
+
+    click.echo(shipped_configs.read(name).rstrip())
+
+
+@configs_group.command("cp")
+@click.argument("name")
+@click.argument("dest")
+def configs_cp_cmd(name, dest):
+    """Copy the shipped config NAME to DEST (a file, or a directory) to edit; then --config DEST."""
+    from cot2align import shipped_configs
+
+    click.echo(f"wrote {shipped_configs.copy(name, dest)}")
+
+
 @main.command("sweep")
 @click.option("--config", "config_file", type=click.Path(), help="YAML config shared by every run.")
 @click.option("--cache", required=True, help="Teacher cache directory or URL.")

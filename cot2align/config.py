@@ -517,11 +517,16 @@ def _number(value, base: str, where: str):
 
 
 def _read_yaml(config_file: str | Path) -> dict:
+    """The settings of --config: the file at that path, else the shipped config it names (shipped_configs.py)."""
+    from cot2align import shipped_configs
+
     path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: {'is a directory' if path.is_dir() else 'file not found'}")
+    shipped = shipped_configs.find(str(config_file)) if not path.exists() else None
+    if not path.is_file() and shipped is None:
+        raise ConfigError(f"--config {path}: {'is a directory' if path.is_dir() else 'file not found'} (nor a shipped "
+                          "config: `cot2align configs` lists them)")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.safe_load((shipped or path).read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -242,7 +242,7 @@ def test_default_out_is_family_and_data(tmp_path, monkeypatch):
 
 
 def test_yaml_config_with_flag_overrides(tmp_path):
-    root = Path(__file__).parent.parent / "configs"
+    root = Path(__file__).parent.parent / "cot2align" / "configs"
     cfg = build_config(CacheTeacherConfig, root / "cache_tiny.yaml", topk=4)
     assert cfg.model == "tiny-qwen2" and cfg.topk == 4 and cfg.max_length == 512
     bad = tmp_path / "bad.yaml"

@@ -136,3 +136,45 @@ def test_revision_and_attention_refused_in_one_line(tmp_path):
                              attn_implementation="flash_attention_2")
     with pytest.raises(ConfigError, match="vllm chooses its own"):
         build_config(AugmentConfig, backend="vllm", attn_implementation="eager")
+
+
+# ------------------------------------------------------------------------------------- the shipped configs
+
+def test_configs_list_show_copy_and_config_by_shipped_name(tmp_path, monkeypatch):
+    import pytest
+    from click.testing import CliRunner
+
+    from cot2align import shipped_configs
+    from cot2align.cli import main
+    from cot2align.config import DistillConfig, build_config
+    from cot2align.errors import ConfigError
+
+    names = shipped_configs.names()
+    assert {"tiny", "cache_tiny", "cache_mistral_dolly", "distill/tinyllama_mistral_dskd"} <= set(names)
+    assert len([n for n in names if n.startswith("distill/")]) >= 15
+    assert not (REPO / "configs").exists()         # one copy: the package's
+    runner = CliRunner()
+    listed = runner.invoke(main, ["configs"])
+    assert listed.exit_code == 0 and "distill/tinyllama_mistral_dskd" in listed.output
+    assert "TinyLLaMA-1.1B <- Mistral-7B" in listed.output
+    shown = runner.invoke(main, ["configs", "show", "distill/tinyllama_mistral_dskd"])
+    assert shown.exit_code == 0 and "student: tinyllama-1.1b" in shown.output
+    missing = runner.invoke(main, ["configs", "show", "nope"])
+    assert missing.exit_code == 2 and "no such shipped config" in missing.output and "tiny" in missing.output
+    monkeypatch.chdir(tmp_path)                    # not the repository: the package's copies are read
+    copied = runner.invoke(main, ["configs", "cp", "configs/tiny.yaml", "mine"])
+    assert copied.exit_code == 0 and (tmp_path / "mine").is_file()
+    (tmp_path / "dir").mkdir()
+    assert runner.invoke(main, ["configs", "cp", "distill/tinyllama_mistral_uld", "dir"]).exit_code == 0
+    assert (tmp_path / "dir" / "tinyllama_mistral_uld.yaml").is_file()
+    again = runner.invoke(main, ["configs", "cp", "tiny", "mine"])
+    assert again.exit_code == 2 and "exists" in again.output
+    # the README's --config configs/tiny.yaml, from a directory without it; an edited copy at that path wins
+    for spelled in ("configs/tiny.yaml", "tiny", "tiny.yaml"):
+        cfg = build_config(DistillConfig, spelled, cache="c")
+        assert (cfg.student, cfg.method, cfg.kd_temperature) == ("tiny-gpt2", "dskd", 2.0)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("student: tiny-llama\n")
+    assert build_config(DistillConfig, "configs/tiny.yaml", cache="c").student == "tiny-llama"
+    with pytest.raises(ConfigError, match="file not found .*cot2align configs"):
+        build_config(DistillConfig, "configs/none.yaml", cache="c")

@@ -357,7 +357,7 @@ def test_two_gloo_processes_match_the_single_process_run(cache_dir, tmp_path):
 
 
 def test_every_shipped_config_loads():
-    configs = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+    configs = sorted((Path(__file__).parent.parent / "cot2align" / "configs").rglob("*.yaml"))
     distill_configs = [c for c in configs if not c.name.startswith("cache_")]
     assert len(distill_configs) >= 15
     for path in distill_configs:
