@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from cot2align.data.hf import describe, is_dataset_object as _is_dataset
 from cot2align.errors import ConfigError  # noqa: F401  (re-exported: raised here)
 from cot2align.methods import METHODS, TEACHER_DISTS, all_settings
 
@@ -540,10 +541,6 @@ def _read_yaml(config_file: str | Path) -> dict:
 DATASET_FIELDS = {"data", "val_data"}
 
 
-def _is_dataset(value) -> bool:
-    return type(value).__module__.split(".")[0] == "datasets" and hasattr(value, "column_names")
-
-
 def build_config(cls, config_file: str | Path | None = None, **flags):
     """Defaults <- YAML file <- given flags (None = not given); every value coerced to its field's type and
     range-checked, a problem reported in one line naming the file and key (or the flag)."""
@@ -574,7 +571,5 @@ def build_config(cls, config_file: str | Path | None = None, **flags):
 
 def config_to_dict(cfg) -> dict:
     """The config as plain data (YAML, JSON): a `datasets` object given as data is recorded by its description."""
-    from cot2align.data.hf import describe
-
     return {f.name: describe(value) if _is_dataset(value) else copy.deepcopy(value)
             for f in dataclasses.fields(cfg) for value in [getattr(cfg, f.name)]}

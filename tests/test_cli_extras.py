@@ -178,3 +178,32 @@ def test_configs_list_show_copy_and_config_by_shipped_name(tmp_path, monkeypatch
     assert build_config(DistillConfig, "configs/tiny.yaml", cache="c").student == "tiny-llama"
     with pytest.raises(ConfigError, match="file not found .*cot2align configs"):
         build_config(DistillConfig, "configs/none.yaml", cache="c")
+
+
+# ------------------------------------------------------------------------------------- data/: no import cycle
+
+def _imports(module_file: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(module_file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_data_modules_import_one_way():
+    """records (normalisation) <- hf (datasets sources) <- readers (the dispatch): neither imports a later one."""
+    data = REPO / "cot2align" / "data"
+    assert not {"cot2align.data.readers", "cot2align.data.hf"} & _imports(data / "records.py")
+    assert "cot2align.data.readers" not in _imports(data / "hf.py")
+    for order in (["cot2align.data.hf", "cot2align.data.readers"], ["cot2align.data.records", "cot2align.config"]):
+        code = "import importlib; [importlib.import_module(m) for m in %r]" % order
+        assert subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO))).returncode == 0
+    from cot2align import config
+    from cot2align.data import hf
+
+    assert config._is_dataset is hf.is_dataset_object          # one test of "a datasets object", not two

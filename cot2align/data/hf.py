@@ -1,7 +1,7 @@
 """Records through Hugging Face `datasets`: hub ids, `save_to_disk` directories, Parquet/CSV files (and globs of
 data files), and `datasets.Dataset` / `DatasetDict` objects passed to the Python API.
 
-Every row goes through the same normalisation as a JSONL line (`readers.normalise_record`: field map, the Dolly
+Every row goes through the same normalisation as a JSONL line (`records.normalise_record`: field map, the Dolly
 and DialogSum schemas, CoT fields, one-line `DataError` naming the source, the row and the field), so the
 records carry the same fields whatever the source.
 
@@ -21,7 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from cot2align.data.readers import DataError, check_field_map, checked_records, normalise_record
+from cot2align.data.records import check_field_map, checked_records, normalise_record
+from cot2align.errors import DataError
 
 # Which split of a dataset `--split` reads when `--data-split` does not name one.
 SPLIT_NAMES = {"train": ("train",), "dev": ("validation", "dev", "valid", "val"), "test": ("test",)}

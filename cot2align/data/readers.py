@@ -1,5 +1,6 @@
-"""Dataset readers: Dolly, Alpaca, S-NI, DialogSum, the shipped sample, and any JSON/JSONL file (Parquet, CSV,
-save_to_disk directories, hub ids and `datasets` objects go through cot2align.data.hf).
+"""Where records come from: the dataset aliases (Dolly, Alpaca, S-NI, DialogSum, the shipped sample), any
+JSON/JSONL file, and — through cot2align.data.hf — Parquet, CSV, save_to_disk directories, hub ids and `datasets`
+objects (`load_records` dispatches on the source). What a raw row becomes is data/records.py's.
 
 Every reader returns a list of plain dict records
 
@@ -23,10 +24,9 @@ import zlib
 from importlib import resources
 from pathlib import Path
 
-from cot2align.data.templates import cot_output as make_cot_output
+from cot2align.data import hf       # `datasets` itself is imported there only when a source needs it
+from cot2align.data.records import check_field_map, checked_records, normalise_record
 from cot2align.errors import DataError  # noqa: F401  (re-exported: raised here)
-
-DIALOGSUM_INSTRUCTION = "Generate a summary of the dialogue, focusing specifically on the provided topic: {topic}."
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,136 +202,6 @@ def read_json_records(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _show(name) -> str:
-    """A field name or id as it can appear in a one-line message: quoted, escaped (repr), shortened."""
-    text = repr(str(name))
-    return text if len(text) <= 60 else text[:56] + "...'"
-
-
-def _as_text(value, where: str, field: str) -> str:
-    """A text field: a string (None reads as empty); anything else, or text Python cannot encode as UTF-8
-    (an unpaired surrogate from a \\ud800 escape), is a DataError naming the field."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {_show(field)} must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{where}: field {_show(field)} holds an unpaired surrogate (\\u{ord(value[e.start]):04x} "
-                        f"at character {e.start}), not valid Unicode text") from None
-    return value
-
-
-def _as_id(value, where: str, field: str) -> str:
-    """A record id: a string or an integer (kept as its decimal text)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {_show(field)} (the record id) must be a string or an integer, "
-                        f"got {type(value).__name__}")
-    return _as_text(value, where, field)
-
-
-def _record_id(raw: dict, keys: tuple[str, ...], where: str, default_id: str) -> str:
-    """The first of `keys` the record gives a value (not null or empty), else `default_id`."""
-    for key in keys:
-        if raw.get(key) not in (None, ""):
-            return _as_id(raw[key], where, key)
-    return default_id
-
-
-def _references(raw: dict, where: str) -> list[str] | None:
-    """The optional `references` field: a list of strings (several gold outputs of a test record)."""
-    value = raw.get("references")
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise DataError(f"{where}: field 'references' must be a list of strings, got {type(value).__name__}")
-    return [_as_text(r, where, "references") for r in value]
-
-
-def _dialogsum_record(raw: dict, where: str, default_id: str) -> tuple[dict, list[str] | None]:
-    """DialogSum's own release: topic (test: topic1) in the instruction, the dialogue as input, up to three
-    summaries (the first is the output; all are references)."""
-    topic = _as_text(raw.get("topic") or raw.get("topic1"), where, "topic")
-    summaries = [_as_text(raw[k], where, k) for k in ("summary", "summary1", "summary2", "summary3") if raw.get(k)]
-    if not summaries:
-        raise DataError(f"{where}: DialogSum record has no 'summary' field")
-    record = {"id": _record_id(raw, ("fname", "id"), where, default_id),
-              "instruction": DIALOGSUM_INSTRUCTION.format(topic=topic),
-              "input": _as_text(raw["dialogue"], where, "dialogue"), "output": summaries[0]}
-    return record, (summaries if len(summaries) > 1 else None)
-
-
-def _generic_record(raw: dict, where: str, default_id: str, field_map: dict | None) -> tuple[dict, list[str] | None]:
-    """instruction / input / output (names mapped by field_map), optional references."""
-    fm = {"id": "id", "instruction": "instruction", "input": "input", "output": "output", **(field_map or {})}
-    for ours in ("instruction", "output"):
-        if fm[ours] not in raw:
-            fields = ", ".join(_show(k) for k in sorted(raw)[:20]) + (", ..." if len(raw) > 20 else "")
-            raise DataError(f"{where}: record has no {_show(fm[ours])} field (fields: {fields or 'none'})")
-    record = {"id": _record_id(raw, (fm["id"], "fname"), where, default_id),
-              "instruction": _as_text(raw[fm["instruction"]], where, fm["instruction"]),
-              "input": _as_text(raw.get(fm["input"]), where, fm["input"]),
-              "output": _as_text(raw[fm["output"]], where, fm["output"])}
-    return record, _references(raw, where)
-
-
-def _add_cot(record: dict, raw: dict, where: str) -> None:
-    """The CoT view's fields. A rationale that is null, empty or only whitespace is no rationale: augment-cot
-    writes degenerate rationales (empty ones included) as null, and such a record trains without a CoT view."""
-    rationale = _as_text(raw.get("rationale"), where, "rationale")
-    cot = _as_text(raw.get("cot_output"), where, "cot_output")
-    if rationale.strip():
-        record["rationale"] = rationale
-        record["cot_output"] = cot if cot.strip() else make_cot_output(rationale, record["output"])
-    elif cot.strip():
-        record["cot_output"] = cot
-
-
-def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | None = None) -> dict:
-    """Map one raw object (authors' jsonl, DialogSum, Dolly hub, generic) to a record dict.
-
-    `where` is "file:line" for error messages; `field_map` maps our field names to the file's
-    (e.g. {"output": "answer"}). An empty or whitespace-only output or instruction is an error (every record
-    trains on its response); an empty rationale is no rationale.
-    """
-    references = None
-    if field_map is None and "dialogue" in raw:  # DialogSum original release
-        record, references = _dialogsum_record(raw, where, default_id)
-    elif field_map is None and "response" in raw and "output" not in raw:  # Dolly hub schema
-        record = {
-            "id": _record_id(raw, ("id",), where, default_id),
-            "instruction": _as_text(raw.get("instruction"), where, "instruction"),
-            "input": _as_text(raw.get("context"), where, "context"),
-            "output": _as_text(raw["response"], where, "response"),
-        }
-    else:
-        record, references = _generic_record(raw, where, default_id, field_map)
-    if not record["output"].strip():
-        raise DataError(f"{where}: field 'output' is empty (a response is needed for every record)")
-    if not record["instruction"].strip():
-        raise DataError(f"{where}: field 'instruction' is empty")
-    _add_cot(record, raw, where)
-    if references:
-        record["references"] = references
-    return record
-
-
-def check_field_map(field_map) -> dict | None:
-    """A field map is {ours: theirs} with ours among id, instruction, input, output and theirs a field name."""
-    if field_map is None:
-        return None
-    if not isinstance(field_map, dict):
-        raise DataError(f"field_map: expected a mapping of OURS: THEIRS field names, got {type(field_map).__name__}")
-    for ours, theirs in field_map.items():
-        if ours not in ("id", "instruction", "input", "output") or not isinstance(theirs, str) or not theirs:
-            raise DataError(f"field_map: {_show(ours)}: expected OURS (id, instruction, input or output) mapped to "
-                            "a field name")
-    return field_map
-
-
 def read_file(path: str | Path, field_map: dict | None = None) -> list[dict]:
     """Read any supported file into records; ids default to `<file stem>-<line>`."""
     path = Path(path)
@@ -341,18 +211,6 @@ def read_file(path: str | Path, field_map: dict | None = None) -> list[dict]:
     for lineno, raw in read_json_records(path):
         records.append(normalise_record(raw, f"{path}:{lineno}", f"{stem}-{lineno}", field_map))
     return checked_records(records, str(path))
-
-
-def checked_records(records: list[dict], where: str) -> list[dict]:
-    """At least one record, and no id twice."""
-    if not records:
-        raise DataError(f"{where}: no records")
-    seen: dict[str, int] = {}
-    for i, r in enumerate(records):
-        if r["id"] in seen:
-            raise DataError(f"{where}: duplicate record id {_show(r['id'])} (records {seen[r['id']] + 1} and {i + 1})")
-        seen[r["id"]] = i
-    return records
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,8 +289,6 @@ def load_records(data, split: str = "train", data_root: str | Path | None = None
     validation, dev, valid or val; test). Returns (records, source) where source = {"name", "split", "path" or
     "hub" or "dataset", "sha256", ...}; see cot2align.data.hf for the sha256 of each kind of source.
     """
-    from cot2align.data import hf  # lazy: brings `datasets` only when a source needs it
-
     if split not in SPLITS:
         raise DataError(f"--split: expected one of {', '.join(SPLITS)}, got {split!r}")
     if hf.is_dataset_object(data):
