@@ -292,6 +292,9 @@ def _resolved(cfg: DistillConfig) -> DistillConfig:
 @_field(D, "kl_variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]),
         default_text=_PAPER)
 @_field(D, "ot_epsilon", help="Sinkhorn entropic regularisation.")
+@_field(D, "ot_epsilon_scale", type=click.Choice(["absolute", "relative"]), metavar="SCALE",
+        help="absolute, or relative: epsilon x each plan's cost std.")
+@_field(D, "ot_weight", help="Weight of the OT terms (0: none).")
 @_field(D, "ot_iters", help="Sinkhorn iterations.")
 @_field(D, "ot_grad", type=click.Choice(["envelope", "unrolled"]), help="OT gradient.")
 @_field(D, "ot_compile", help="torch.compile the Sinkhorn loop.")

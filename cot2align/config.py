@@ -250,6 +250,8 @@ class DistillConfig:
     kd_temperature: float = identity(2.0)
     kl_variant: str | None = identity(None)
     ot_epsilon: float = identity(10.0)
+    ot_epsilon_scale: str = identity("absolute")  # absolute: ε as given (the paper) | relative: ε x each plan's cost std
+    ot_weight: float = identity(1.0)             # weight of the OT terms (0: the CoT view's CE/KD without transport)
     ot_iters: int = identity(100)
     ot_grad: str = identity("envelope")
     ot_compile: bool = runtime(False)            # the same Sinkhorn loop, compiled
@@ -296,7 +298,8 @@ class DistillConfig:
         report_targets(self.report_to)
         if self.teacher_dist not in ("exact", "topk"):
             raise ConfigError(f"teacher_dist: expected exact or topk, got {self.teacher_dist!r}")
-        for name, choices in (("ot_grad", ("envelope", "unrolled")), ("select_by", ("rougeL", "ce", "last"))):
+        for name, choices in (("ot_grad", ("envelope", "unrolled")), ("select_by", ("rougeL", "ce", "last")),
+                              ("ot_epsilon_scale", ("absolute", "relative"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected {' or '.join(choices)}, got {getattr(self, name)!r}")
         cot2align = self.cot2align if self.cot2align is not None else self.default_cot2align
@@ -398,6 +401,7 @@ _POSITIVE_INT = {"epochs", "max_steps", "batch_size", "grad_accum", "limit", "to
                  "ot_iters", "val_max_new_tokens", "max_new_tokens", "lora_alpha"}
 _NON_NEGATIVE_INT = {"save_every", "val_examples", "num_workers", "lora_rank", "seed"}
 _POSITIVE_FLOAT = {"lr", "projector_lr", "kd_temperature", "ot_epsilon", "max_grad_norm", "temperature"}
+_NON_NEGATIVE_FLOAT = {"ot_weight"}
 _UNIT_INTERVAL = {"alpha": "[0, 1]", "warmup_ratio": "[0, 1)", "lora_dropout": "[0, 1)", "weight_decay": "[0, 1]"}
 _MIN_LENGTH = 16     # max_length: a prompt, a response token and EOS must fit; below this nothing trains
 
@@ -414,6 +418,8 @@ def _check_range(key: str, value, where: str) -> None:
         raise ConfigError(f"{where}: expected an integer >= 0, got {value}")
     if key in _POSITIVE_FLOAT and value <= 0:
         raise ConfigError(f"{where}: expected a number > 0, got {value}")
+    if key in _NON_NEGATIVE_FLOAT and value < 0:
+        raise ConfigError(f"{where}: expected a number >= 0, got {value}")
     if key in _UNIT_INTERVAL:
         interval = _UNIT_INTERVAL[key]
         if not (0 <= value <= 1) or (interval.endswith(")") and value == 1):

@@ -18,7 +18,8 @@ from cot2align.data.augment import AugmentConfig
 NOT_FIELDS = {"config_file", "print_config", "quiet"}
 # Config fields a command fills itself rather than from a flag.
 FILLED_BY_COMMAND = {"sft": {"method", "cot2align", "alpha", "cache", "projector_lr", "kd_temperature", "kl_variant",
-                             "ot_epsilon", "ot_iters", "ot_grad", "ot_compile", "teacher_dist"}}
+                             "ot_epsilon", "ot_epsilon_scale", "ot_weight", "ot_iters", "ot_grad", "ot_compile",
+                             "teacher_dist"}}
 COMMANDS = {"cache-teacher": CacheTeacherConfig, "distill": DistillConfig, "sft": DistillConfig,
             "augment-cot": AugmentConfig, "evaluate": EvaluateConfig}
 

@@ -146,7 +146,8 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               optimizer=optimizer, scheduler=scheduler, batches_per_epoch=batches_per_epoch, state=state,
               loss_cfg=LossConfig(kl_variant=cfg.kl_variant, kd_temperature=cfg.kd_temperature,
                                   ot_epsilon=cfg.ot_epsilon, ot_iters=cfg.ot_iters, ot_grad=cfg.ot_grad,
-                                  ot_compile=cfg.ot_compile),
+                                  ot_compile=cfg.ot_compile, ot_epsilon_scale=cfg.ot_epsilon_scale,
+                                  ot_weight=cfg.ot_weight),
               compute_dtype=compute_dtype, scaler=scaler,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
