@@ -1,5 +1,6 @@
 """The calibrated OT term: ε relative to each plan's cost spread, the OT weight, the plans' entropy in the logs."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from cot2align.config import ConfigError, DistillConfig, build_config, field_kind
 from cot2align.losses import ccot as ccot_module
 from cot2align.losses.ccot import ccot_loss
-from cot2align.losses.objective import LossConfig, build_projectors, distillation_loss
+from cot2align.losses.objective import build_projectors, default_settings, distillation_loss
 from cot2align.losses.ot import attention_cost, ot_alignment_loss, plan_entropy, sinkhorn
 from test_objective import D_S, D_T, make_views
 
@@ -163,6 +164,10 @@ def test_plan_entropy_against_its_definition():
 
 # ------------------------------------------------------------------------------------------------------ the OT weight
 
+def settings(**changes):
+    return dataclasses.replace(default_settings(), **changes)
+
+
 @pytest.mark.parametrize("method", ["sft", "dskd"])
 def test_ot_weight_zero_keeps_the_cot_view_and_solves_no_transport(method, monkeypatch):
     student, teacher, heads = make_views(3)
@@ -175,7 +180,7 @@ def test_ot_weight_zero_keeps_the_cot_view_and_solves_no_transport(method, monke
 
     monkeypatch.setattr(ccot_module, "sinkhorn", no_sinkhorn)
     loss, logs = distillation_loss(method, 0.4, student, teacher, heads, projectors, cot2align=True,
-                                   config=LossConfig(ot_weight=0.0))
+                                   config=settings(ot_weight=0.0))
     assert not any(key.startswith("ot") or key == "ccot" for key in logs)
     torch.testing.assert_close(loss, full - 0.4 * full_logs["ccot"])           # exactly the loss without L_CCoT
     torch.testing.assert_close(logs["ce"], full_logs["ce"])                    # CE still over both views
@@ -194,7 +199,7 @@ def test_ot_weight_scales_the_transport_term_only():
     projectors = build_projectors("dskd", True, D_S, D_T)
     full, logs = distillation_loss("dskd", 0.5, student, teacher, heads, projectors, cot2align=True)
     half, half_logs = distillation_loss("dskd", 0.5, student, teacher, heads, projectors, cot2align=True,
-                                        config=LossConfig(ot_weight=0.5))
+                                        config=settings(ot_weight=0.5))
     torch.testing.assert_close(half_logs["ccot"], logs["ccot"])
     torch.testing.assert_close(half, full - 0.5 * 0.5 * logs["ccot"])
     assert 0.0 <= float(logs["ot/plan_entropy"]) <= 1.0
@@ -209,7 +214,7 @@ def test_config_fields_are_identity_and_checked():
     assert (cfg.ot_epsilon_scale, cfg.ot_weight) == ("relative", 0.0)
     with pytest.raises(ConfigError, match=r"ot.weight: expected a number >= 0, got -1"):
         build_config(DistillConfig, cache="c", ot_weight=-1.0)
-    with pytest.raises(ConfigError, match=r"ot.epsilon.scale: expected absolute or relative, got 'std'"):
+    with pytest.raises(ConfigError, match=r"ot.epsilon.scale: expected one of absolute, relative, got 'std'"):
         build_config(DistillConfig, cache="c", ot_epsilon_scale="std").validate()
 
 

@@ -50,6 +50,8 @@ import math
 
 import torch
 
+from cot2align.config import OT_EPSILON_SCALES as EPSILON_SCALES
+
 # A finite "minus infinity": exp() of it is exactly 0 in float32, and log-sum-exps over lines that
 # are entirely masked stay finite, so neither the forward nor the unrolled backward produces NaN.
 _MASKED = -1e9
@@ -70,7 +72,6 @@ def _sinkhorn_potentials(log_kernel: torch.Tensor, log_kernel_t: torch.Tensor, l
     return f, g
 
 
-EPSILON_SCALES = ("absolute", "relative")
 # The smallest cost spread a relative ε scales by: an attention cost is float32 near 1 (resolution 6e-8), so a
 # spread below this is rounding noise; a problem whose real entries are all equal has a uniform plan at any ε.
 _MIN_SPREAD = 1e-6

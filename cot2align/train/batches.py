@@ -27,7 +27,9 @@ import inspect
 import torch
 
 from cot2align.align.vocab import vocab_map as build_vocab_map
-from cot2align.losses.objective import Heads, StudentView, TeacherView, teacher_arrays
+from cot2align.losses.objective import Heads, StudentView, TeacherView
+from cot2align.methods import method as registered
+from cot2align.methods import teacher_arrays
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
@@ -61,10 +63,8 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     attention_mask [B, L], `positions` [K] (where some example has a response token), response_mask,
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
     """
-    mined = method == "mined"
-    vocab = build_vocab_map(cache.tokenizer(), tokenizer) if mined else None
-    student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, vocab,
-                                 cache.tokenizer() if mined else None, log=log)
+    student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, registered(method).alignment,
+                                 log=log)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
                       teacher_arrays(method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
@@ -138,5 +138,8 @@ def teacher_view(batch_view: dict, heads: Heads, device, dtype: torch.dtype) -> 
         dist = TopKTeacher(t["topk_logprobs"], t["topk_ids"], t["tail_logprob"], heads.teacher_lm_head.shape[0])
     else:
         dist = HeadTeacher(hidden, heads.teacher_lm_head, heads.teacher_lm_head_bias)
+    aligned = {name: batch_view[name].to(device) for name in ("student_chunks", "teacher_chunks") if name in batch_view}
+    logprob = t["target_logprob"].float() if "target_logprob" in t else None
     return TeacherView(input_ids=t["input_ids"], target_ids=t["target_ids"], hidden=hidden, embed=embed,
-                       mask=t["mask"], dist=dist, mined_rows=batch_view["mined_rows"].to(device))
+                       mask=t["mask"], dist=dist, mined_rows=batch_view["mined_rows"].to(device), target_logprob=logprob,
+                       **aligned)

@@ -36,14 +36,15 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
-from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache import open_cache
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, fields_of_kind
 from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
 from cot2align.logs import reporter, silent
 from cot2align.model_limits import check_student
-from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
+from cot2align.losses.objective import Heads, build_projectors
+from cot2align.methods import method as registered
+from cot2align.methods import needs_student_hidden, teacher_arrays
 from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, tokenizer_hash
 from cot2align.train.batches import dataloader, load_heads, pad_id
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
@@ -84,7 +85,6 @@ class Run:
     scheduler: object
     batches_per_epoch: int
     state: dict                          # epoch, batches_done, step, best metric, history (checkpointed)
-    loss_cfg: LossConfig
     compute_dtype: torch.dtype
     scaler: torch.amp.GradScaler = None   # loss scaling under --dtype fp16 (a no-op otherwise)
     metrics_file: object = None
@@ -114,7 +114,7 @@ class Run:
 
     @property
     def need_hidden(self) -> bool:
-        return self.cfg.cot2align or self.cfg.method == "dskd"
+        return needs_student_hidden(self.cfg.method, self.cfg.cot2align)
 
 
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
@@ -144,10 +144,6 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               model=model, train_model=train_model, heads=heads, projectors=projectors, sharded=sharded,
               whole_params=whole_params, params=params, loader=loader, views=views, val_records=val_records,
               optimizer=optimizer, scheduler=scheduler, batches_per_epoch=batches_per_epoch, state=state,
-              loss_cfg=LossConfig(kl_variant=cfg.kl_variant, kd_temperature=cfg.kd_temperature,
-                                  ot_epsilon=cfg.ot_epsilon, ot_iters=cfg.ot_iters, ot_grad=cfg.ot_grad,
-                                  ot_compile=cfg.ot_compile, ot_epsilon_scale=cfg.ot_epsilon_scale,
-                                  ot_weight=cfg.ot_weight),
               compute_dtype=compute_dtype, scaler=scaler,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
@@ -189,9 +185,11 @@ def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: Exit
 
 def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    if cfg.method == "kl" and cache is not None and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]:
-        raise ConfigError(f"--method kl: the student tokenizer ({cfg.student}) differs from the teacher's "
-                          f"({teacher_name}); KL needs one shared vocabulary — use uld, mined or dskd")
+    if (registered(cfg.method).same_tokenizer and cache is not None
+            and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]):
+        raise ConfigError(f"--method {cfg.method}: the student tokenizer ({cfg.student}) differs from the teacher's "
+                          f"({teacher_name}); it needs one shared vocabulary — use a cross-tokenizer method "
+                          "(e.g. uld, mined, dskd)")
     if tokenizer.pad_token_id is None:     # padding needs a token; EOS is never a target where padding is
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, load_student(cfg, device)
@@ -202,8 +200,9 @@ def _setup_heads(cfg: DistillConfig, cache, model, tokenizer, device, dtype):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     d_student = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
     heads = None
-    if cache is not None and (cfg.method != "sft" or cfg.cot2align):
-        heads = load_heads(cache, base, tokenizer if cfg.method == "mined" else None, device=device, dtype=dtype)
+    method = registered(cfg.method)
+    if cache is not None and (method.kd is not None or cfg.cot2align):
+        heads = load_heads(cache, base, tokenizer if method.vocab_map else None, device=device, dtype=dtype)
     projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
     return heads, projectors.to(device)
 
@@ -224,9 +223,8 @@ def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: 
     without has an empty CoT view, which adds nothing to CE/KD and keeps only OT(y, Y)/4 of L_CCoT."""
     views = ("std", "cot") if cfg.cot2align else ("std",)
     if cache is not None:
-        vocab = build_vocab_map(cache.tokenizer(), tokenizer) if cfg.method == "mined" else None
-        student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), cfg.max_length, vocab,
-                                     cache.tokenizer() if vocab is not None else None, log=say)
+        student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), cfg.max_length,
+                                     registered(cfg.method).alignment, log=say)
         n_examples = len(cache) if cfg.limit is None else min(cfg.limit, len(cache))
     else:
         student_ids = records_as_student_ids(cfg, tokenizer)
