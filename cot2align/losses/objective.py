@@ -68,6 +68,7 @@ class Heads:
     teacher_lm_head_bias: torch.Tensor | None = None
     stu2tea: torch.Tensor | None = None      # MinED vocabulary map
     tea2stu: torch.Tensor | None = None
+    vocab_projection: tuple[torch.Tensor, torch.Tensor] | None = None   # X-Token's W: teacher ids, weights [V_s, k]
 
 
 def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim: int) -> nn.ModuleDict:

@@ -35,10 +35,12 @@ from cot2align.modeling import tokenizer_hash
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
 
 
-def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None) -> Heads:
+def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
+               projection_tokenizer=None) -> Heads:
     """Both models' embedding tables and LM heads: the student's own parameters (trained; peft-unwrapped) and
     the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also
-    MinED's vocabulary map (built once per tokenizer pair and kept on disk)."""
+    MinED's vocabulary map; with `projection_tokenizer` (the student's), X-Token's vocabulary projection (each
+    built once per tokenizer pair and kept on disk)."""
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     device = device or base.get_input_embeddings().weight.device
     head = cache.head(device=device, dtype=dtype)
@@ -50,6 +52,11 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
         vocab = build_vocab_map(cache.tokenizer(), student_tokenizer)
         heads.stu2tea = torch.from_numpy(vocab.stu2tea).to(device)
         heads.tea2stu = torch.from_numpy(vocab.tea2stu).to(device)
+    if projection_tokenizer is not None:
+        from cot2align.align.projection import vocab_projection
+
+        indices, weights = vocab_projection(projection_tokenizer, cache.tokenizer())
+        heads.vocab_projection = (torch.from_numpy(indices).to(device), torch.from_numpy(weights).to(device))
     return heads
 
 

@@ -202,7 +202,8 @@ def _setup_heads(cfg: DistillConfig, cache, model, tokenizer, device, dtype):
     heads = None
     method = registered(cfg.method)
     if cache is not None and (method.kd is not None or cfg.cot2align):
-        heads = load_heads(cache, base, tokenizer if method.vocab_map else None, device=device, dtype=dtype)
+        heads = load_heads(cache, base, tokenizer if method.vocab_map else None, device=device, dtype=dtype,
+                           projection_tokenizer=tokenizer if method.vocab_projection else None)
     projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
     return heads, projectors.to(device)
 
