@@ -23,7 +23,7 @@ Differences from NeMo's tools, each deliberate:
     entries from the reverse pass only;
   * NeMo's "scale trick" is not applied: it sets the last of the 32 prepared entries of every non-exact row to 0.2
     before the cut, and for a row with fewer than 32 real entries that slot is an arbitrary zero-weight teacher
-    token, which then keeps about 1/6 of the row's mass.
+    token, which then keeps at least 1/6 of the row's mass (its 0.2 of 1.2, kept through the cut).
 
 The projection is built once per tokenizer pair and kept on disk under $COT2ALIGN_HOME/vocab_projections.
 """

@@ -38,7 +38,7 @@ Differences from NeMo, each deliberate:
     over the V_t − k tokens it covers (the assumption of losses/teacher.py `tempered_buckets`);
   * NeMo weights this term against CE with its own kl_loss_weight / ce_loss_scale (or rescales it to CE's size
     each step); here it is L_KD in (1 − α)·CE + α·L_KD, like every method.
-Not included: NeMo's gold-loss modes (exact-token KL + sorted L1 on the rest: GOLD's loss, losses/gold.py) and
+Not included: NeMo's gold-loss modes (KL on exactly mapped tokens + sorted L1 on the rest: GOLD's loss) and
 reverse KL.
 """
 
