@@ -212,6 +212,25 @@ def cache_verify_cmd(path):
     click.echo(f"OK {path}: every chunk read and checked")
 
 
+@cache_group.command("align-stats")
+@click.argument("path")
+@click.option("--student", required=True, help="The student's tokenizer: alias, hub id or local path.")
+@click.option("--limit", type=int, default=200, show_default=True, help="Examples to measure (both views).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the tokenizer repo's own code.")
+def cache_align_stats_cmd(path, student, limit, as_json, trust_remote_code):
+    """How the student's tokens line up with the cached teacher's: chunks, exact matches, MinED's pairing."""
+    from cot2align.align.stats import alignment_stats, format_stats
+    from cot2align.cache import open_cache
+    from cot2align.modeling import load_tokenizer
+
+    if limit < 1:
+        raise ConfigError(f"--limit: expected a positive integer, got {limit}")
+    stats = alignment_stats(open_cache(path, check_tokenizer=False),
+                            load_tokenizer(student, trust_remote_code=trust_remote_code), limit)
+    click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
 D = DistillConfig
 _PAPER = "the paper's setting"
 

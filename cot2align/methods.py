@@ -101,6 +101,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            kd="cot2align.losses.dskd:kd_term", teacher_dist=True, teacher_arrays=("hidden",), student_hidden=True,
            projectors="cot2align.losses.dskd:DSKDProjectors",
            settings=(KL_VARIANT, KD_TEMPERATURE, SKEW_LAMBDA, ADAPTIVE_ALPHA, VOCAB_CHUNK)),
+    Method("alm", "ALM: approximate likelihood matching over aligned chunks (Minixhofer et al. 2025)",
+           kd="cot2align.losses.alm:kd_term", teacher_arrays=("target_logprob",), alignment="chunks",
+           settings=(Setting("alm_temperature", 1.0, "positive_float",
+                             "ALM's τ: chunk likelihoods compared as p^(1/τ) (tokenkit trains at 100, with ALM alone)"),)),
     Method("xtoken", "X-Token projection KL: the student projected onto the teacher's vocabulary, KL over aligned "
                      "chunks (NeMo RL)", kd="cot2align.losses.xtoken:kd_term", teacher_dist=True, alignment="chunks",
            vocab_projection=True, whole_teacher_logits=True,

@@ -151,29 +151,35 @@ def test_teacher_logprobs_recomputed_from_hidden_states():
                                               torch.zeros(2, 5), 40), targets, mask)
 
 
-# ------------------------------------------------------------------ the cache's target_logprob
+# ------------------------------------------------------------------ the cache's target_logprob, ALM in training
+
+TEACHER, STUDENT = "tiny-qwen2", "tiny-gpt2"
 
 
-def _build_cache(tmp_path, preset, name="cache"):
+def _build_cache(root, preset, name="cache", n=8):
     from cot2align.config import CacheTeacherConfig, build_config
     from cot2align.teacher.cache_pass import cache_teacher
 
-    data = write_cot_records(tmp_path / "data.jsonl", n=6, cot_every=2)
-    cache_teacher(build_config(CacheTeacherConfig, model=preset, data=str(data), out=str(tmp_path / name), topk=4,
+    data = write_cot_records(root / f"{name}.jsonl", n=n, cot_every=2)
+    cache_teacher(build_config(CacheTeacherConfig, model=preset, data=str(data), out=str(root / name), topk=4,
                                batch_tokens=2048), log=lambda m: None)
-    return tmp_path / name
+    return root / name
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-gpt2"])
-def test_cached_target_logprob_equals_a_fresh_forward(tmp_path, preset):
+@pytest.fixture(scope="module")
+def qwen_cache(tmp_path_factory):
+    return _build_cache(tmp_path_factory.mktemp("alm"), TEACHER)
+
+
+def test_cached_target_logprob_equals_a_fresh_forward(qwen_cache):
     from cot2align.cache import open_cache
     from cot2align.cache.inspect import cache_info, format_info, verify_cache
     from cot2align.modeling import load_model
 
-    path = _build_cache(tmp_path, preset)
-    cache = open_cache(path)
-    model, tokenizer = load_model(preset), cache.tokenizer()
+    cache = open_cache(qwen_cache)
+    model, tokenizer = load_model(TEACHER), cache.tokenizer()
     assert cache.manifest["store"]["dtypes"]["target_logprob"] == "float32"
+    checked = 0
     for i in range(len(cache)):
         for view in ("std", "cot"):
             v = cache.view(i, view)
@@ -188,17 +194,122 @@ def test_cached_target_logprob_equals_a_fresh_forward(tmp_path, preset):
             stored = cache.teacher_rows(i, view, ("target_logprob",))["target_logprob"]
             assert stored.dtype == torch.float32 and stored.shape == (v["n_rows"],)
             torch.testing.assert_close(stored, expected.squeeze(1), rtol=1e-4, atol=1e-4)
-    assert verify_cache(path) == []
-    info = cache_info(path)
+            checked += 1
+    assert checked >= 10
+    assert verify_cache(qwen_cache) == []
+    info = cache_info(qwen_cache)
     assert "target_logprob" in info["arrays"] and "absent" not in format_info(info)
 
 
-def test_an_older_cache_without_target_logprob_is_read_and_verified(tmp_path, monkeypatch):
-    """A cache written before the array existed (same format version): read without it, verified, shown absent."""
+def _alm_both_ways(cache_path, cot2align: bool):
+    """The ALM objective on one batch: fed from the cache, and from the teacher run online on the same texts with
+    the chunks aligned again from the online token ids."""
+    from cot2align.align.chunks import chunk_alignment
+    from cot2align.cache import open_cache
+    from cot2align.losses.objective import Heads, default_settings, distillation_loss
+    from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
+    from cot2align.train.batches import arrays_to_read, student_view, teacher_view
+    from cot2align.train.data import DistillDataset, collate, tokenize_cache
+    from cot2align.train.online import online_teacher_view
+
+    cache = open_cache(cache_path)
+    student_tok, teacher_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
+    torch.manual_seed(0)
+    student, teacher = load_model(STUDENT), load_model(TEACHER)
+    ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, "chunks")
+    views = ("std", "cot") if cot2align else ("std",)
+    arrays = arrays_to_read(cache, "alm", cot2align)
+    assert "target_logprob" in arrays and ("hidden" in arrays) == cot2align
+    examples = [0, 1, 2, 3]
+    dataset = DistillDataset(ids, views, examples, cache.url, arrays)
+    batch = collate([dataset[k] for k in range(len(examples))], views, student_tok.eos_token_id)
+    head = cache.head()
+    heads = Heads(student_embed_tokens=student.get_input_embeddings().weight,
+                  student_lm_head=student.get_output_embeddings().weight, teacher_embed_tokens=head["embed_tokens"],
+                  teacher_lm_head=head["lm_head"])
+    students = {v: student_view(student, batch[v], "cpu", cot2align) for v in views}
+    cached = {v: teacher_view(batch[v], heads, "cpu", torch.float32) for v in views}
+    texts, align = cache.texts(), chunk_alignment(student_tok, teacher_tok)
+    online = {}
+    for v in views:
+        rows = [cache.view(i, v) for i in examples]
+        t = online_teacher_view(teacher, teacher_tok, [texts[f"prompt_{v}"][i] for i in examples],
+                                [texts[f"response_{v}"][i] for i in examples],
+                                [r["n_rows"] > 0 and int(r["target_ids"][-1]) == teacher_tok.eos_token_id for r in rows],
+                                "cpu")
+        s_mask = students[v].mask
+        t.student_chunks = torch.full(s_mask.shape, -1, dtype=torch.long)
+        t.teacher_chunks = torch.full(t.mask.shape, -1, dtype=torch.long)
+        for b in range(len(examples)):
+            chunks_s, chunks_t = align(students[v].target_ids[b][s_mask[b]].numpy(), t.target_ids[b][t.mask[b]].numpy())
+            t.student_chunks[b, s_mask[b]] = torch.from_numpy(chunks_s)
+            t.teacher_chunks[b, t.mask[b]] = torch.from_numpy(chunks_t)
+        online[v] = t
+    results = [distillation_loss("alm", 0.5, students, teachers, heads, None if not cot2align else
+                                 _ot_projector(student, teacher), cot2align, default_settings())
+               for teachers in (cached, online)]
+    return results, cached, online
+
+
+def _ot_projector(student, teacher):
+    from cot2align.losses.objective import build_projectors
+
+    torch.manual_seed(1)
+    return build_projectors("alm", True, student.config.hidden_size, teacher.config.hidden_size)
+
+
+@pytest.mark.parametrize("cot2align", [False, True])
+def test_alm_cache_fed_equals_online_teacher(qwen_cache, cot2align):
+    (cached, online), cached_views, online_views = _alm_both_ways(qwen_cache, cot2align)
+    torch.testing.assert_close(cached[0], online[0], rtol=1e-5, atol=1e-5)
+    assert cached[1]["kd/alm"] > 0
+    for key in cached[1]:
+        torch.testing.assert_close(cached[1][key], online[1][key], rtol=1e-4, atol=1e-5)
+    for v, t in cached_views.items():
+        o = online_views[v]
+        assert torch.equal(t.mask, o.mask) and torch.equal(t.target_ids[t.mask], o.target_ids[o.mask])
+        # the memoised chunks are those aligned from the online ids; every response token is in a chunk
+        assert torch.equal(t.teacher_chunks[t.mask], o.teacher_chunks[o.mask])
+        assert torch.equal(t.student_chunks, o.student_chunks)
+        assert (t.teacher_chunks[t.mask] >= 0).all()
+        torch.testing.assert_close(t.target_logprob[t.mask], o.target_logprob[o.mask], rtol=1e-4, atol=1e-4)
+
+
+def _run(cache, out, **kw):
+    from cot2align.config import DistillConfig, build_config
+    from cot2align.train.distill import distill
+
+    settings = dict(cache=str(cache), student=STUDENT, out=str(out), method="alm", epochs=2, batch_size=4,
+                    val_examples=2, val_max_new_tokens=4, lr=3e-3)
+    settings.update(kw)
+    return distill(build_config(DistillConfig, **settings), log=lambda m: None, progress=False)
+
+
+@pytest.mark.slow      # like test_train's KD short runs
+def test_a_short_alm_run_lowers_its_loss(qwen_cache, tmp_path):
+    import json
+
+    summary = _run(qwen_cache, tmp_path / "run", epochs=4, alm_temperature=2.0, cot2align=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "kd/alm" in r]
+    assert summary["steps"] == len(steps) >= 6
+    assert all(math.isfinite(r["kd/alm"]) and r["kd/alm"] >= 0 for r in steps)
+    losses = [r["loss"] for r in steps]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+    alignment = next(r["alignment"] for r in records if "alignment" in r)
+    assert alignment                                         # the chunk figures were logged at the start
+
+
+def test_an_older_cache_without_target_logprob(tmp_path, monkeypatch):
+    """A cache written before the array existed (same format version): read without it, verified, shown absent;
+    ALM recomputes the teacher's log-probs from the hidden states under --teacher-dist exact, and refuses
+    --teacher-dist topk in one line naming the cache and the array."""
     import cot2align.teacher.cache_pass as cache_pass
     from cot2align.cache import open_cache
     from cot2align.cache.format import has_array, view_array_specs
-    from cot2align.cache.inspect import cache_info, format_info, verify_cache, _verify_target_logprob
+    from cot2align.cache.inspect import cache_info, format_info, verify_cache
+    from cot2align.config import ConfigError
+    from cot2align.train.batches import arrays_to_read
 
     def old_specs(*args, **kwargs):
         specs = view_array_specs(*args, **kwargs)
@@ -214,7 +325,7 @@ def test_an_older_cache_without_target_logprob_is_read_and_verified(tmp_path, mo
 
     monkeypatch.setattr(cache_pass, "view_array_specs", old_specs)
     monkeypatch.setattr(cache_pass, "teacher_batch", old_batch)
-    path = _build_cache(tmp_path, "tiny-qwen2", "old")
+    path = _build_cache(tmp_path, "tiny-llama", "old", n=6)
     monkeypatch.undo()
     cache = open_cache(path)
     assert not has_array(cache.manifest, "target_logprob")
@@ -222,7 +333,21 @@ def test_an_older_cache_without_target_logprob_is_read_and_verified(tmp_path, mo
     assert set(rows) == {"input_ids", "target_ids"}
     assert verify_cache(path) == []
     assert "target_logprob absent" in format_info(cache_info(path))
-    # verify's value check on the array itself: above 0, or off the top-k where the token is in it
+    assert arrays_to_read(cache, "alm", False, "exact") == ("input_ids", "target_ids", "target_logprob", "hidden")
+    with pytest.raises(ConfigError) as refused:
+        _run(path, tmp_path / "topk", teacher_dist="topk", cot2align=False)
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and "target_logprob" in message and "cache-teacher" in message
+    assert not (tmp_path / "topk").exists()                   # refused before --out is touched
+    summary = _run(path, tmp_path / "exact", cot2align=False, epochs=1)
+    assert summary["steps"] >= 1
+
+
+def test_verify_checks_target_logprob_values():
+    """verify's value check of the array: a log-probability, equal to the top-k where the token is among them, at
+    most the tail's log-mass where it is not."""
+    from cot2align.cache.inspect import _verify_target_logprob
+
     values = {"target_ids": np.array([1, 2]), "topk_ids": np.array([[1, 3], [4, 5]]),
               "topk_logprobs": np.array([[-0.5, -1.0], [-0.1, -0.2]], dtype=np.float16),
               "tail_logprob": np.array([-3.0, -2.0], dtype=np.float32)}

@@ -27,6 +27,8 @@ import inspect
 import torch
 
 from cot2align.align.vocab import vocab_map as build_vocab_map
+from cot2align.cache.format import has_array
+from cot2align.errors import ConfigError
 from cot2align.losses.objective import Heads, StudentView, TeacherView
 from cot2align.methods import method as registered
 from cot2align.methods import teacher_arrays
@@ -74,8 +76,25 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
                                  log=log)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
-                      teacher_arrays(method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
+                      arrays_to_read(cache, method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
                       num_workers, pin_memory, rank, world)
+
+
+def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
+    """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays), where the cache
+    may be older than an array: without `target_logprob` (written before it was added) the teacher's log-probs of
+    the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead; under
+    --teacher-dist topk that is refused in one line (the run was asked not to read the hidden states)."""
+    names = teacher_arrays(method, cot2align, teacher_dist)
+    if "target_logprob" not in names or has_array(cache.manifest, "target_logprob"):
+        return names
+    if "hidden" in names:
+        return names
+    if teacher_dist == "topk":
+        raise ConfigError(f"{cache.url}: this cache has no per-row array target_logprob (written before it was added), "
+                          f"which --method {method} reads under --teacher-dist topk; rebuild the cache with "
+                          "cot2align cache-teacher, or use --teacher-dist exact (recomputes it from the hidden states)")
+    return (*names, "hidden")
 
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -44,13 +45,13 @@ from cot2align.logs import reporter, silent
 from cot2align.model_limits import check_student
 from cot2align.losses.objective import Heads, build_projectors
 from cot2align.methods import method as registered
-from cot2align.methods import needs_student_hidden, teacher_arrays
+from cot2align.methods import needs_student_hidden
 from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, tokenizer_hash
-from cot2align.train.batches import dataloader, load_heads, pad_id
+from cot2align.train.batches import arrays_to_read, dataloader, load_heads, pad_id
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
 from cot2align.train.data import student_view_ids, tokenize_cache
 from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
-from cot2align.train.metrics import open_metrics
+from cot2align.train.metrics import append, open_metrics, read_records
 from cot2align.train.outputs import open_trackers
 from cot2align.train.resolve import teacher_name as teacher_of
 from cot2align.train.validation import split_validation
@@ -125,13 +126,14 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     if cache is None and cfg.cache:
         cache = open_cache(cfg.cache)
     teacher_name = teacher_of(cache)
+    arrays = arrays_to_read(cache, cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
     out = _setup_out(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
     compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32     # the teacher's cached rows
     heads, projectors = _setup_heads(cfg, cache, model, tokenizer, device, compute_dtype)
     sharded, whole_params = _setup_fsdp(cfg, model, world, device, say)
-    loader, val_records, views = _setup_data(cfg, cache, tokenizer, device, rank, world, say)
+    loader, val_records, views = _setup_data(cfg, cache, arrays, tokenizer, device, rank, world, say)
     optimizer, scheduler, params, batches_per_epoch = _setup_optimiser(cfg, model, projectors, loader)
     train_model = model
     if world > 1 and not sharded:   # DDP for the student; the (small) projectors' gradients are all-reduced by hand
@@ -148,6 +150,7 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
         run.metrics_file, run.trackers = _setup_logging(cfg, out, teacher_name, cache, say, state if cfg.resume else None)
+        _log_alignment(cfg, cache, tokenizer, run.metrics_file, say)
     return run
 
 
@@ -218,8 +221,8 @@ def _setup_fsdp(cfg: DistillConfig, model, world: int, device, say) -> tuple[boo
     return False, []
 
 
-def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: int, say):
-    """(loader, validation records, views). Every example trains, with or without a kept rationale (the
+def _setup_data(cfg: DistillConfig, cache, arrays: tuple[str, ...], tokenizer, device, rank: int, world: int, say):
+    """(loader, validation records, views); `arrays`: the cached teacher arrays to read (batches.arrays_to_read). Every example trains, with or without a kept rationale (the
     authors' data layout: each example is a standard record, one with a rationale adds a CoT record); one
     without has an empty CoT view, which adds nothing to CE/KD and keeps only OT(y, Y)/4 of L_CCoT."""
     views = ("std", "cot") if cfg.cot2align else ("std",)
@@ -231,7 +234,6 @@ def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: 
         student_ids = records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
     indices, val_records = split_validation(cfg, cache, list(range(n_examples)))
-    arrays = teacher_arrays(cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
     loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
                         pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world)
     return loader, val_records, views
@@ -270,6 +272,23 @@ def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache, say, resu
         os.replace(tmp, out / RUN_MARKER)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return open_metrics(out, resumed_state), open_trackers(out, cfg, say)
+
+
+def _log_alignment(cfg: DistillConfig, cache, tokenizer, metrics_file, say) -> None:
+    """A cross-tokenizer run starts by measuring how the student's tokens line up with the teacher's
+    (align/stats.py) on 100 cached examples: the figures go to metrics.jsonl, a degenerate alignment is said
+    before hours of training are spent on it."""
+    method = registered(cfg.method)
+    if cache is None or method.kd is None or method.same_tokenizer:
+        return
+    if any("alignment" in r for r in read_records(Path(metrics_file.name))):
+        return           # a resumed run: measured when it started (same cache, same tokenizer)
+    from cot2align.align.stats import alignment_stats
+
+    stats = alignment_stats(cache, tokenizer, limit=100, with_mined=method.vocab_map)
+    append(metrics_file, {"step": 0, "alignment": stats})
+    for warning in stats["warnings"]:
+        say(f"token alignment: {warning}", logging.WARNING)
 
 
 # ------------------------------------------------------------------------------------------ helpers
