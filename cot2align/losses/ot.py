@@ -20,23 +20,24 @@ Gradients:
   the unrolled one with half its norm (tests/test_ot.py). Choosing `envelope` at ε = 10 is therefore like
   halving the OT weight relative to the authors' code.
 
-Calibrated ε (`epsilon_scale="relative"`). The attention cost lives in [0, 1] but barely moves: each row is
-1 − a softmax over M teacher rows, so its entries sit near 1 − 1/M and spread by about 1e-2 (standard deviation
-1.4e-2 with a pretrained student, 7e-3 at random init, at step 0 on DialogSum; bench/ot_calibration.py). The
-plan depends on C/ε only, so at ε = 10 the kernel exp(−C/ε) is flat to 1e-3 and the plan is the uniform
-coupling (H(P)/H(uniform) = 1.0000 on every measured plan): the transport term then aligns nothing, it only
-pulls each student row towards the mean of all teacher rows. An absolute ε small enough to matter is no fix
-either: the spread differs from plan to plan and between regimes (at ε = 0.01 the measured plans range from
-0.68 to 1.0 of uniform, and the random-init student's are flatter than the pretrained one's). With
-"relative", ε multiplies each plan's cost standard deviation, so ε is in units of the spread and the same ε
-gives about the same sharpness everywhere: H(P)/H(uniform) = 0.95 at ε = 1, 0.82 at ε = 0.3 and 0.71 at
-ε = 0.1, within ±0.06 over the measured plans and the same in both regimes (a one-to-one plan would score
-0.56 at those sizes). The range (max − min) calibrates about as well on these features, but it is set by the
-single most peaked softmax entry, so one outlier row would change the ε of the whole plan; the standard
-deviation is the spread of all the entries the plan trades off. The spread is detached — a scale of the problem, not something to train — and a relative ε leaves the value's
-units alone (the loss stays <P, C> on the paper's cost), whereas normalising the cost would multiply the OT
-term's gradient by 1/spread (~100x). `ot_epsilon_scale: relative` with `ot_epsilon: 0.3` is the calibrated
-setting; `absolute` with ε = 10 stays the default and reproduces the paper.
+Calibrated ε (`epsilon_scale="relative"`). The attention cost lives in [0, 1] but barely moves: each row is 1 − a
+softmax over M teacher rows, so its entries sit near 1 − 1/M and spread by about 1e-2 (standard deviation 1.4e-2
+with a pretrained student, 7e-3 at random init, at step 0 on DialogSum; bench/ot_calibration.py). The plan depends
+on C/ε only, so at ε = 10 the kernel exp(−C/ε) is flat to 1e-3 and the plan is the uniform coupling
+(H(P)/H(uniform) = 1.0000 on every measured plan): the transport term then aligns nothing — under the uniform plan
+its value is the constant (M − 1)/M, and what gradient it has is second order (above). An absolute ε small enough
+to matter is no fix either: the spread differs from plan to plan and between regimes (at ε = 0.01 the measured
+plans range from 0.68 to 1.0 of uniform, and the random-init student's are flatter than the pretrained one's).
+With "relative", ε multiplies each plan's cost standard deviation, so ε is in units of the spread and the same ε
+gives about the same sharpness everywhere: H(P)/H(uniform) = 0.95 at ε = 1, 0.82 at ε = 0.3 and 0.71 at ε = 0.1,
+each within ±0.08 over the measured plans and the same in both regimes (at those sizes, N ≈ 71 student and M ≈ 28
+teacher rows, no plan with uniform marginals scores below 0.56). The range (max − min) calibrates about as well on
+these features, but it is set by the single most peaked softmax entry, so one outlier row would change the ε of
+the whole plan; the standard deviation is the spread of all the entries the plan trades off. The spread is
+detached — a scale of the problem, not something to train — and a relative ε leaves the value's units alone (the
+loss stays <P, C> on the paper's cost), whereas normalising the cost would multiply the OT term's gradient by
+1/spread (~100x). `ot_epsilon_scale: relative` with `ot_epsilon: 0.3` is the calibrated setting; `absolute` with
+ε = 10 stays the default and reproduces the paper.
 
 Deliberate differences from the authors' code (dskd_ot_rationale, `ETP`): log domain instead of the
 kernel domain with +1e-9 guards; float32 masses instead of bf16; one batched solve instead of a Python
