@@ -56,6 +56,7 @@ class Method:
     alignment: str | None = None            # a token alignment computed once per (cache, student tokenizer)
     vocab_map: bool = False                 # needs MinED's vocabulary map (heads.stu2tea / tea2stu)
     exact_vocab: bool = False               # needs the exact-match vocabulary (heads.exact_stu2tea, align/exact_tokens)
+    vocab_projection: bool = False          # needs X-Token's vocabulary projection (heads.vocab_projection)
     same_tokenizer: bool = False            # only for a student with the teacher's own tokenizer
     projectors: str | None = None           # "module:factory(student_dim, teacher_dim)" of its trained projectors
     whole_teacher_logits: bool = False      # holds the exact teacher logits [rows, V_t] whole (a memory check first)
@@ -120,6 +121,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                Setting("gold_scope", "one_token", ("one_token", "all"),
                        "Where exact-match tokens are compared directly: chunks of one token on both sides, or every "
                        "chunk as TRL does (in a longer chunk a token names a different string on each side)"))),
+    Method("xtoken", "X-Token projection KL: the student projected onto the teacher's vocabulary, KL over aligned "
+                     "chunks (NeMo RL)", kd="cot2align.losses.xtoken:kd_term", teacher_dist=True, alignment="chunks",
+           vocab_projection=True, whole_teacher_logits=True,
+           settings=(Setting("xtoken_temperature", 1.0, "positive_float", "X-Token's τ (both sides; loss times τ²)"),
+                     Setting("xtoken_vocab_topk", 8192, "positive_int",
+                             "Teacher tokens X-Token compares per batch (by the teacher's largest logits)"))),
 )}
 
 
@@ -174,7 +181,8 @@ def describe() -> str:
                                           ("the student's hidden states", m.student_hidden),
                                           (f"the {m.alignment} token alignment", m.alignment),
                                           ("the exact-match vocabulary", m.exact_vocab),
-                                          ("the same tokenizer as the teacher", m.same_tokenizer)) if used]
+                                          ("the same tokenizer as the teacher", m.same_tokenizer),
+                                          ("the vocabulary projection", m.vocab_projection)) if used]
         needs += [f"the cached {name}" for name in m.teacher_arrays]
         lines.append(f"{m.name}: {m.summary}")
         if needs:
