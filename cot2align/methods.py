@@ -55,6 +55,8 @@ class Method:
     student_hidden: bool = False            # needs the student's hidden states, not only its logits
     alignment: str | None = None            # a token alignment computed once per (cache, student tokenizer)
     vocab_map: bool = False                 # needs MinED's vocabulary map (heads.stu2tea / tea2stu)
+    exact_vocab: bool = False               # needs the exact-match vocabulary (heads.exact_stu2tea, align/exact_tokens)
+    vocab_projection: bool = False          # needs X-Token's vocabulary projection (heads.vocab_projection)
     same_tokenizer: bool = False            # only for a student with the teacher's own tokenizer
     projectors: str | None = None           # "module:factory(student_dim, teacher_dim)" of its trained projectors
     whole_teacher_logits: bool = False      # holds the exact teacher logits [rows, V_t] whole (a memory check first)
@@ -104,6 +106,27 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            kd="cot2align.losses.alm:kd_term", teacher_arrays=("target_logprob",), alignment="chunks",
            settings=(Setting("alm_temperature", 1.0, "positive_float",
                              "ALM's τ: chunk likelihoods compared as p^(1/τ) (tokenkit trains at 100, with ALM alone)"),)),
+    Method("gold", "GOLD: exact-match tokens by generalised JSD, ULD on the rest, over byte-aligned chunks merged by "
+                   "the chain rule (TRL's cross-tokenizer trainer, off-policy)",
+           kd="cot2align.losses.gold:kd_term", teacher_dist=True, teacher_arrays=("target_logprob",),
+           alignment="chunks", exact_vocab=True, whole_teacher_logits=True, settings=(
+               Setting("gold_temperature", 1.0, "positive_float", "GOLD's temperature, both sides (TRL's default 1)"),
+               Setting("gold_beta", 0.5, "unit_interval", "β of the generalised JSD on exact-match tokens (TRL's "
+                       "beta): 0 = KL(teacher‖student), 1 = KL(student‖teacher)"),
+               Setting("gold_weighting", "adaptive", ("adaptive", "fixed"),
+                       "The exact-match part's weight: shared tokens / teacher tokens (TRL's default) or "
+                       "--gold-matched-weight; the ULD part gets 1 minus it"),
+               Setting("gold_matched_weight", 0.5, "unit_interval", "The exact-match part's weight under "
+                       "--gold-weighting fixed"),
+               Setting("gold_scope", "one_token", ("one_token", "all"),
+                       "Where exact-match tokens are compared directly: chunks of one token on both sides, or every "
+                       "chunk as TRL does (in a longer chunk a token names a different string on each side)"))),
+    Method("xtoken", "X-Token projection KL: the student projected onto the teacher's vocabulary, KL over aligned "
+                     "chunks (NeMo RL)", kd="cot2align.losses.xtoken:kd_term", teacher_dist=True, alignment="chunks",
+           vocab_projection=True, whole_teacher_logits=True,
+           settings=(Setting("xtoken_temperature", 1.0, "positive_float", "X-Token's τ (both sides; loss times τ²)"),
+                     Setting("xtoken_vocab_topk", 8192, "positive_int",
+                             "Teacher tokens X-Token compares per batch (by the teacher's largest logits)"))),
 )}
 
 
@@ -157,7 +180,9 @@ def describe() -> str:
         needs = [what for what, used in (("the teacher's distribution", m.teacher_dist),
                                           ("the student's hidden states", m.student_hidden),
                                           (f"the {m.alignment} token alignment", m.alignment),
-                                          ("the same tokenizer as the teacher", m.same_tokenizer)) if used]
+                                          ("the exact-match vocabulary", m.exact_vocab),
+                                          ("the same tokenizer as the teacher", m.same_tokenizer),
+                                          ("the vocabulary projection", m.vocab_projection)) if used]
         needs += [f"the cached {name}" for name in m.teacher_arrays]
         lines.append(f"{m.name}: {m.summary}")
         if needs:

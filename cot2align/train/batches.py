@@ -26,6 +26,7 @@ import inspect
 
 import torch
 
+from cot2align.align.exact_tokens import exact_token_map
 from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache.format import has_array
 from cot2align.errors import ConfigError
@@ -37,10 +38,13 @@ from cot2align.modeling import tokenizer_hash
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
 
 
-def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None) -> Heads:
+def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
+               method: str = "mined") -> Heads:
     """Both models' embedding tables and LM heads: the student's own parameters (trained; peft-unwrapped) and
-    the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also
-    MinED's vocabulary map (built once per tokenizer pair and kept on disk)."""
+    the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also the
+    vocabulary tables the registered `method` reads (methods.py; each built once per tokenizer pair and kept on
+    disk): MinED's vocabulary map, GOLD's exact-match vocabulary (align/exact_tokens.py), X-Token's projection
+    (align/projection.py)."""
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     device = device or base.get_input_embeddings().weight.device
     head = cache.head(device=device, dtype=dtype)
@@ -48,10 +52,20 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
                   student_lm_head=base.get_output_embeddings().weight,
                   teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"],
                   teacher_lm_head_bias=head.get("lm_head_bias"))
-    if student_tokenizer is not None:
+    needs = registered(method) if student_tokenizer is not None else None
+    if needs is not None and needs.vocab_map:
         vocab = build_vocab_map(cache.tokenizer(), student_tokenizer)
         heads.stu2tea = torch.from_numpy(vocab.stu2tea).to(device)
         heads.tea2stu = torch.from_numpy(vocab.tea2stu).to(device)
+    if needs is not None and needs.exact_vocab:
+        exact = exact_token_map(cache.tokenizer(), student_tokenizer)
+        heads.exact_stu2tea = torch.from_numpy(exact.stu2tea).to(device)
+        heads.exact_matched_weight = exact.adaptive_matched_weight
+    if needs is not None and needs.vocab_projection:
+        from cot2align.align.projection import vocab_projection
+
+        indices, weights = vocab_projection(student_tokenizer, cache.tokenizer())
+        heads.vocab_projection = (torch.from_numpy(indices).to(device), torch.from_numpy(weights).to(device))
     return heads
 
 
