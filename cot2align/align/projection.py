@@ -158,3 +158,12 @@ def vocab_projection(student_tok, teacher_tok, cache_dir: str | Path | None = No
     np.savez(tmp, indices=indices, weights=weights)
     os.replace(tmp, path)
     return indices, weights
+
+
+def xtoken_tables(teacher_tok, student_tok) -> dict:
+    """What X-Token reads from `Heads.tables` (methods.py `vocab_tables`): the projection's teacher ids and weights
+    [V_s, k]."""
+    import torch
+
+    indices, weights = vocab_projection(student_tok, teacher_tok)
+    return {"projection_ids": torch.from_numpy(indices), "projection_weights": torch.from_numpy(weights)}

@@ -18,7 +18,7 @@ fills `StudentView`s from the student's forward and `TeacherView`s from the cach
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -68,9 +68,7 @@ class Heads:
     teacher_lm_head_bias: torch.Tensor | None = None
     stu2tea: torch.Tensor | None = None      # MinED vocabulary map
     tea2stu: torch.Tensor | None = None
-    exact_stu2tea: torch.Tensor | None = None        # GOLD: teacher id of the same bytes per student id, −1 none
-    exact_matched_weight: float | None = None        # GOLD's adaptive weight: shared tokens / teacher tokens
-    vocab_projection: tuple[torch.Tensor, torch.Tensor] | None = None   # X-Token's W: teacher ids, weights [V_s, k]
+    tables: dict = field(default_factory=dict)   # a method's own vocabulary tables (methods.py `vocab_tables`)
 
 
 def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim: int) -> nn.ModuleDict:

@@ -141,9 +141,9 @@ def xtoken_loss(student_logits: torch.Tensor, teacher, student_chunks: torch.Ten
 def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
     """The objective's L_KD for --method xtoken: Σ_c D(c) over the aligned chunks of the views in use, divided by
     their number (each view picks its own teacher-token subset K, as NeMo does per micro-batch)."""
-    if heads is None or heads.vocab_projection is None:
-        raise ValueError("xtoken: needs the vocabulary projection (heads.vocab_projection)")
-    indices, weights = heads.vocab_projection
+    if heads is None or "projection_ids" not in heads.tables:
+        raise ValueError("xtoken: needs the vocabulary projection (heads.tables, align/projection.py)")
+    indices, weights = heads.tables["projection_ids"], heads.tables["projection_weights"]
     total, chunks = None, None
     for v in views:
         s, t = student[v], teacher[v]

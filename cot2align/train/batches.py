@@ -26,7 +26,6 @@ import inspect
 
 import torch
 
-from cot2align.align.exact_tokens import exact_token_map
 from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache.format import has_array
 from cot2align.errors import ConfigError
@@ -43,8 +42,8 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
     """Both models' embedding tables and LM heads: the student's own parameters (trained; peft-unwrapped) and
     the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also the
     vocabulary tables the registered `method` reads (methods.py; each built once per tokenizer pair and kept on
-    disk): MinED's vocabulary map, GOLD's exact-match vocabulary (align/exact_tokens.py), X-Token's projection
-    (align/projection.py)."""
+    disk): MinED's vocabulary map, and the method's own tables (`Method.vocab_tables`: GOLD's exact-match
+    vocabulary, X-Token's projection)."""
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     device = device or base.get_input_embeddings().weight.device
     head = cache.head(device=device, dtype=dtype)
@@ -57,15 +56,9 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
         vocab = build_vocab_map(cache.tokenizer(), student_tokenizer)
         heads.stu2tea = torch.from_numpy(vocab.stu2tea).to(device)
         heads.tea2stu = torch.from_numpy(vocab.tea2stu).to(device)
-    if needs is not None and needs.exact_vocab:
-        exact = exact_token_map(cache.tokenizer(), student_tokenizer)
-        heads.exact_stu2tea = torch.from_numpy(exact.stu2tea).to(device)
-        heads.exact_matched_weight = exact.adaptive_matched_weight
-    if needs is not None and needs.vocab_projection:
-        from cot2align.align.projection import vocab_projection
-
-        indices, weights = vocab_projection(student_tokenizer, cache.tokenizer())
-        heads.vocab_projection = (torch.from_numpy(indices).to(device), torch.from_numpy(weights).to(device))
+    if needs is not None:
+        for name, table in needs.build_vocab_tables(cache.tokenizer(), student_tokenizer).items():
+            heads.tables[name] = table.to(device) if isinstance(table, torch.Tensor) else table
     return heads
 
 
