@@ -112,6 +112,7 @@ def prepare_data(args, work: Path) -> dict[str, str]:
 
 VARIANTS = {"sft": dict(method="sft", cot2align=False), "uld": dict(method="uld", cot2align=False),
             "mined": dict(method="mined", cot2align=False), "dskd": dict(method="dskd", cot2align=False),
+            "alm": dict(method="alm", cot2align=False), "gold": dict(method="gold", cot2align=False),
             "dskd_cot2align": dict(method="dskd", cot2align=True), "sft_cot2align": dict(method="sft", cot2align=True)}
 
 
@@ -282,7 +283,7 @@ def real_row(args) -> None:
 ANCHORS = dict(train=12460, val=50, test=0, teacher_epochs=2, teacher_lr=1e-4, teacher_batch=32,
                student="random:gpt2-30m", student_lr=5e-4, student_epochs=4, student_batch=32, cot_tokens=160,
                max_new_tokens=128, eval_batch=128, cot_batch=256, cache_batch_tokens=65536, parallel=True,
-               methods="sft,uld,mined,dskd,dskd_cot2align")
+               methods="sft,uld,mined,dskd,alm,gold,dskd_cot2align")
 
 
 def main():

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_GRADS, SELECT_BY, CacheTeacherConfig, DistillConfig,
-                              EvaluateConfig, build_config)
+from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, SELECT_BY, CacheTeacherConfig,
+                              DistillConfig, EvaluateConfig, build_config)
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
 from cot2align.logs import configure as configure_logging
@@ -328,6 +328,9 @@ def _method_settings(command):
 @_field(D, "projector_lr")
 @_method_settings
 @_field(D, "ot_epsilon", help="Sinkhorn entropic regularisation.")
+@_field(D, "ot_epsilon_scale", type=click.Choice(OT_EPSILON_SCALES), metavar="SCALE",
+        help="absolute, or relative: epsilon x each plan's cost std.")
+@_field(D, "ot_weight", help="Weight of the OT terms (0: none).")
 @_field(D, "ot_iters", help="Sinkhorn iterations.")
 @_field(D, "ot_grad", type=click.Choice(OT_GRADS), help="OT gradient.")
 @_field(D, "ot_compile", help="torch.compile the Sinkhorn loop.")

@@ -220,6 +220,7 @@ PAPER_SETTINGS: dict[str, dict] = {
 
 
 OT_GRADS = ("envelope", "unrolled")            # the OT plan's gradient: envelope theorem (ours) | through Sinkhorn
+OT_EPSILON_SCALES = ("absolute", "relative")   # Sinkhorn's ε as given (the paper) | times each plan's cost std
 SELECT_BY = ("rougeL", "ce", "last")           # which epoch's model a run keeps
 
 
@@ -259,6 +260,8 @@ class _DistillFields:
     lora_targets: str = identity("all-linear")
     keep_adapter: bool = output(False)           # save the LoRA adapter, not merged weights
     ot_epsilon: float = identity(10.0)
+    ot_epsilon_scale: str = identity("absolute")  # absolute: ε as given (the paper) | relative: ε x each plan's cost std
+    ot_weight: float = identity(1.0)             # weight of the OT terms (0: the CoT view's CE/KD without transport)
     ot_iters: int = identity(100)
     ot_grad: str = identity("envelope")
     ot_compile: bool = runtime(False)            # the same Sinkhorn loop, compiled
@@ -301,7 +304,8 @@ class _DistillFields:
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         report_targets(self.report_to)
-        choices = {"teacher_dist": TEACHER_DISTS, "ot_grad": OT_GRADS, "select_by": SELECT_BY}
+        choices = {"teacher_dist": TEACHER_DISTS, "ot_grad": OT_GRADS, "select_by": SELECT_BY,
+                   "ot_epsilon_scale": OT_EPSILON_SCALES}
         choices.update({s.name: s.check for s in all_settings().values() if isinstance(s.check, tuple)})
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -450,7 +454,7 @@ for _setting in all_settings().values():
     {"positive_int": _POSITIVE_INT, "positive_float": _POSITIVE_FLOAT}.get(_setting.check, set()).add(_setting.name)
     if _setting.check == "unit_interval":
         _UNIT_INTERVAL[_setting.name] = "[0, 1]"
-_NON_NEGATIVE_FLOAT = {s.name for s in all_settings().values() if s.check == "non_negative_float"}
+_NON_NEGATIVE_FLOAT = {"ot_weight"} | {s.name for s in all_settings().values() if s.check == "non_negative_float"}
 _MIN_LENGTH = 16     # max_length: a prompt, a response token and EOS must fit; below this nothing trains
 
 

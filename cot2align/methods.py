@@ -55,7 +55,8 @@ class Method:
     student_hidden: bool = False            # needs the student's hidden states, not only its logits
     alignment: str | None = None            # a token alignment computed once per (cache, student tokenizer)
     vocab_map: bool = False                 # needs MinED's vocabulary map (heads.stu2tea / tea2stu)
-    exact_vocab: bool = False               # needs the exact-match vocabulary (heads.exact_stu2tea, align/exact_tokens)
+    vocab_tables: str | None = None         # "module:function(teacher_tokenizer, student_tokenizer)" building the
+                                            # vocabulary tables it reads as heads.tables[name] (once per run)
     same_tokenizer: bool = False            # only for a student with the teacher's own tokenizer
     projectors: str | None = None           # "module:factory(student_dim, teacher_dim)" of its trained projectors
     whole_teacher_logits: bool = False      # holds the exact teacher logits [rows, V_t] whole (a memory check first)
@@ -64,6 +65,9 @@ class Method:
     def kd_term(self):
         """The L_KD function (imported now: the registry itself stays torch-free)."""
         return _load(self.kd)
+
+    def build_vocab_tables(self, teacher_tokenizer, student_tokenizer) -> dict:
+        return _load(self.vocab_tables)(teacher_tokenizer, student_tokenizer) if self.vocab_tables else {}
 
     def build_projectors(self, student_dim: int, teacher_dim: int):
         return _load(self.projectors)(student_dim, teacher_dim) if self.projectors else None
@@ -108,7 +112,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gold", "GOLD: exact-match tokens by generalised JSD, ULD on the rest, over byte-aligned chunks merged by "
                    "the chain rule (TRL's cross-tokenizer trainer, off-policy)",
            kd="cot2align.losses.gold:kd_term", teacher_dist=True, teacher_arrays=("target_logprob",),
-           alignment="chunks", exact_vocab=True, whole_teacher_logits=True, settings=(
+           alignment="chunks", vocab_tables="cot2align.align.exact_tokens:gold_tables", whole_teacher_logits=True,
+           settings=(
                Setting("gold_temperature", 1.0, "positive_float", "GOLD's temperature, both sides (TRL's default 1)"),
                Setting("gold_beta", 0.5, "unit_interval", "β of the generalised JSD on exact-match tokens (TRL's "
                        "beta): 0 = KL(teacher‖student), 1 = KL(student‖teacher)"),
@@ -120,6 +125,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                Setting("gold_scope", "one_token", ("one_token", "all"),
                        "Where exact-match tokens are compared directly: chunks of one token on both sides, or every "
                        "chunk as TRL does (in a longer chunk a token names a different string on each side)"))),
+    Method("xtoken", "X-Token projection KL: the student projected onto the teacher's vocabulary, KL over aligned "
+                     "chunks (NeMo RL)", kd="cot2align.losses.xtoken:kd_term", teacher_dist=True, alignment="chunks",
+           vocab_tables="cot2align.align.projection:xtoken_tables", whole_teacher_logits=True,
+           settings=(Setting("xtoken_temperature", 1.0, "positive_float", "X-Token's τ (both sides; loss times τ²)"),
+                     Setting("xtoken_vocab_topk", 8192, "positive_int",
+                             "Teacher tokens X-Token compares per batch (by the teacher's largest logits)"))),
 )}
 
 
@@ -173,8 +184,8 @@ def describe() -> str:
         needs = [what for what, used in (("the teacher's distribution", m.teacher_dist),
                                           ("the student's hidden states", m.student_hidden),
                                           (f"the {m.alignment} token alignment", m.alignment),
-                                          ("the exact-match vocabulary", m.exact_vocab),
-                                          ("the same tokenizer as the teacher", m.same_tokenizer)) if used]
+                                          ("the same tokenizer as the teacher", m.same_tokenizer),
+                                          (f"vocabulary tables ({m.vocab_tables})", m.vocab_tables)) if used]
         needs += [f"the cached {name}" for name in m.teacher_arrays]
         lines.append(f"{m.name}: {m.summary}")
         if needs:

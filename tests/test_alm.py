@@ -297,7 +297,7 @@ def test_a_short_alm_run_lowers_its_loss(qwen_cache, tmp_path):
     losses = [r["loss"] for r in steps]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     alignment = next(r["alignment"] for r in records if "alignment" in r)
-    assert alignment                                         # the chunk figures were logged at the start
+    assert alignment["chunk_bytes_share"] == 1.0              # GPT-2 and Qwen2.5 spell every cached response alike
 
 
 def test_an_older_cache_without_target_logprob(tmp_path, monkeypatch):

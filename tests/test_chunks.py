@@ -150,6 +150,18 @@ def test_a_normalising_tokenizer_realigns_after_the_difference(tokenizers):
     k = differ[0]
     assert unicodedata.normalize("NFC", spelled_s[k].decode()) == spelled_t[k].decode()
     assert spelled_s[k + 1:] == spelled_t[k + 1:] and len(spelled_s) - k > 5
+    # several differences far apart in a long response: each its own differing chunk, fast (no quadratic search)
+    text = "cafe\u0301 " + "The quick brown fox, 12345 jumps. " * 60 + "nai\u0308ve cafe\u0301"
+    ids_s, ids_t = response_ids(gpt2, text), response_ids(qwen, text)
+    start = time.perf_counter()
+    chunks_s, chunks_t = check_pair(aligner, ids_s, ids_t, text)
+    assert time.perf_counter() - start < 0.1
+    assert (chunks_s >= 0).all() and (chunks_t >= 0).all()
+    spelled_s = chunk_bytes(aligner.student, ids_s, chunks_s, text)
+    spelled_t = chunk_bytes(aligner.teacher, ids_t, chunks_t, text)
+    differ = [k for k, (a, b) in enumerate(zip(spelled_s, spelled_t)) if a != b]
+    assert len(differ) == 3 and all(unicodedata.normalize("NFC", spelled_s[k].decode()) == spelled_t[k].decode()
+                                    for k in differ)
 
 
 def test_describe_and_shares(tokenizers):

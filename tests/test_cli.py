@@ -19,7 +19,7 @@ from cot2align.methods import all_settings
 NOT_FIELDS = {"config_file", "print_config", "quiet"}
 # Config fields a command fills itself rather than from a flag.
 FILLED_BY_COMMAND = {"sft": {"method", "cot2align", "alpha", "cache", "projector_lr", "ot_epsilon", "ot_iters", "ot_grad",
-                             "ot_compile", "teacher_dist", *all_settings()}}
+                             "ot_compile", "ot_epsilon_scale", "ot_weight", "teacher_dist", *all_settings()}}
 COMMANDS = {"cache-teacher": CacheTeacherConfig, "distill": DistillConfig, "sft": DistillConfig,
             "augment-cot": AugmentConfig, "evaluate": EvaluateConfig}
 

@@ -54,8 +54,9 @@ def both_ways(cache_dir):
     exact = exact_token_map(teacher_tok, student_tok)
     heads = Heads(student_embed_tokens=student.get_input_embeddings().weight,
                   student_lm_head=student.get_output_embeddings().weight, teacher_embed_tokens=head["embed_tokens"],
-                  teacher_lm_head=head["lm_head"], exact_stu2tea=torch.from_numpy(exact.stu2tea),
-                  exact_matched_weight=exact.adaptive_matched_weight)
+                  teacher_lm_head=head["lm_head"],
+                  tables={"exact_stu2tea": torch.from_numpy(exact.stu2tea),
+                          "exact_matched_weight": exact.adaptive_matched_weight})
     students = {v: student_view(student, batch[v], "cpu", True) for v in views}
     cached = {v: teacher_view(batch[v], heads, "cpu", torch.float32) for v in views}
     texts = cache.texts()
@@ -104,7 +105,7 @@ def test_cache_fed_gold_equals_online_teacher(both_ways, settings):
         for b, ch in one_token:
             s_target = students[v].target_ids[b][c.student_chunks[b] == ch]
             t_target = c.target_ids[b][c.teacher_chunks[b] == ch]
-            pairs, exact = pairs + 1, exact + int(heads.exact_stu2tea[s_target] == t_target)
+            pairs, exact = pairs + 1, exact + int(heads.tables["exact_stu2tea"][s_target] == t_target)
         assert exact >= pairs - len(s_counts), (exact, pairs)
 
 

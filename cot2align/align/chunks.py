@@ -24,8 +24,8 @@ A response the cache kept whole ends with EOS on both sides; the two EOS tokens 
 likelihood of ending there, comparable on both sides). A side cut shorter (the student's max_length) covers less of
 the text: the tokens of the other side past the last common boundary get chunk −1 (not aligned), as does an EOS
 without a partner. Where the two byte strings differ (a tokenizer that normalises, e.g. Qwen2's NFC, on a text
-that is not in NFC) the boundaries are matched through the longest common blocks of the two byte strings
-(difflib): the differing bytes fall inside one chunk, the rest aligns as usual.
+that is not in NFC) the boundaries are matched through the runs of equal bytes on either side of each difference:
+the differing bytes fall inside one chunk, the rest aligns as usual.
 
 Tokenkit's aligner (`get_unconstrained_alignments`) differs in three ways we do not copy: it never aligns EOS, a
 standalone newline token on one side resets that side's running length (everything after stays unaligned), and it
@@ -34,7 +34,6 @@ works on decoded strings.
 
 from __future__ import annotations
 
-import difflib
 import weakref
 from dataclasses import dataclass
 
@@ -101,23 +100,70 @@ _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _common_boundaries(bytes_s: bytes, bytes_t: bytes, ends_s: np.ndarray, ends_t: np.ndarray):
     """Byte offsets (on the student's side, on the teacher's) of the boundaries both sides share, increasing,
     excluding 0. Same bytes (or one a prefix of the other): the token ends found on both sides up to the shorter
-    one. Otherwise through difflib's matching blocks: a student end inside (or at an edge of) a block maps to a
-    teacher offset, a boundary where that offset is a teacher end."""
+    one. Otherwise through the matching blocks of the two strings: a student end inside (or at an edge of) a block
+    maps to a teacher offset, a boundary where that offset is a teacher end."""
     covered = min(len(bytes_s), len(bytes_t))
     if bytes_s[:covered] == bytes_t[:covered]:
         shared = np.intersect1d(ends_s, ends_t)
         shared = shared[(shared > 0) & (shared <= covered)]
         return shared, shared
-    matcher = difflib.SequenceMatcher(None, bytes_s, bytes_t, autojunk=False)
     on_s, on_t = [], []
     teacher_ends = set(ends_t.tolist())
-    for a, b, size in matcher.get_matching_blocks():
+    for a, b, size in _matching_blocks(bytes_s, bytes_t):
         inside = ends_s[(ends_s >= a) & (ends_s <= a + size)]
         for e in inside.tolist():
             if e > 0 and e - a + b in teacher_ends and (not on_s or e > on_s[-1]) and e - a + b > (on_t[-1] if on_t else 0):
                 on_s.append(e)
                 on_t.append(e - a + b)
     return np.asarray(on_s, dtype=np.int64), np.asarray(on_t, dtype=np.int64)
+
+
+RESYNC_WINDOW = 4      # bytes that must agree again after a difference
+RESYNC_REACH = 64      # the furthest (in bytes, on each side) a difference may run
+
+
+def _matching_blocks(bytes_s: bytes, bytes_t: bytes) -> list[tuple[int, int, int]]:
+    """Blocks (a, b, size) where bytes_s[a:a+size] == bytes_t[b:b+size], in order: runs of equal bytes, and after each
+    difference the nearest point where both agree again for RESYNC_WINDOW bytes (the fewest bytes skipped on the two
+    sides together, up to RESYNC_REACH on each). Linear in the length for the local differences a normalising
+    tokenizer makes; a difference that never resynchronises ends the blocks."""
+    s, t = np.frombuffer(bytes_s, np.uint8), np.frombuffer(bytes_t, np.uint8)
+    blocks, i, j = [], 0, 0
+    while i < len(s) and j < len(t):
+        n = min(len(s) - i, len(t) - j)
+        differ = np.nonzero(s[i:i + n] != t[j:j + n])[0]
+        run = int(differ[0]) if len(differ) else n
+        if run:
+            blocks.append((i, j, run))
+        i, j = i + run, j + run
+        if run == n:
+            break
+        step = _resync(bytes_s, bytes_t, i, j)
+        if step is None:
+            return blocks
+        i, j = i + step[0], j + step[1]
+    if i == len(s) and j == len(t):
+        blocks.append((i, j, 0))         # both ends reached together: the end is a shared position
+    return blocks
+
+
+def _resync(bytes_s: bytes, bytes_t: bytes, i: int, j: int) -> tuple[int, int] | None:
+    """(di, dj), the fewest bytes di + dj to skip after a difference at (i, j) so that both sides agree again on the
+    next RESYNC_WINDOW bytes (or on all that is left of both: both ends)."""
+    left_s, left_t = len(bytes_s) - i, len(bytes_t) - j
+    for d in range(1, 2 * RESYNC_REACH + 1):
+        for di in range(max(0, d - RESYNC_REACH), min(d, RESYNC_REACH) + 1):
+            dj = d - di
+            if di > left_s or dj > left_t:
+                continue
+            width = min(RESYNC_WINDOW, left_s - di, left_t - dj)
+            if width == 0:
+                if di == left_s and dj == left_t:
+                    return di, dj
+                continue
+            if bytes_s[i + di:i + di + width] == bytes_t[j + dj:j + dj + width]:
+                return di, dj
+    return None
 
 
 def _chunk_ids(lengths: np.ndarray, boundaries: np.ndarray) -> np.ndarray:

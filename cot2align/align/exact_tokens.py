@@ -78,3 +78,11 @@ def exact_token_map(teacher_tok, student_tok) -> ExactTokenMap:
     """The exact-match map of two tokenizers (a dictionary pass over both vocabularies: well under a second)."""
     return build_exact_token_map(token_strings(teacher_tok), token_strings(student_tok),
                                  special_role_pairs(teacher_tok, student_tok))
+
+
+def gold_tables(teacher_tok, student_tok) -> dict:
+    """What GOLD reads from `Heads.tables` (methods.py `vocab_tables`): the exact-match map and its adaptive weight."""
+    import torch
+
+    exact = exact_token_map(teacher_tok, student_tok)
+    return {"exact_stu2tea": torch.from_numpy(exact.stu2tea), "exact_matched_weight": exact.adaptive_matched_weight}

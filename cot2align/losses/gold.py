@@ -330,9 +330,9 @@ def gold_loss(student_logits, student_targets, student_mask, student_chunks, tea
 def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
     """L_KD of `--method gold` (methods.py): the mean over the views' paired chunks of w·D_match + (1 − w)·D_rest,
     w = the exact-match vocabulary's adaptive weight (shared tokens / teacher tokens) or cfg.gold_matched_weight."""
-    if heads is None or heads.exact_stu2tea is None:
-        raise ValueError("gold: needs the exact-match vocabulary (heads.exact_stu2tea, align/exact_tokens.py)")
-    weight = heads.exact_matched_weight if cfg.gold_weighting == "adaptive" else cfg.gold_matched_weight
+    if heads is None or "exact_stu2tea" not in heads.tables:
+        raise ValueError("gold: needs the exact-match vocabulary (heads.tables, align/exact_tokens.py)")
+    weight = heads.tables["exact_matched_weight"] if cfg.gold_weighting == "adaptive" else cfg.gold_matched_weight
     matched, rest, n_chunks = 0.0, 0.0, 0
     for v in views:
         s, t = student[v], teacher[v]
@@ -340,7 +340,7 @@ def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, c
             raise ValueError("gold: the batch has no chunk alignment (student_chunks / teacher_chunks)")
         d_match, d_rest = gold_divergences(
             s.logits, s.target_ids, s.mask, t.student_chunks, t.dist, t.target_ids, t.mask, t.teacher_chunks,
-            heads.exact_stu2tea, t.target_logprob, cfg.gold_temperature, cfg.gold_beta, cfg.gold_scope)
+            heads.tables["exact_stu2tea"], t.target_logprob, cfg.gold_temperature, cfg.gold_beta, cfg.gold_scope)
         matched, rest, n_chunks = matched + d_match.sum(), rest + d_rest.sum(), n_chunks + len(d_match)
     matched, rest = matched / max(n_chunks, 1), rest / max(n_chunks, 1)
     kd = weight * matched + (1.0 - weight) * rest

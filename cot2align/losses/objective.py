@@ -1,13 +1,15 @@
 """The training objective, assembled by method name (the paper's Eq. 16):
 
-    L = (1 − α)·CE + α·(L_KD + L_CCoT)
+    L = (1 − α)·CE + α·(L_KD + w_OT·L_CCoT)
 
   * CE: the student's cross-entropy on its response tokens, averaged over the response tokens of the
     views in use (std only, or std + cot with CoT2Align);
   * L_KD by `method`: the registered method's `kd_term` (methods.py; each in its own file of losses/), summed
     over the views and averaged over their response tokens (DSKD's s2t term over teacher tokens, ULD over paired
     positions); `sft` has none;
-  * L_CCoT (only with cot2align=True): the Cross-CoT OT loss of losses/ccot.py, averaged over examples.
+  * L_CCoT (only with cot2align=True): the Cross-CoT OT loss of losses/ccot.py, averaged over examples, with
+    its weight w_OT (`ot_weight`, 1 in the paper); at w_OT = 0 the CoT view still joins CE and L_KD, and no
+    transport problem is solved.
 
 `method="sft"` without CoT2Align is plain CE (α unused). Everything is a function of tensors: the trainer
 fills `StudentView`s from the student's forward and `TeacherView`s from the cache (or an online teacher).
@@ -16,7 +18,7 @@ fills `StudentView`s from the student's forward and `TeacherView`s from the cach
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -66,8 +68,7 @@ class Heads:
     teacher_lm_head_bias: torch.Tensor | None = None
     stu2tea: torch.Tensor | None = None      # MinED vocabulary map
     tea2stu: torch.Tensor | None = None
-    exact_stu2tea: torch.Tensor | None = None        # GOLD: teacher id of the same bytes per student id, −1 none
-    exact_matched_weight: float | None = None        # GOLD's adaptive weight: shared tokens / teacher tokens
+    tables: dict = field(default_factory=dict)   # a method's own vocabulary tables (methods.py `vocab_tables`)
 
 
 def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim: int) -> nn.ModuleDict:
@@ -119,7 +120,7 @@ def default_settings():
 def distillation_loss(method: str, alpha: float, student: dict[str, StudentView], teacher: dict[str, TeacherView] | None,
                       heads: Heads | None = None, projectors: nn.ModuleDict | None = None, cot2align: bool = False,
                       config=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1 − α)·CE + α·(L_KD + L_CCoT) for `method`; returns the loss and detached parts for logging.
+    """(1 − α)·CE + α·(L_KD + w_OT·L_CCoT) for `method`; returns the loss and detached parts for logging.
 
     student / teacher: {"std": view[, "cot": view]}. With cot2align the CoT view joins CE and KD and adds
     L_CCoT; without it only "std" is used. `config`: the run's DistillConfig (the loss settings are its fields;
@@ -143,7 +144,7 @@ def distillation_loss(method: str, alpha: float, student: dict[str, StudentView]
         logs.update({k: v.detach() for k, v in parts.items()})
         logs["kd"] = kd.detach()
     distill = kd
-    if cot2align:
+    if cot2align and cfg.ot_weight > 0:
         student_feats, teacher_feats = {}, {}
         for v in ("std", "cot"):
             embed, mask = compact_rows(student[v].embed, student[v].mask)
@@ -153,11 +154,11 @@ def distillation_loss(method: str, alpha: float, student: dict[str, StudentView]
             teacher_feats[v] = {"embed": teacher[v].embed.to(dtype), "last": teacher[v].hidden.to(dtype),
                                 "mask": teacher[v].mask}
         per_example, ot_logs = ccot_loss(student_feats, teacher_feats, projectors["ot"], cfg.ot_epsilon, cfg.ot_iters,
-                                         cfg.ot_grad, cfg.ot_compile)
+                                         cfg.ot_grad, cfg.ot_compile, cfg.ot_epsilon_scale)
         ccot = per_example.mean()
         logs.update(ot_logs)
         logs["ccot"] = ccot.detach()
-        distill = distill + ccot
+        distill = distill + cfg.ot_weight * ccot
     loss = (1.0 - alpha) * ce + alpha * distill
     logs["loss"] = loss.detach()
     return loss, logs

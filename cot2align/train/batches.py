@@ -26,7 +26,6 @@ import inspect
 
 import torch
 
-from cot2align.align.exact_tokens import exact_token_map
 from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache.format import has_array
 from cot2align.errors import ConfigError
@@ -39,11 +38,12 @@ from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, t
 
 
 def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
-               vocab_map: bool = True, exact_vocab: bool = False) -> Heads:
+               method: str = "mined") -> Heads:
     """Both models' embedding tables and LM heads: the student's own parameters (trained; peft-unwrapped) and
-    the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also
-    MinED's vocabulary map (built once per tokenizer pair and kept on disk) unless `vocab_map` is False, and with
-    `exact_vocab` GOLD's exact-match vocabulary (align/exact_tokens.py)."""
+    the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also the
+    vocabulary tables the registered `method` reads (methods.py; each built once per tokenizer pair and kept on
+    disk): MinED's vocabulary map, and the method's own tables (`Method.vocab_tables`: GOLD's exact-match
+    vocabulary, X-Token's projection)."""
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     device = device or base.get_input_embeddings().weight.device
     head = cache.head(device=device, dtype=dtype)
@@ -51,14 +51,14 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
                   student_lm_head=base.get_output_embeddings().weight,
                   teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"],
                   teacher_lm_head_bias=head.get("lm_head_bias"))
-    if student_tokenizer is not None and vocab_map:
+    needs = registered(method) if student_tokenizer is not None else None
+    if needs is not None and needs.vocab_map:
         vocab = build_vocab_map(cache.tokenizer(), student_tokenizer)
         heads.stu2tea = torch.from_numpy(vocab.stu2tea).to(device)
         heads.tea2stu = torch.from_numpy(vocab.tea2stu).to(device)
-    if student_tokenizer is not None and exact_vocab:
-        exact = exact_token_map(cache.tokenizer(), student_tokenizer)
-        heads.exact_stu2tea = torch.from_numpy(exact.stu2tea).to(device)
-        heads.exact_matched_weight = exact.adaptive_matched_weight
+    if needs is not None:
+        for name, table in needs.build_vocab_tables(cache.tokenizer(), student_tokenizer).items():
+            heads.tables[name] = table.to(device) if isinstance(table, torch.Tensor) else table
     return heads
 
 

@@ -211,8 +211,7 @@ def _setup_heads(cfg: DistillConfig, cache, model, tokenizer, device, dtype):
     heads = None
     method = registered(cfg.method)
     if cache is not None and (method.kd is not None or cfg.cot2align):
-        heads = load_heads(cache, base, tokenizer if method.vocab_map or method.exact_vocab else None, device=device,
-                           dtype=dtype, vocab_map=method.vocab_map, exact_vocab=method.exact_vocab)
+        heads = load_heads(cache, base, tokenizer, device=device, dtype=dtype, method=cfg.method)
     projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
     return heads, projectors.to(device)
 
