@@ -103,7 +103,39 @@ def test_trl_trainer_refuses_what_it_cannot_do(workdir):
     with pytest.raises(ConfigError, match="SFTConfig.packing"):
         Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=cache, method="dskd",
                          args=SFTConfig(output_dir="unused", bf16=False, report_to="none", packing=True))
-    with pytest.raises(ConfigError, match="kd_temperature"):
+    with pytest.raises(ConfigError, match="kd-temperature: expected a number > 0"):
         Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=cache, method="dskd",
                          settings={"kd_temperature": -1.0},
                          args=SFTConfig(output_dir="unused", bf16=False, report_to="none"))
+
+
+def test_projectors_are_clipped_with_the_student_saved_and_restored_on_resume(workdir, tmp_path):
+    from cot2align.modeling import load_model, load_tokenizer
+
+    student, tokenizer = load_model("tiny-gpt2"), load_tokenizer("tiny-gpt2")
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, save_steps=1, per_device_train_batch_size=4,
+                     bf16=False, gradient_checkpointing=False, report_to="none", max_grad_norm=1.0)
+    trainer = Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=workdir / "quickstart" / "cache",
+                               method="dskd", cot2align=True, args=args)
+    # clipping: one norm over the student's and the projectors' gradients, as `cot2align distill` clips
+    params = [*trainer.model.parameters(), *trainer.projectors.parameters()]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    norm = trainer._clip_grad_norm(trainer.model)
+    assert float(norm) == pytest.approx(sum(p.numel() for p in params) ** 0.5, rel=1e-5)
+    assert all(torch.allclose(p.grad, torch.full_like(p.grad, 1.0 / float(norm)), rtol=1e-4)
+               for p in trainer.projectors.parameters())
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.projectors.zero_grad(set_to_none=True)
+    trainer.train()
+    checkpoint = tmp_path / "trl" / "checkpoint-1"
+    saved = load_file(str(checkpoint / "projectors.safetensors"))
+    # a new trainer (new projectors) resuming from the checkpoint gets the trained projectors back
+    again = Cot2AlignTrainer(model=load_model("tiny-gpt2"), processing_class=tokenizer,
+                             cache=workdir / "quickstart" / "cache", method="dskd", cot2align=True, args=args)
+    assert not all(torch.equal(v, saved[k]) for k, v in again.projectors.state_dict().items())
+    again._load_from_checkpoint(str(checkpoint))
+    assert all(torch.equal(v, saved[k]) for k, v in again.projectors.state_dict().items())
+    (checkpoint / "projectors.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no projectors.safetensors"):
+        again._load_from_checkpoint(str(checkpoint))
