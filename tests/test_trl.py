@@ -17,7 +17,7 @@ from trl import SFTConfig  # noqa: E402
 from cot2align.cache import open_cache  # noqa: E402
 from cot2align.config import CacheTeacherConfig, DistillConfig, build_config  # noqa: E402
 from cot2align.errors import ConfigError  # noqa: E402
-from cot2align.integrations.trl import Cot2AlignTrainer  # noqa: E402
+from cot2align.integrations.trl import CacheCollator, Cot2AlignTrainer  # noqa: E402
 from cot2align.teacher.cache_pass import cache_teacher  # noqa: E402
 from cot2align.train.distill import loss_step  # noqa: E402
 from cot2align.train.resolve import resolve_distill_config  # noqa: E402
@@ -100,6 +100,10 @@ def test_trl_trainer_refuses_what_it_cannot_do(workdir):
     with pytest.raises(ConfigError, match="method kl: the student's tokenizer differs"):
         Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=cache, method="kl",
                          args=SFTConfig(output_dir="unused", bf16=False, report_to="none"))
+    with pytest.raises(ConfigError, match="data_collator: expected a CacheCollator"):
+        Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=cache, method="alm",
+                         data_collator=CacheCollator(cache, tokenizer, "dskd", True),
+                         args=SFTConfig(output_dir="unused", bf16=False, report_to="none"))
     with pytest.raises(ConfigError, match="SFTConfig.packing"):
         Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=cache, method="dskd",
                          args=SFTConfig(output_dir="unused", bf16=False, report_to="none", packing=True))
@@ -115,8 +119,12 @@ def test_projectors_are_clipped_with_the_student_saved_and_restored_on_resume(wo
     student, tokenizer = load_model("tiny-gpt2"), load_tokenizer("tiny-gpt2")
     args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=1, save_steps=1, per_device_train_batch_size=4,
                      bf16=False, gradient_checkpointing=False, report_to="none", max_grad_norm=1.0)
+    collator = CacheCollator(open_cache(workdir / "quickstart" / "cache"), tokenizer, "dskd", True)
     trainer = Cot2AlignTrainer(model=student, processing_class=tokenizer, cache=workdir / "quickstart" / "cache",
-                               method="dskd", cot2align=True, args=args)
+                               method="dskd", cot2align=True, args=args, data_collator=collator,
+                               train_dataset=collator.dataset(range(4, 8)), eval_dataset=collator.dataset(range(4)))
+    evaluated = trainer.evaluate()              # the same objective on the held-out examples
+    assert evaluated["eval_loss"] > 0 and evaluated["eval_ce"] > 0 and "eval_ccot" in evaluated
     # clipping: one norm over the student's and the projectors' gradients, as `cot2align distill` clips
     params = [*trainer.model.parameters(), *trainer.projectors.parameters()]
     for p in params:

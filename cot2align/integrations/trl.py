@@ -27,7 +27,7 @@ the same weights on the same batch give `cot2align distill`'s loss (tests/test_t
 The loss settings (`method`, `alpha`, `cot2align`, and through `settings` every other `DistillConfig` field the
 loss and data read: `teacher_dist`, `max_length`, `projector_lr`, `ot_epsilon`, each method's hyperparameters)
 are checked as `cot2align distill` checks its flags. The optimiser's learning rate, schedule, clipping norm and
-steps are TRL's (`SFTConfig`). Supported: TRL 1.x (tested with 1.16 and transformers 5.x; `pip install
+steps are TRL's (`SFTConfig`). Supported: TRL 1.x (tested with 1.0 and 1.16, transformers 5.x; `pip install
 "cot2align[trl]"`). Not supported: packing / padding-free batches (a cot2align batch has its own padded layout),
 FSDP and DeepSpeed (use `cot2align distill --fsdp`).
 """
@@ -70,6 +70,7 @@ class CacheCollator:
         loader = cache_dataloader(cache, tokenizer, method=method, cot2align=cot2align, batch_size=1,
                                   max_length=max_length, teacher_dist=teacher_dist)
         self.examples = loader.dataset          # every cached example; item k is example k
+        self.built_for = (method, cot2align, max_length, teacher_dist)
         self.views = ("std", "cot") if cot2align else ("std",)
         self.pad = pad_id(tokenizer)
 
@@ -89,8 +90,9 @@ class Cot2AlignTrainer(SFTTrainer):
 
     `cache`: a cache directory/URL or an opened cache; `processing_class`: the student's tokenizer (required: the
     cache is tokenised for it); `settings`: other DistillConfig fields, e.g. {"kd_temperature": 1.0}. Without
-    `train_dataset` every cached example trains; `collator.dataset(indices)` makes a train or eval dataset of
-    some of them. Every other argument is SFTTrainer's."""
+    `train_dataset` every cached example trains; to train or evaluate on some of them, build the collator first
+    and pass `data_collator=collator, train_dataset=collator.dataset(indices), eval_dataset=...`. Every other
+    argument is SFTTrainer's."""
 
     def __init__(self, model, args: SFTConfig | None = None, *, cache, method: str = "dskd", cot2align: bool = True,
                  alpha: float = 0.5, settings: dict | None = None, processing_class=None, train_dataset=None,
@@ -106,8 +108,11 @@ class Cot2AlignTrainer(SFTTrainer):
             raise ConfigError(f"method {method}: the student's tokenizer differs from the teacher's in {cache.url}; it "
                               "needs one shared vocabulary — use a cross-tokenizer method (e.g. uld, mined, dskd)")
         args = _cache_args(args)
-        self.collator = data_collator or CacheCollator(cache, processing_class, method, cot2align, cfg.max_length,
-                                                       cfg.teacher_dist)
+        wanted = (method, cot2align, cfg.max_length, cfg.teacher_dist)
+        if data_collator is not None and getattr(data_collator, "built_for", None) != wanted:
+            raise ConfigError(f"data_collator: expected a CacheCollator of this cache for (method, cot2align, "
+                              f"max_length, teacher_dist) = {wanted}, got {getattr(data_collator, 'built_for', None)}")
+        self.collator = data_collator or CacheCollator(cache, processing_class, *wanted)
         super().__init__(model=model, args=args, processing_class=processing_class, data_collator=self.collator,
                          train_dataset=self.collator.dataset() if train_dataset is None else train_dataset, **kwargs)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
