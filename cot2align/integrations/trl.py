@@ -136,10 +136,11 @@ class Cot2AlignTrainer(SFTTrainer):
                                    needs_student_hidden(cfg.method, cfg.cot2align))
         loss, parts = distillation_loss(cfg.method, cfg.alpha, students, teachers, self.heads, self.projectors,
                                         cfg.cot2align, cfg)
-        mode = "train" if model.training else "eval"
-        for name, value in parts.items():      # ce, kd, kd/<part>, ccot (the OT plans' figures: distill's metrics)
-            if name != "loss" and not name.startswith("ot"):
-                self._metrics[mode][name].append(float(value))
+        # ce, kd, kd/<part>, ccot (the OT plans' figures stay distill's metrics), to the host in one copy
+        logged = [name for name in parts if name != "loss" and not name.startswith("ot")]
+        values = torch.stack([torch.as_tensor(parts[name]).float().reshape(()) for name in logged]).tolist()
+        for name, value in zip(logged, values):
+            self._metrics["train" if model.training else "eval"][name].append(value)
         return (loss, students["std"].logits) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -191,6 +192,9 @@ def _cache_args(args: SFTConfig | None) -> SFTConfig:
     cache) nor drops its columns (the "index" the collator needs); packing and padding-free batches, FSDP and
     DeepSpeed are refused in one line."""
     args = SFTConfig() if args is None else args
+    if not isinstance(args, SFTConfig):
+        raise ConfigError(f"args: expected a trl.SFTConfig, got {type(args).__name__} (SFTConfig takes the same "
+                          "arguments as transformers' TrainingArguments)")
     for name in ("packing", "padding_free"):
         if getattr(args, name, False):
             raise ConfigError(f"SFTConfig.{name}: not supported by Cot2AlignTrainer (a cot2align batch is padded per "
