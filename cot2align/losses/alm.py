@@ -97,7 +97,7 @@ def alm_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, st
 
 def _n_chunks(student_chunks: torch.Tensor, teacher_chunks: torch.Tensor) -> int:
     top = [int(c.max()) for c in (student_chunks, teacher_chunks) if c.numel()]
-    return max(top + [-1]) + 1
+    return max(top + [0]) + 1      # at least one (empty, unaligned) chunk: a view without rows scatters somewhere
 
 
 def alm_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, student_chunks: torch.Tensor,

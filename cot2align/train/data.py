@@ -225,8 +225,10 @@ class DistillDataset(torch.utils.data.Dataset):
             a, b = self.student[f"{view}_offsets"][i], self.student[f"{view}_offsets"][i + 1]
             entry = {"ids": self.student[f"{view}_ids"][a:b], "prompt_len": int(self.student[f"{view}_prompt_len"][i])}
             for name in self.aligned_names:
-                starts = self.student[f"{view}_{name}_offsets"]
-                entry[name] = self.student[f"{view}_{name}"][starts[i]:starts[i + 1]]
+                starts = self.student.get(f"{view}_{name}_offsets")
+                # none where no example has this view (a cache without rationales has no CoT rows to align)
+                entry[name] = (self.student[f"{view}_{name}"][starts[i]:starts[i + 1]] if starts is not None
+                               else np.zeros(0, dtype=np.int32))
             if cache is not None:
                 entry["teacher"] = cache.teacher_rows(i, view, self.teacher_arrays)
             item[view] = entry
