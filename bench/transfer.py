@@ -1,26 +1,36 @@
 """Does the teacher's knowledge reach the student? A knowledge-transfer benchmark on 2 CPU cores.
 
-    python bench/transfer.py --work DIR            the full run (about 4 hours on 2 cores; resumable)
-    python bench/transfer.py --work DIR --smoke    every row once, tiny sizes, one pair (~1.5 minutes; the tests run it)
+    python bench/transfer.py --work DIR            the full run, both regimes (resumable; --plan-only: the budget)
+    python bench/transfer.py --work DIR --regime scratch|pretrained|both [--seeds 1,2,3]
+    python bench/transfer.py --work DIR --smoke    every row once, tiny sizes, one pair (the tests run it)
 
 A real pretrained teacher, SmolLM2-135M-Instruct (its own tokenizer), zero-shot and briefly fine-tuned, and
-small random-initialised GPT-2 students (the GPT-2 tokenizer: another vocabulary and segmentation), fully
-fine-tuned on real data of the paper — DialogSum (train subset; dev and test from the real splits) and
-Alpaca (the paper's processed dev set as training data, its test set as test) — with CoT rationales
-written by each teacher (`augment-cot`) and one teacher cache per dataset and teacher (`cache-teacher`).
-Every student of a dataset and teacher trains from that one cache on the same records, steps, learning rate
-and seeds.
+small GPT-2 students (the GPT-2 tokenizer: another vocabulary and segmentation), fully fine-tuned on real data
+of the paper — DialogSum (train subset; dev and test from the real splits) and Alpaca (the paper's processed
+dev set as training data, its test set as test) — with CoT rationales written by each teacher (`augment-cot`)
+and one teacher cache per dataset and teacher (`cache-teacher`). Every student of a dataset and teacher trains
+from that one cache on the same records, steps, learning rate and seeds.
+
+Two regimes. From scratch: random-initialised students (`random:gpt2-transfer`), every pair. Pretrained (the
+papers' regime), DialogSum with the fine-tuned teacher: the same student pretrained once as a plain causal LM on
+Alpaca, Dolly and S-NI text checked disjoint from DialogSum (bench/pretrain_student.py), then every row starts
+from it at a learning rate chosen for it on the dev split (SFT at each lr of a small sweep, one seed).
 
 Rows: SFT, ULD, MinED, DSKD, each without and with CoT2Align (SFT + CoT2Align is the CoT view and the
-Cross-CoT OT term with no KD term). On DialogSum with the fine-tuned teacher, the ablations a reader of the
+Cross-CoT OT term with no KD term) on every pair; on DialogSum with the fine-tuned teacher (the ranking pair)
+also ALM, GOLD and X-Token with and without CoT2Align, as far as this checkout registers them (a row whose
+method is not registered is skipped with a printed line). There, from scratch, the ablations a reader of the
 paper asks for: the OT gradient (`envelope`, ours, vs `unrolled`, the authors'), ε ∈ {10, 1, 0.1} for
-DSKD + CoT2Align, and α ∈ {0.1, 0.5, 0.9} for DSKD (the weight of CE is 1 − α) — one seed each (2 cores
-allow no more within the run's budget), to be read against the same seed of the row each one varies.
+DSKD + CoT2Align, and α ∈ {0.1, 0.5, 0.9} for DSKD (the weight of CE is 1 − α) — one seed each; and in the
+pretrained regime, every seed, the OT ablation of DSKD + CoT2Align: OT at ε = 10 (the row itself), at the
+calibrated ε, and with OT weight 0.
 
 Columns: the held-out cross-entropy of the test references (nats per student token, mean ± std over the
-seeds), bits per byte, and greedy ROUGE-L; and each row's difference from SFT in CE. Outputs under the work
-dir: transfer.md (the tables), transfer.png (bars with error bars), transfer.json (every number), and one
-directory per stage; a rerun skips what is done.
+seeds), bits per byte, greedy ROUGE-L, and each row's paired difference from SFT (the same seed; mean ± std)
+in CE and ROUGE-L. Outputs under the work dir: transfer.md (the tables), transfer.png (bars with error bars),
+transfer.json (every number), and one directory per stage; a rerun skips what is done. Before it starts, the
+run prints its budget: runs still to do x each row's measured time; over the budget, data is cut before seeds
+(plan.json keeps the decision, printed).
 
 Cross-entropy is the low-noise signal here: students this small and this briefly trained do not yet write
 summaries, so ROUGE-L is near its floor; it is reported, not relied on.
@@ -288,6 +298,8 @@ def run(args) -> dict:
     rows = usable_rows(ROWS)
     ot_ablation = usable_rows(OT_ABLATION) if s["pretrained_rows"] is None else {}
     plan = budget_plan(args, s, work, rows, ot_ablation)
+    if args.plan_only:
+        return {"plan": plan}
     results: dict = {}
     if args.regime in ("scratch", "both"):
         results.update(scratch_regime(args, s, work, stages, rows))
@@ -708,10 +720,13 @@ def main() -> None:
                         help="random-initialised students (the published tables and the ranking rows), students "
                              "started from the pretrained one, or both")
     parser.add_argument("--seeds", help="comma-separated training seeds (default 1,2,3; smoke 1)")
+    parser.add_argument("--plan-only", action="store_true", help="print the budget estimate and the plan; run nothing")
     parser.add_argument("--replan", action="store_true",
                         help="decide the budget cuts again (else WORK/plan.json keeps the first decision)")
     args = parser.parse_args()
     summary = run(args)
+    if args.plan_only:
+        return
     work = Path(args.work)
     (work / "transfer.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary)

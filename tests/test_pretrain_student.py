@@ -36,7 +36,7 @@ def _weights(path: Path) -> dict:
 
 
 def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
-    settings = dict(seq_len=32, batch=2, epochs=2, lr=2e-3, max_records=2, save_every=2)
+    settings = dict(seq_len=32, batch=8, epochs=2, lr=2e-3, max_records=6, save_every=2)   # 3 steps an epoch
     whole = pretrain_student.pretrain(tmp_path / "whole", DATA, log=lambda m: None, **settings)
 
     class Killed(Exception):
