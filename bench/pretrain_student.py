@@ -126,6 +126,45 @@ def pack(documents: list[list[int]], seq_len: int, seed: int, epoch: int) -> tor
     return torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(softmax(h_i W^T), y_i) and its gradients in one pass over row chunks, never holding the full
+    [N, V] logits: for a chunk, p = softmax(h W^T) and dL/dlogits = (p - onehot(y)) / N, so dL/dh = that @ W and
+    dL/dW = that^T @ h. With V = 50257 and 4096 tokens a step, the logits are 0.8 GB; the chunks keep the step's
+    memory traffic to a fraction of it (the GPT-2 student's step time is its vocabulary's, not its 2 layers')."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        total = hidden.new_zeros((), dtype=torch.float64)
+        for start in range(0, n, chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = h @ weight.T
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum(dtype=torch.float64)
+            probs = logits.sub_(lse[:, None]).exp_()                    # in place: logits are not needed again
+            probs[torch.arange(len(y)), y] -= 1.0
+            probs.div_(n)
+            grad_hidden[start:start + chunk] = probs @ weight
+            grad_weight.addmm_(probs.T, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return (total / n).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+
+
+def causal_lm_loss(model, blocks: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The next-token cross-entropy of packed blocks (every position is a real token: nothing to mask)."""
+    hidden = model.transformer(input_ids=blocks).last_hidden_state[:, :-1]
+    targets = blocks[:, 1:]
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
+                                    targets.reshape(-1), chunk)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < warmup:
@@ -208,7 +247,7 @@ def pretrain(out: Path, data_root: str | None, *, seq_len: int, batch: int, epoc
         blocks = packed[epoch][index * batch:(index + 1) * batch]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, lr, warmup)
-        loss = model(input_ids=blocks, labels=blocks).loss
+        loss = causal_lm_loss(model, blocks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -502,11 +502,15 @@ PRETRAIN_TOKENS_PER_S = 1400     # 2x128 GPT-2, 8 x 512 packed tokens a step, 2 
 
 
 def row_seconds(work: Path) -> dict[str, float]:
-    """Median seconds of one run (train + evaluate) of each row measured so far: this work dir's timings, else
-    the published run's. Rows never measured get the median of the measured rows with the same CoT2Align flag."""
+    """Median seconds of one run (train + evaluate) of each row on the ranking pair (DialogSum: its fine-tuned
+    teacher's cache holds the most rationales, so its CoT rows are the slowest) measured so far: this work dir's
+    timings, else the published run's. A row never measured gets the median of the measured rows with the same
+    CoT2Align flag."""
     import re
 
-    times = {**json.loads(REFERENCE_TIMINGS.read_text()), **Stages(work).times()}
+    times = {name: seconds for name, seconds in {**json.loads(REFERENCE_TIMINGS.read_text()),
+                                                 **Stages(work).times()}.items()
+             if name.startswith(("dialogsum fine-tuned ", "dialogsum sft ", "dialogsum pretrained "))}
     measured = {}
     for name in {**ROWS, **ABLATIONS, **OT_ABLATION}:
         pattern = re.compile(rf" {re.escape(name)} seed\d+ (train|evaluate)$")
@@ -528,7 +532,10 @@ def _pending(out: Path) -> bool:
 def estimate(s: dict, plan: dict, work: Path, rows: dict, ot_ablation: dict, regime: str) -> dict[str, list]:
     """{part: [runs, seconds]} of what is still to do (rows x seeds x each row's measured time per run)."""
     per_row = row_seconds(work)
-    parts = {"scratch": [0, 0.0], "pretraining": [0, 0.0], "lr sweep": [0, 0.0], "pretrained": [0, 0.0]}
+    # "published": the rows and ablations of the first published tables, redone only when this work dir lacks them
+    # (outside the budget, which is for the new runs)
+    parts = {"published": [0, 0.0], "scratch": [0, 0.0], "pretraining": [0, 0.0], "lr sweep": [0, 0.0],
+             "pretrained": [0, 0.0]}
 
     def add(part: str, name: str, out: Path, scale: float = 1.0) -> None:
         if _pending(out):
@@ -541,7 +548,10 @@ def estimate(s: dict, plan: dict, work: Path, rows: dict, ot_ablation: dict, reg
             for name in names:
                 base = work / dataset / "sft" if name == "sft" else work / dataset / kind / "runs" / name
                 for seed in s["seeds"]:
-                    add("scratch", name, base / f"seed{seed}")
+                    add("published" if name in BASE_ROWS else "scratch", name, base / f"seed{seed}")
+            for name in ABLATIONS if s["ablation_seeds"] and (dataset, kind) == RANKING_PAIR else ():
+                for seed in s["ablation_seeds"]:
+                    add("published", name, work / dataset / kind / "runs" / name.replace(" ", "_") / f"seed{seed}")
     if regime in ("pretrained", "both"):
         limit = plan["pretrained_limit"]
         scale = (limit or s["train"]) / s["train"]
@@ -583,7 +593,7 @@ def budget_plan(args, s: dict, work: Path, rows: dict, ot_ablation: dict) -> dic
     total = _total(parts)
     print("[budget] still to run: " + "; ".join(f"{part} {runs} run{'s' * (runs != 1)} ~{seconds / 60:.0f} min"
                                               for part, (runs, seconds) in parts.items() if runs)
-          + f"; total {total / 3600:.2f} h of 2 idle cores (target {s['budget_hours']:g} h; per-run times measured "
+          + f"; new runs {total / 3600:.2f} h of 2 idle cores (target {s['budget_hours']:g} h; per-run times measured "
           f"in this work dir, else in {REFERENCE_TIMINGS.parent.name})"
           + (" — still over it: seeds are kept, choose them with --seeds" if total > s["budget_hours"] * 3600 else ""),
           flush=True)
@@ -591,7 +601,8 @@ def budget_plan(args, s: dict, work: Path, rows: dict, ot_ablation: dict) -> dic
 
 
 def _total(parts: dict) -> float:
-    return sum(seconds for _, seconds in parts.values())
+    """Seconds of the new runs (the budget's concern)."""
+    return sum(seconds for part, (_, seconds) in parts.items() if part != "published")
 
 
 def paired_difference(row: dict, sft: dict) -> dict:

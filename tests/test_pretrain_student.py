@@ -64,3 +64,29 @@ def test_killed_pretraining_resumes_to_the_same_weights(tmp_path):
     model = load_model(str(tmp_path / "resumed"))
     assert torch.equal(model.get_input_embeddings().weight, a["transformer.wte.weight"])
     assert load_tokenizer(str(tmp_path / "resumed")).eos_token_id == load_tokenizer("random:gpt2-transfer").eos_token_id
+
+
+def test_chunked_linear_cross_entropy_matches_a_float64_reference():
+    """Values and gradients of the fused chunked loss = F.cross_entropy over the full logits, in float64."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    loss = pretrain_student.LinearCrossEntropy.apply(hidden, weight, targets, 10)    # 4 chunks, the last short
+    (loss * 3.0).backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    (reference * 3.0).backward()
+    assert torch.allclose(loss, reference, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got[0], hidden.grad, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got[1], weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_packed_loss_is_the_models_own_causal_lm_loss():
+    from cot2align.modeling import build_random_model
+
+    model = build_random_model(pretrain_student.STUDENT, 0, torch.float32)        # eval mode: no dropout
+    blocks = torch.randint(0, 50257, (2, 24))
+    ours = pretrain_student.causal_lm_loss(model, blocks, chunk=16)
+    assert torch.allclose(ours, model(input_ids=blocks, labels=blocks).loss, rtol=1e-5)
