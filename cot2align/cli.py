@@ -9,10 +9,11 @@ import sys
 
 import click
 
-from cot2align.config import DTYPES, CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
+from cot2align.config import DTYPES, OT_GRADS, SELECT_BY, CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
 from cot2align.logs import configure as configure_logging
+from cot2align.methods import METHODS, TEACHER_DISTS, all_settings
 
 
 USER_ERRORS = (CacheError, ConfigError, DataError, HubError, TrainingError)
@@ -211,6 +212,25 @@ def cache_verify_cmd(path):
     click.echo(f"OK {path}: every chunk read and checked")
 
 
+@cache_group.command("align-stats")
+@click.argument("path")
+@click.option("--student", required=True, help="The student's tokenizer: alias, hub id or local path.")
+@click.option("--limit", type=int, default=200, show_default=True, help="Examples to measure (both views).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--trust-remote-code", is_flag=True, help="Run the tokenizer repo's own code.")
+def cache_align_stats_cmd(path, student, limit, as_json, trust_remote_code):
+    """How the student's tokens line up with the cached teacher's: chunks, exact matches, MinED's pairing."""
+    from cot2align.align.stats import alignment_stats, format_stats
+    from cot2align.cache import open_cache
+    from cot2align.modeling import load_tokenizer
+
+    if limit < 1:
+        raise ConfigError(f"--limit: expected a positive integer, got {limit}")
+    stats = alignment_stats(open_cache(path, check_tokenizer=False),
+                            load_tokenizer(student, trust_remote_code=trust_remote_code), limit)
+    click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
 D = DistillConfig
 _PAPER = "the paper's setting"
 
@@ -241,7 +261,7 @@ _TRAINING_OPTIONS = [
     _field(D, "fsdp", help="Under torchrun: shard the student (FSDP2), not DDP."),
     _field(D, "val_data", help="Validation data.", default_text="the dev split, else held-out examples"),
     _field(D, "val_examples", help="Validation examples (0: none)."),
-    _field(D, "select_by", type=click.Choice(["rougeL", "ce", "last"]), help="Which epoch --out gets."),
+    _field(D, "select_by", type=click.Choice(SELECT_BY), help="Which epoch --out gets."),
     _field(D, "val_max_new_tokens", help="Greedy validation generation length."),
     _field(D, "save_every", help="Also checkpoint every N steps (0: each epoch)."),
     _field(D, "resume", help="Continue the run in --out."),
@@ -277,25 +297,34 @@ def _resolved(cfg: DistillConfig) -> DistillConfig:
     return resolve_distill_config(cfg, cache)
 
 
+def _method_settings(command):
+    """One option per hyperparameter of the registered methods (methods.py), e.g. --uld-temperature. They are many
+    and grow with the registry, so `distill --help` leaves them to `cot2align methods`, which lists each method's."""
+    for setting in reversed(all_settings().values()):
+        choices = {"type": click.Choice(setting.check)} if isinstance(setting.check, tuple) else {}
+        command = _field(D, setting.name, help=setting.help, default_text=_PAPER if setting.default is None else None,
+                         hidden=True, **choices)(command)
+    return command
+
+
 @main.command("distill")
 @_config_options
 @_field(D, "cache", help="Teacher cache directory or URL (from cache-teacher).")
 @_field(D, "student", help="Alias, hub id or local path.", default_text=_PAPER)
-@_field(D, "method", type=click.Choice(["sft", "kl", "uld", "mined", "dskd"]), help="The KD loss.")
+@_field(D, "method", type=click.Choice(list(METHODS)),
+        help="The KD loss; `cot2align methods` describes each and its settings (e.g. --uld-temperature).")
 @_field(D, "cot2align", "--cot2align/--no-cot2align", help="Add the CoT view and the Cross-CoT OT loss.",
         default_text="on")
 @_field(D, "alpha", help="L = (1-a) CE + a (KD + CCoT).", default_text=_PAPER)
 @_field(D, "out", help="Output directory.", default_text="runs/<student>_<method>...")
 @_field(D, "data", help="--method sft without a cache: the dataset.")
 @_field(D, "projector_lr")
-@_field(D, "kd_temperature")
-@_field(D, "kl_variant", type=click.Choice(["forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive"]),
-        default_text=_PAPER)
+@_method_settings
 @_field(D, "ot_epsilon", help="Sinkhorn entropic regularisation.")
 @_field(D, "ot_iters", help="Sinkhorn iterations.")
-@_field(D, "ot_grad", type=click.Choice(["envelope", "unrolled"]), help="OT gradient.")
+@_field(D, "ot_grad", type=click.Choice(OT_GRADS), help="OT gradient.")
 @_field(D, "ot_compile", help="torch.compile the Sinkhorn loop.")
-@_field(D, "teacher_dist", type=click.Choice(["exact", "topk"]), help="Teacher distribution.")
+@_field(D, "teacher_dist", type=click.Choice(TEACHER_DISTS), help="Teacher distribution.")
 @_training_options
 def distill_cmd(config_file, print_config, **flags):
     """Train a student from a teacher cache (DSKD + CoT2Align by default)."""
@@ -324,6 +353,14 @@ def _list(value: str | None, cast=str, flag: str = "list") -> list:
 
 # sweep: lists where distill takes one value; the other flags are DistillConfig fields shared by every run.
 SWEEP_LISTS = ("student", "method", "alpha")
+
+
+@main.command("methods")
+def methods_cmd():
+    """List the distillation methods: what each is, what it reads from the cache, its settings."""
+    from cot2align.methods import describe
+
+    click.echo(describe())
 
 
 @main.command("sweep")

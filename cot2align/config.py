@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from cot2align.errors import ConfigError  # noqa: F401  (re-exported: raised here)
+from cot2align.methods import METHODS, TEACHER_DISTS, all_settings
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,16 +215,22 @@ PAPER_SETTINGS: dict[str, dict] = {
 }
 
 
+OT_GRADS = ("envelope", "unrolled")            # the OT plan's gradient: envelope theorem (ours) | through Sinkhorn
+SELECT_BY = ("rougeL", "ce", "last")           # which epoch's model a run keeps
+
+
 @dataclass(frozen=True)
-class DistillConfig:
+class _DistillFields:
     """`cot2align distill`: train a student from a teacher cache (or, for --method sft, plain data).
 
     Frozen: flags + YAML make one, `train/resolve.py` turns it into the resolved config a run records (paper
-    defaults, dtype, device, resume state filled in), and nothing changes either afterwards."""
+    defaults, dtype, device, resume state filled in), and nothing changes either afterwards. The fields below are
+    every run's; `DistillConfig` (after this class) adds each registered method's hyperparameters
+    (methods.py: `Method.settings`), so a method's knobs are config fields, flags and YAML keys without a copy."""
 
     cache: str | None = identity(None)           # compared by content on --resume (a moved cache is the same)
     student: str | None = identity(None)         # default: the paper's student for the cache's teacher
-    method: str = identity("dskd")               # sft | kl | uld | mined | dskd
+    method: str = identity("dskd")               # a registered method (methods.py)
     cot2align: bool | None = identity(None)      # add the CoT view and L_CCoT; default on, off for sft from plain data
     alpha: float | None = identity(None)         # weight of the distillation terms, in [0, 1]
     out: str | None = runtime(None)              # default runs/<student>_<method>[_cot2align]_a<alpha>
@@ -247,13 +254,11 @@ class DistillConfig:
     lora_dropout: float | None = identity(None)
     lora_targets: str = identity("all-linear")
     keep_adapter: bool = output(False)           # save the LoRA adapter, not merged weights
-    kd_temperature: float = identity(2.0)
-    kl_variant: str | None = identity(None)
     ot_epsilon: float = identity(10.0)
     ot_iters: int = identity(100)
     ot_grad: str = identity("envelope")
     ot_compile: bool = runtime(False)            # the same Sinkhorn loop, compiled
-    teacher_dist: str = identity("exact")        # exact (hidden . lm_head^T) | topk (+ tail bucket)
+    teacher_dist: str = identity("exact")        # exact (hidden . lm_head^T) | topk (+ tail bucket): TEACHER_DISTS
     seed: int = identity(10)
     max_length: int = identity(512)              # student tokens
     device: str | None = runtime(None)
@@ -283,22 +288,18 @@ class DistillConfig:
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
-        from cot2align.losses.kl import VARIANTS
-        from cot2align.losses.objective import METHODS
-
         if self.method not in METHODS:
             raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         check_dtype(self.dtype)
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
-        if self.kl_variant is not None and self.kl_variant not in VARIANTS:
-            raise ConfigError(f"kl_variant: expected one of {', '.join(VARIANTS)}, got {self.kl_variant!r}")
         report_targets(self.report_to)
-        if self.teacher_dist not in ("exact", "topk"):
-            raise ConfigError(f"teacher_dist: expected exact or topk, got {self.teacher_dist!r}")
-        for name, choices in (("ot_grad", ("envelope", "unrolled")), ("select_by", ("rougeL", "ce", "last"))):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name}: expected {' or '.join(choices)}, got {getattr(self, name)!r}")
+        choices = {"teacher_dist": TEACHER_DISTS, "ot_grad": OT_GRADS, "select_by": SELECT_BY}
+        choices.update({s.name: s.check for s in all_settings().values() if isinstance(s.check, tuple)})
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
         cot2align = self.cot2align if self.cot2align is not None else self.default_cot2align
         if self.cache is None and (self.method != "sft" or cot2align):
             raise ConfigError("cache: --cache is required (only --method sft --no-cot2align can train from --data)")
@@ -310,7 +311,7 @@ class DistillConfig:
         """CoT2Align is on by default; plain data (no cache) has no teacher views to align."""
         return not (self.cache is None and self.method == "sft")
 
-    def with_defaults(self, teacher_family: str | None) -> DistillConfig:
+    def with_defaults(self, teacher_family: str | None) -> _DistillFields:
         """A copy with the unset fields filled: cot2align, the student and hyperparameters of the paper's setting
         for this teacher (PAPER_SETTINGS, when its student is the one trained), else general defaults. What
         setup derives besides (dtype, device, resume state) is filled by train/resolve.py."""
@@ -330,6 +331,22 @@ class DistillConfig:
         resolved = dataclasses.replace(self, student=student, cot2align=cot2align, **filled)
         resolved.validate()
         return resolved
+
+
+def _method_setting_field(setting):
+    """(name, annotation, field) of one method hyperparameter, for dataclasses.make_dataclass."""
+    base = {"positive_float": "float", "non_negative_float": "float", "unit_interval": "float",
+            "positive_int": "int"}.get(setting.check if isinstance(setting.check, str) else "", "str")
+    annotation = f"{base} | None" if setting.default is None else base
+    return setting.name, annotation, _kind(setting.kind, setting.default, None)
+
+
+# DistillConfig: the fields of every run, then every registered method's hyperparameters (methods.py), in the
+# registry's order. Built once at import; its fields are as fixed as a hand-written class's.
+DistillConfig = dataclasses.make_dataclass(
+    "DistillConfig", [_method_setting_field(s) for s in all_settings().values()], bases=(_DistillFields,),
+    frozen=True)
+DistillConfig.__module__, DistillConfig.__doc__ = __name__, _DistillFields.__doc__     # pickles as config.DistillConfig
 
 
 def paper_setting(teacher_family: str | None, student: str | None) -> str | None:
@@ -397,8 +414,14 @@ def sft_defaults(model: str, flags: dict) -> dict:
 _POSITIVE_INT = {"epochs", "max_steps", "batch_size", "grad_accum", "limit", "topk", "batch_tokens", "block_examples",
                  "ot_iters", "val_max_new_tokens", "max_new_tokens", "lora_alpha"}
 _NON_NEGATIVE_INT = {"save_every", "val_examples", "num_workers", "lora_rank", "seed"}
-_POSITIVE_FLOAT = {"lr", "projector_lr", "kd_temperature", "ot_epsilon", "max_grad_norm", "temperature"}
+_POSITIVE_FLOAT = {"lr", "projector_lr", "ot_epsilon", "max_grad_norm", "temperature"}
 _UNIT_INTERVAL = {"alpha": "[0, 1]", "warmup_ratio": "[0, 1)", "lora_dropout": "[0, 1)", "weight_decay": "[0, 1]"}
+# the methods' hyperparameters, by the check each declares (methods.py)
+for _setting in all_settings().values():
+    {"positive_int": _POSITIVE_INT, "positive_float": _POSITIVE_FLOAT}.get(_setting.check, set()).add(_setting.name)
+    if _setting.check == "unit_interval":
+        _UNIT_INTERVAL[_setting.name] = "[0, 1]"
+_NON_NEGATIVE_FLOAT = {s.name for s in all_settings().values() if s.check == "non_negative_float"}
 _MIN_LENGTH = 16     # max_length: a prompt, a response token and EOS must fit; below this nothing trains
 
 
@@ -414,6 +437,8 @@ def _check_range(key: str, value, where: str) -> None:
         raise ConfigError(f"{where}: expected an integer >= 0, got {value}")
     if key in _POSITIVE_FLOAT and value <= 0:
         raise ConfigError(f"{where}: expected a number > 0, got {value}")
+    if key in _NON_NEGATIVE_FLOAT and value < 0:
+        raise ConfigError(f"{where}: expected a number >= 0, got {value}")
     if key in _UNIT_INTERVAL:
         interval = _UNIT_INTERVAL[key]
         if not (0 <= value <= 1) or (interval.endswith(")") and value == 1):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cot2align.errors import CacheError, ConfigError
+from cot2align.methods import method as registered
 
 # The config fields that bound a model's sequence length, by family: most (Llama, Qwen2, Mistral, GPT-NeoX, OPT,
 # Phi) use max_position_embeddings; GPT-2 and GPT-J n_positions (GPT-2's config maps one name onto the other);
@@ -116,9 +117,9 @@ def check_student(cfg, cache=None) -> None:
     teacher head covers its tokenizer (a cache written before cache-teacher refused such a teacher)."""
     check_positions(limits_of_name(cfg.student, cfg.trust_remote_code), cfg.max_length, f"the student {cfg.student}",
                     ConfigError)
-    if cache is not None and cfg.method == "mined":
+    if cache is not None and registered(cfg.method).vocab_map:
         rows, size = cache.manifest["teacher"]["vocab_size"], cache.manifest["tokenizer"]["size"]
         if size > rows:
-            raise CacheError(f"{cache.url}: --method mined needs a logit for every teacher token, but the cached head "
+            raise CacheError(f"{cache.url}: --method {cfg.method} needs a logit for every teacher token, but the cached head "
                              f"has {rows} rows for a tokenizer of {size} tokens; rebuild the cache (cache-teacher now "
                              "refuses such a teacher) or use another --method")

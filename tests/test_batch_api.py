@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from cot2align.config import CacheTeacherConfig, build_config
-from cot2align.losses.objective import teacher_arrays
+from cot2align.methods import teacher_arrays
 from cot2align.teacher.cache_pass import cache_teacher
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,5 +36,6 @@ def test_each_method_declares_the_teacher_arrays_it_reads():
     assert set(teacher_arrays("uld", False, "topk")) == {"input_ids", "target_ids", "topk_ids", "topk_logprobs",
                                                          "tail_logprob"}
     assert "hidden" in teacher_arrays("uld", False, "exact")                 # exact logits come from the hidden states
-    assert {"hidden", "embeds"} <= set(teacher_arrays("dskd", False, "topk"))  # DSKD's values, the OT features
+    assert "hidden" in teacher_arrays("dskd", False, "topk")                  # DSKD's values
+    assert "embeds" not in teacher_arrays("dskd", False, "topk")              # its keys are embedding lookups
     assert {"hidden", "embeds"} <= set(teacher_arrays("sft", True))

@@ -13,12 +13,13 @@ from click.testing import CliRunner
 from cot2align.cli import main
 from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig
 from cot2align.data.augment import AugmentConfig
+from cot2align.methods import all_settings
 
 # Options that are not config fields, by command.
 NOT_FIELDS = {"config_file", "print_config", "quiet"}
 # Config fields a command fills itself rather than from a flag.
-FILLED_BY_COMMAND = {"sft": {"method", "cot2align", "alpha", "cache", "projector_lr", "kd_temperature", "kl_variant",
-                             "ot_epsilon", "ot_iters", "ot_grad", "ot_compile", "teacher_dist"}}
+FILLED_BY_COMMAND = {"sft": {"method", "cot2align", "alpha", "cache", "projector_lr", "ot_epsilon", "ot_iters", "ot_grad",
+                             "ot_compile", "teacher_dist", *all_settings()}}
 COMMANDS = {"cache-teacher": CacheTeacherConfig, "distill": DistillConfig, "sft": DistillConfig,
             "augment-cot": AugmentConfig, "evaluate": EvaluateConfig}
 

@@ -191,7 +191,7 @@ def test_a_cache_on_read_only_storage_keeps_the_students_memo_in_cot2align_home(
     shutil.copytree(reference["cache"], cache_dir)
     cache = open_cache(cache_dir)
     tokenizer = load_tokenizer("tiny-gpt2")
-    beside, home = memo_paths(cache, tokenizer_hash(tokenizer), 128, False)
+    beside, home = memo_paths(cache, tokenizer_hash(tokenizer), 128, None)
     assert beside.parent == tmp_path / "ro" / "cache.students" and home.parent == cache.home_dir("students")
     real = np.savez
 

@@ -5,7 +5,8 @@ import torch
 
 from cot2align.losses.ccot import ccot_loss
 from cot2align.losses.kl import kl_loss
-from cot2align.losses.objective import (METHODS, Heads, StudentView, TeacherView, build_projectors, compact_rows,
+from cot2align.methods import METHODS
+from cot2align.losses.objective import (Heads, StudentView, TeacherView, build_projectors, compact_rows,
                                         distillation_loss)
 from cot2align.losses.uld import uld_loss
 
@@ -112,7 +113,7 @@ def test_errors():
         distillation_loss("uld", 1.5, student, teacher, heads)
     with pytest.raises(ValueError, match="vocabulary|response lengths"):
         distillation_loss("kl", 0.5, student, teacher, heads)
-    assert METHODS == ("sft", "kl", "uld", "mined", "dskd")
+    assert list(METHODS)[:5] == ["sft", "kl", "uld", "mined", "dskd"]
 
 
 @pytest.mark.parametrize("method", ["uld", "mined", "dskd"])

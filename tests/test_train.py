@@ -21,7 +21,7 @@ from cot2align.cache import open_cache
 from cot2align.cache import CacheError
 from cot2align.cli import main
 from cot2align.config import CacheTeacherConfig, ConfigError, DistillConfig, build_config
-from cot2align.losses.objective import Heads, LossConfig, build_projectors, distillation_loss
+from cot2align.losses.objective import Heads, build_projectors, default_settings, distillation_loss
 from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
 from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.data import DistillDataset, collate, tokenize_cache
@@ -54,8 +54,7 @@ def _objective_both_ways(cache_path, student_name, method, cot2align):
         from cot2align.align.vocab import vocab_map as build_map
 
         vocab_map = build_map(cache.tokenizer(), student_tok)
-    ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, vocab_map,
-                         cache.tokenizer() if vocab_map is not None else None)
+    ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, "mined" if method == "mined" else None)
     views = ("std", "cot") if cot2align else ("std",)
     dataset = DistillDataset(ids, views, [0, 1, 2], cache.url, ("input_ids", "target_ids", "hidden", "embeds"))
     batch = collate([dataset[k] for k in range(3)], views, student_tok.eos_token_id)
@@ -78,7 +77,7 @@ def _objective_both_ways(cache_path, student_name, method, cot2align):
     projectors = build_projectors(method, cot2align, student.config.hidden_size, teacher.config.hidden_size)
     results = []
     for teachers in (cached, online):
-        loss, parts = distillation_loss(method, 0.5, students, teachers, heads, projectors, cot2align, LossConfig())
+        loss, parts = distillation_loss(method, 0.5, students, teachers, heads, projectors, cot2align, default_settings())
         results.append((loss, parts))
     return results, batch, cached, online, student_tok, teacher_tok
 
@@ -146,7 +145,7 @@ def test_logits_at_response_positions_only_equal_a_full_forward(cache_dir, metho
             else:
                 students[v], mined = _full_student_view(student, batch[v])
                 teachers[v] = dataclasses.replace(cached[v], mined_rows=mined)
-        loss, parts = distillation_loss(method, 0.5, students, teachers, heads, projectors, cot2align, LossConfig())
+        loss, parts = distillation_loss(method, 0.5, students, teachers, heads, projectors, cot2align, default_settings())
         loss.backward()
         if cut:
             kept = students

@@ -27,6 +27,9 @@ missing chunk as zeros or empty texts). Versions 1-3 are still read, without tha
             topk_ids      uint16|int32 [T_p, k]
             topk_logprobs float16 [T_p, k] log-softmax at temperature 1, descending
             tail_logprob  float32 [T_p]    log(1 - sum of top-k probs)
+            target_logprob float32 [T_p]   the exact log-softmax (τ = 1) of target_ids, from the full logits: the
+                          teacher's log-probability of the realised token, which ALM sums over chunks; caches
+                          written before it was added lack it (their readers fall back to hidden · lm_headᵀ)
 
 Version 1 (still read) kept the per-row arrays in <cache>/std|cot/ beside the offsets: one part, no parts/.
 
@@ -45,6 +48,10 @@ manifest's canonical JSON without that field, renewed on every manifest write) a
 (sha256 of each file under teacher/: head.safetensors, the tokenizer files, config.json). `open_cache` checks
 the manifest and the tokenizer files on open and head.safetensors when it is read; `cache verify` checks all.
 A hand-edited manifest value (say `eos_id`) or one flipped byte in the head is refused, naming the file.
+
+An array added within a version is optional to its readers: `target_logprob` joined format 4 without a version
+change (a cache may or may not hold it: the manifest's store.dtypes says which; `has_array` reads that), and a
+reader that does not know it reads the rest unchanged.
 
 Version 4 adds the chunk index above, and writes every chunk (Zarr would leave out a chunk that holds only the
 fill value, so an all-zero chunk and a deleted one looked alike): a chunk is trusted when it exists, ends in the
@@ -234,6 +241,11 @@ def to_storage(array: np.ndarray, dtype) -> np.ndarray:
     return array.astype(dtype)
 
 
+def has_array(manifest: dict, name: str) -> bool:
+    """Whether the cache of `manifest` stores the per-row array `name` (its store.dtypes lists every array)."""
+    return name in manifest.get("store", {}).get("dtypes", {})
+
+
 def view_array_specs(hidden_size: int, topk: int, vocab_size: int, hidden_dtype: str, store_embeds: bool,
                      hidden_codec: str) -> dict[str, dict]:
     """name -> {dtype, trailing shape, chunk rows, codec kind} of the per-row arrays of a view."""
@@ -246,6 +258,7 @@ def view_array_specs(hidden_size: int, topk: int, vocab_size: int, hidden_dtype:
         "topk_ids": dict(dtype=topk_id_dtype(vocab_size), trailing=(topk,), chunk=rows, codec="topk"),
         "topk_logprobs": dict(dtype=np.float16, trailing=(topk,), chunk=rows, codec="topk"),
         "tail_logprob": dict(dtype=np.float32, trailing=(), chunk=ROW_CHUNK_1D, codec="topk"),
+        "target_logprob": dict(dtype=np.float32, trailing=(), chunk=ROW_CHUNK_1D, codec="topk"),
     }
     if hidden_dtype == "int8":
         specs["hidden_scale"] = dict(dtype=np.float16, trailing=(), chunk=ROW_CHUNK_1D, codec="topk")

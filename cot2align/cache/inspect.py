@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from cot2align.cache.chunk_index import ChunkProblem, chunk_place
-from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_teacher_files, read_manifest
+from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_teacher_files, has_array, read_manifest
 from cot2align.cache.parts import read_parts
 from cot2align.cache.reader import TeacherCache, check_opens, check_tokenizer_files, open_arrays
 from cot2align.cache.storage import Location
@@ -97,6 +97,9 @@ def format_info(info: dict) -> str:
     ]
     for name, e in sorted(info["arrays"].items()):
         lines.append(f"  {name:<14} {e['bytes_per_row']:>10.1f}   {e['ratio']:>5.2f}x")
+    if "target_logprob" not in info["arrays"]:
+        lines.append("  target_logprob absent (written before it was added): ALM recomputes it from hidden x lm_head "
+                     "under --teacher-dist exact and refuses --teacher-dist topk")
     lines.append(f"  {'total':<14} {info['bytes_per_row']:>10.1f}   = {info['bytes_per_row_vs_bf16_hidden']:.3f} x "
                  f"the bf16 hidden state   ({info['total_bytes'] / 2**20:.1f} MiB on disk)")
     if p:
@@ -216,7 +219,8 @@ def _verify_part_view(part, view: str, location: Location, manifest: dict, offse
         found += bad
     if found:
         return found
-    return _verify_values(values, label, part_offsets, prompt_len[first:end], manifest["teacher"]["vocab_size"])
+    return (_verify_values(values, label, part_offsets, prompt_len[first:end], manifest["teacher"]["vocab_size"])
+            + _verify_target_logprob(values, label))
 
 
 def _verify_shapes(g, view: str, manifest: dict, rows: int) -> list[str]:
@@ -227,6 +231,8 @@ def _verify_shapes(g, view: str, manifest: dict, rows: int) -> list[str]:
                 "topk_ids": ((rows, k), manifest["store"]["dtypes"]["topk_ids"])}
     if manifest["teacher"]["embed_kind"] == "stored":
         expected["embeds"] = ((rows, D), "uint16")
+    if has_array(manifest, "target_logprob"):          # caches written before it was added lack it
+        expected["target_logprob"] = ((rows,), "float32")
     problems = []
     for name, (shape, dtype) in expected.items():
         if name not in g:
@@ -258,3 +264,22 @@ def _verify_values(values: dict, view: str, offsets: np.ndarray, prompt_len: np.
     if np.any((prompt_len <= 0) & (np.diff(offsets) > 0)):
         problems.append(f"{view}/prompt_len: zero prompt length for an example with rows")
     return problems
+
+
+def _verify_target_logprob(values: dict, view: str) -> list[str]:
+    """The realised token's log-prob is a log-probability (finite, at most 0), agrees with the top-k where the token
+    is among them (float16 there), and is at most the tail's log-mass where it is not."""
+    if "target_logprob" not in values or not len(values["target_logprob"]):
+        return []
+    target = values["target_logprob"].astype(np.float64)
+    if not np.all(np.isfinite(target)) or target.max() > 1e-5:
+        return [f"{view}/target_logprob: not a log-probability (finite, at most 0)"]
+    top_ids, top_lp = values["topk_ids"].astype(np.int64), values["topk_logprobs"].astype(np.float64)
+    hit = top_ids == values["target_ids"].astype(np.int64)[:, None]
+    in_top = hit.any(1)
+    stored = (top_lp * hit).sum(1)
+    if np.any(np.abs(stored - target)[in_top] > 1e-2 + 2e-3 * np.abs(target[in_top])):
+        return [f"{view}/target_logprob: differs from topk_logprobs for a token in the top-k"]
+    if np.any(target[~in_top] > values["tail_logprob"].astype(np.float64)[~in_top] + 1e-4):
+        return [f"{view}/target_logprob: above the tail's log-mass for a token outside the top-k"]
+    return []

@@ -14,7 +14,8 @@ import numpy as np
 
 from cot2align.cache.format import VIEWS, CacheError
 
-PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob")
+PER_ROW = ("input_ids", "target_ids", "hidden", "hidden_scale", "embeds", "topk_ids", "topk_logprobs", "tail_logprob",
+           "target_logprob")
 
 
 @dataclass

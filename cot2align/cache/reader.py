@@ -220,7 +220,8 @@ def decode_rows(rows: dict) -> dict[str, torch.Tensor]:
     """Stored per-row arrays (as `TeacherCache.view` returns them) -> torch tensors a loss can use:
 
         input_ids, target_ids, topk_ids  int64          hidden  bfloat16 (bf16 storage) | float32 (int8 + scale)
-        topk_logprobs, tail_logprob      float32        embeds  bfloat16 (only caches of stored embeddings)
+        topk_logprobs, tail_logprob,     float32        embeds  bfloat16 (only caches of stored embeddings)
+        target_logprob (caches that hold it)
 
     `hidden_scale` is folded into `hidden`; other keys of `rows` (prompt_len, texts) are left out.
     """
@@ -228,7 +229,7 @@ def decode_rows(rows: dict) -> dict[str, torch.Tensor]:
     for name in ("input_ids", "target_ids", "topk_ids"):
         if name in rows:
             out[name] = torch.from_numpy(rows[name].astype(np.int64))
-    for name in ("topk_logprobs", "tail_logprob"):
+    for name in ("topk_logprobs", "tail_logprob", "target_logprob"):
         if name in rows:
             out[name] = torch.from_numpy(rows[name].astype(np.float32))
     if "hidden" in rows:

@@ -69,8 +69,8 @@ def dskd_loss(*, student_logits: torch.Tensor, student_hidden: torch.Tensor, stu
               student_lm_head: torch.Tensor, teacher_hidden: torch.Tensor, teacher_input_embeds: torch.Tensor,
               teacher_target_embeds: torch.Tensor, teacher_mask: torch.Tensor, teacher, teacher_lm_head: torch.Tensor,
               teacher_lm_head_bias: torch.Tensor | None = None, projectors: DSKDProjectors,
-              kl_variant: str = "forward", temperature: float = 2.0, reduction: str = "mean",
-              vocab_chunk: int = 32768) -> tuple[torch.Tensor, dict]:
+              kl_variant: str = "forward", temperature: float = 2.0, skew_lambda: float = 0.1,
+              adaptive_alpha: float = 0.5, reduction: str = "mean", vocab_chunk: int = 32768) -> tuple[torch.Tensor, dict]:
     """L_DSKD and its parts.
 
     Student tensors over [B, N] positions (logits [B,N,V_s], last hidden / embeddings [B,N,d], gold next
@@ -110,7 +110,7 @@ def dskd_loss(*, student_logits: torch.Tensor, student_hidden: torch.Tensor, stu
     correct = t2s_logits.argmax(-1) == gold
     student_logp = torch.log_softmax(f32(student_logits[s_mask]) / temperature, dim=-1)
     t2s_logp = torch.log_softmax(t2s_logits.detach() / temperature, dim=-1)
-    t2s_kd = (divergence(student_logp, t2s_logp, kl_variant) * correct).sum()
+    t2s_kd = (divergence(student_logp, t2s_logp, kl_variant, skew_lambda, adaptive_alpha) * correct).sum()
 
     # student -> teacher: values from the student's hidden states, compared in the teacher's vocabulary
     student_value = f32(projectors.s2t(student_hidden.to(projectors.s2t.weight.dtype)))
@@ -128,3 +128,27 @@ def dskd_loss(*, student_logits: torch.Tensor, student_hidden: torch.Tensor, stu
     s_den, t_den = n_student.clamp_min(1), n_teacher.clamp_min(1)
     parts.update(t2s_ce=t2s_ce / s_den, t2s_kd=t2s_kd / s_den, s2t_kd=s2t_kd / t_den)
     return parts["t2s_ce"] + parts["t2s_kd"] + parts["s2t_kd"], parts
+
+
+def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
+    """L_KD of `--method dskd` (methods.py): t2s terms averaged over the views' student response tokens, s2t_kd
+    over their teacher response tokens."""
+    sums = {"t2s_ce": 0.0, "t2s_kd": 0.0, "s2t_kd": 0.0, "n_student": 0, "n_teacher": 0}
+    for v in views:
+        s, t = student[v], teacher[v]
+        _, view_parts = dskd_loss(
+            student_logits=s.logits, student_hidden=s.last,
+            student_input_embeds=heads.student_embed_tokens[s.input_ids.clamp_min(0)],
+            student_target_embeds=heads.student_embed_tokens[s.target_ids.clamp_min(0)], target_ids=s.target_ids,
+            student_mask=s.mask, student_lm_head=heads.student_lm_head, teacher_hidden=t.hidden,
+            teacher_input_embeds=heads.teacher_embed_tokens[t.input_ids.long()],
+            teacher_target_embeds=heads.teacher_embed_tokens[t.target_ids.long()], teacher_mask=t.mask,
+            teacher=t.dist, teacher_lm_head=heads.teacher_lm_head, teacher_lm_head_bias=heads.teacher_lm_head_bias,
+            projectors=projectors["dskd"], kl_variant=cfg.kl_variant, temperature=cfg.kd_temperature,
+            skew_lambda=cfg.skew_lambda, adaptive_alpha=cfg.adaptive_alpha, reduction="sum",
+            vocab_chunk=cfg.vocab_chunk)
+        for key in sums:
+            sums[key] = sums[key] + view_parts[key]
+    n_s, n_t = sums["n_student"].clamp_min(1), sums["n_teacher"].clamp_min(1)
+    parts = {"kd/t2s_ce": sums["t2s_ce"] / n_s, "kd/t2s_kd": sums["t2s_kd"] / n_s, "kd/s2t_kd": sums["s2t_kd"] / n_t}
+    return parts["kd/t2s_ce"] + parts["kd/t2s_kd"] + parts["kd/s2t_kd"], parts

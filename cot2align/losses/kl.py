@@ -29,9 +29,10 @@ from __future__ import annotations
 import math
 import torch
 
-from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, tempered_buckets  # noqa: F401  (TopKTeacher re-exported)
+from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows, tempered_buckets
+from cot2align.methods import KL_VARIANTS
 
-VARIANTS = ("forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive")
+VARIANTS = KL_VARIANTS     # written once, in the registry
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -99,3 +100,36 @@ def kl_loss(student_logits: torch.Tensor, teacher, mask: torch.Tensor, variant: 
     per_position = divergence(s_logp, t_logp, variant, skew_lambda, adaptive_alpha)
     mask = mask.bool()
     return (per_position * mask).sum() / mask.sum().clamp_min(1)
+
+
+def teacher_dist_on_student(student, teacher):
+    """For same-vocabulary KL: the teacher's distribution moved onto the student's response positions.
+
+    With one shared tokenizer both sides tokenise the same texts identically, so the r-th response position
+    of each side is the same token; the teacher's rows are scattered onto the student's masked positions.
+    """
+    s_mask, t_mask = student.mask.bool(), teacher.mask.bool()
+    if not torch.equal(s_mask.sum(1), t_mask.sum(1)):
+        raise ValueError("kl: the student and teacher response lengths differ; KL needs the same tokenizer on both sides")
+    rows = index_rows(flatten(teacher.dist), t_mask.flatten().nonzero().squeeze(1))
+    batch, length = s_mask.shape
+    if isinstance(rows, TopKTeacher):
+        k = rows.ids.shape[-1]
+        logprobs = rows.logprobs.new_zeros(batch, length, k)
+        ids = rows.ids.new_zeros(batch, length, k)
+        tail = rows.tail.new_zeros(batch, length)
+        logprobs[s_mask], ids[s_mask], tail[s_mask] = rows.logprobs, rows.ids, rows.tail
+        return TopKTeacher(logprobs, ids.long(), tail, rows.vocab_size)
+    logits = rows.logits() if isinstance(rows, HeadTeacher) else rows.float()
+    out = logits.new_zeros(batch, length, logits.shape[-1])
+    out[s_mask] = logits
+    return out
+
+
+def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
+    """L_KD of `--method kl` (methods.py): the divergence averaged over the views' response tokens."""
+    total = sum(kl_loss(student[v].logits, teacher_dist_on_student(student[v], teacher[v]), student[v].mask,
+                        cfg.kl_variant, cfg.kd_temperature, cfg.skew_lambda, cfg.adaptive_alpha) * student[v].mask.sum()
+                for v in views)
+    kd = total / sum(student[v].mask.sum() for v in views).clamp_min(1)
+    return kd, {"kd/kl": kd}

@@ -108,3 +108,14 @@ def mined_loss(student_logits: torch.Tensor, target_ids: torch.Tensor, student_m
     if reduction == "sum":
         return total
     return total / mask.sum().clamp_min(1)
+
+
+def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
+    """L_KD of `--method mined` (methods.py): averaged over the views' response tokens."""
+    if heads.stu2tea is None:
+        raise ValueError("mined: needs the vocabulary map (heads.stu2tea)")
+    total = sum(mined_loss(student[v].logits, student[v].target_ids, student[v].mask, teacher[v].mined_rows,
+                           teacher[v].dist, heads.stu2tea, heads.tea2stu, cfg.kd_temperature, reduction="sum")
+                for v in views)
+    kd = total / sum(student[v].mask.sum() for v in views).clamp_min(1)
+    return kd, {"kd/mined": kd}

@@ -93,3 +93,11 @@ def uld_loss(student_logits: torch.Tensor, teacher, student_mask: torch.Tensor, 
 def n_pairs(student_mask: torch.Tensor, teacher_mask: torch.Tensor) -> int:
     return int(torch.minimum(student_mask.bool().sum(1), teacher_mask.bool().sum(1)).sum())
 
+
+
+def kd_term(student: dict, teacher: dict, views: list[str], heads, projectors, cfg):
+    """L_KD of `--method uld` (methods.py): summed over the views, averaged over their paired positions."""
+    total = sum(uld_loss(student[v].logits, teacher[v].dist, student[v].mask, teacher[v].mask, cfg.uld_temperature,
+                         reduction="sum") for v in views)
+    kd = total / max(sum(n_pairs(student[v].mask, teacher[v].mask) for v in views), 1)
+    return kd, {"kd/uld": kd}

@@ -1,8 +1,9 @@
 """One teacher forward over a padded batch, reduced on the device to what the cache stores.
 
 Only the response rows leave the device: their last hidden state (as bf16 bits), the top-k
-log-probs and ids, and the log of the mass outside the top-k. Full-vocabulary logits are built
-in row chunks on the device and never copied to the host.
+log-probs and ids, the log of the mass outside the top-k, and the exact log-probability of the token
+that follows (ALM compares these). Full-vocabulary logits are built in row chunks on the device and
+never copied to the host.
 """
 
 from __future__ import annotations
@@ -52,10 +53,19 @@ def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     The tail is a log-sum-exp over the non-top-k entries (exact even when it is tiny), not
     log(1 - sum(top-k probs)), which loses everything below float32 rounding of 1.
     """
+    top_logp, top_ids, tail, _ = row_distribution(logits, k)
+    return top_logp, top_ids, tail
+
+
+def row_distribution(logits: torch.Tensor, k: int, targets: torch.Tensor | None = None):
+    """(top-k log-probs, their ids, tail log-mass, log-prob of `targets` or None) of log_softmax(logits) at
+    temperature 1, in float32 — one log-softmax for all four. The target's log-prob is exact (float32), whether or
+    not the token is in the top-k."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     top_logp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    target = None if targets is None else logp.gather(-1, targets.long()[..., None]).squeeze(-1)
     tail = logp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
-    return top_logp, top_ids, tail
+    return top_logp, top_ids, tail, target
 
 
 @torch.inference_mode()
@@ -65,7 +75,8 @@ def teacher_batch(model, info: HeadInfo, sequences: list[list[int]], prompt_lens
 
     Keys: input_ids, target_ids [R] int32; hidden [R, D] (bf16 bits as int16, or int8 plus
     hidden_scale [R] float16); topk_ids [R, k] int64; topk_logprobs [R, k] float16;
-    tail_logprob [R] float32; embeds [R, D] (bf16 bits) when info.embed_kind == "stored".
+    tail_logprob [R] float32; target_logprob [R] float32 (log-softmax at τ = 1 gathered at target_ids);
+    embeds [R, D] (bf16 bits) when info.embed_kind == "stored".
     """
     device = next(model.parameters()).device
     seq_lens = [len(s) for s in sequences]
@@ -88,19 +99,22 @@ def teacher_batch(model, info: HeadInfo, sequences: list[list[int]], prompt_lens
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logits_of = lambda rows: full[b_idx[rows], t_idx[rows]]       # noqa: E731
 
-    parts_lp, parts_ids, parts_tail = [], [], []
+    targets = ids[b_idx, t_idx + 1]
+    parts_lp, parts_ids, parts_tail, parts_target = [], [], [], []
     for start in range(0, hidden.shape[0], logit_chunk_rows):
         rows = slice(start, start + logit_chunk_rows)
-        lp, tid, tail = topk_with_tail(logits_of(rows), topk)
+        lp, tid, tail, target = row_distribution(logits_of(rows), topk, targets[rows])
         parts_lp.append(lp.to(torch.float16))
         parts_ids.append(tid)
         parts_tail.append(tail)
+        parts_target.append(target)
     result = {
         "input_ids": ids[b_idx, t_idx].to(torch.int32),
-        "target_ids": ids[b_idx, t_idx + 1].to(torch.int32),
+        "target_ids": targets.to(torch.int32),
         "topk_logprobs": torch.cat(parts_lp) if parts_lp else hidden.new_zeros((0, topk), dtype=torch.float16),
         "topk_ids": torch.cat(parts_ids) if parts_ids else torch.zeros((0, topk), dtype=torch.long, device=device),
         "tail_logprob": torch.cat(parts_tail) if parts_tail else hidden.new_zeros((0,), dtype=torch.float32),
+        "target_logprob": torch.cat(parts_target) if parts_target else hidden.new_zeros((0,), dtype=torch.float32),
     }
     if hidden_dtype == "bf16":
         result["hidden"] = hidden.to(torch.bfloat16).view(torch.int16)

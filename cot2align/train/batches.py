@@ -26,17 +26,24 @@ import inspect
 
 import torch
 
+from cot2align.align.exact_tokens import exact_token_map
 from cot2align.align.vocab import vocab_map as build_vocab_map
-from cot2align.losses.objective import Heads, StudentView, TeacherView, teacher_arrays
+from cot2align.cache.format import has_array
+from cot2align.errors import ConfigError
+from cot2align.losses.objective import Heads, StudentView, TeacherView
+from cot2align.methods import method as registered
+from cot2align.methods import teacher_arrays
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
 
 
-def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None) -> Heads:
+def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
+               vocab_map: bool = True, exact_vocab: bool = False) -> Heads:
     """Both models' embedding tables and LM heads: the student's own parameters (trained; peft-unwrapped) and
     the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also
-    MinED's vocabulary map (built once per tokenizer pair and kept on disk)."""
+    MinED's vocabulary map (built once per tokenizer pair and kept on disk) unless `vocab_map` is False, and with
+    `exact_vocab` GOLD's exact-match vocabulary (align/exact_tokens.py)."""
     base = student.get_base_model() if hasattr(student, "get_base_model") else student
     device = device or base.get_input_embeddings().weight.device
     head = cache.head(device=device, dtype=dtype)
@@ -44,10 +51,14 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
                   student_lm_head=base.get_output_embeddings().weight,
                   teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"],
                   teacher_lm_head_bias=head.get("lm_head_bias"))
-    if student_tokenizer is not None:
+    if student_tokenizer is not None and vocab_map:
         vocab = build_vocab_map(cache.tokenizer(), student_tokenizer)
         heads.stu2tea = torch.from_numpy(vocab.stu2tea).to(device)
         heads.tea2stu = torch.from_numpy(vocab.tea2stu).to(device)
+    if student_tokenizer is not None and exact_vocab:
+        exact = exact_token_map(cache.tokenizer(), student_tokenizer)
+        heads.exact_stu2tea = torch.from_numpy(exact.stu2tea).to(device)
+        heads.exact_matched_weight = exact.adaptive_matched_weight
     return heads
 
 
@@ -61,14 +72,29 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     attention_mask [B, L], `positions` [K] (where some example has a response token), response_mask,
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
     """
-    mined = method == "mined"
-    vocab = build_vocab_map(cache.tokenizer(), tokenizer) if mined else None
-    student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, vocab,
-                                 cache.tokenizer() if mined else None, log=log)
+    student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, registered(method).alignment,
+                                 log=log)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
-                      teacher_arrays(method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
+                      arrays_to_read(cache, method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
                       num_workers, pin_memory, rank, world)
+
+
+def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
+    """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays), where the cache
+    may be older than an array: without `target_logprob` (written before it was added) the teacher's log-probs of
+    the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead; under
+    --teacher-dist topk that is refused in one line (the run was asked not to read the hidden states)."""
+    names = teacher_arrays(method, cot2align, teacher_dist)
+    if "target_logprob" not in names or has_array(cache.manifest, "target_logprob"):
+        return names
+    if "hidden" in names:
+        return names
+    if teacher_dist == "topk":
+        raise ConfigError(f"{cache.url}: this cache has no per-row array target_logprob (written before it was added), "
+                          f"which --method {method} reads under --teacher-dist topk; rebuild the cache with "
+                          "cot2align cache-teacher, or use --teacher-dist exact (recomputes it from the hidden states)")
+    return (*names, "hidden")
 
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],
@@ -138,5 +164,8 @@ def teacher_view(batch_view: dict, heads: Heads, device, dtype: torch.dtype) -> 
         dist = TopKTeacher(t["topk_logprobs"], t["topk_ids"], t["tail_logprob"], heads.teacher_lm_head.shape[0])
     else:
         dist = HeadTeacher(hidden, heads.teacher_lm_head, heads.teacher_lm_head_bias)
+    aligned = {name: batch_view[name].to(device) for name in ("student_chunks", "teacher_chunks") if name in batch_view}
+    logprob = t["target_logprob"].float() if "target_logprob" in t else None
     return TeacherView(input_ids=t["input_ids"], target_ids=t["target_ids"], hidden=hidden, embed=embed,
-                       mask=t["mask"], dist=dist, mined_rows=batch_view["mined_rows"].to(device))
+                       mask=t["mask"], dist=dist, mined_rows=batch_view["mined_rows"].to(device), target_logprob=logprob,
+                       **aligned)

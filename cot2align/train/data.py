@@ -9,8 +9,9 @@ positions are P_s − 1 … L_s − 2 — the positions whose next token is a re
 If the teacher's response was cut (no EOS in the cache), the student gets no EOS either.
 
 Tokenisation runs once per (cache, student tokenizer, max_length) and is memoised next to the cache in
-`<cache>.students/` (the cache directory itself is never written), together with MinED's row alignment
-when that method needs it.
+`<cache>.students/` (the cache directory itself is never written), together with the token alignment the
+method needs (methods.py `Method.alignment`): MinED's teacher row per student row ("mined"), or the aligned
+chunks of ALM and GOLD ("chunks": a chunk id per student row and per teacher row).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import numpy as np
 import torch
 
 from cot2align.align.mined import aligned_teacher_rows
-from cot2align.align.vocab import token_strings
+from cot2align.align.vocab import token_strings, vocab_map
 from cot2align.cache import open_cache
 from cot2align.cache.format import VIEWS, CacheError
 from cot2align.logs import reporter
 
-MEMO_VERSION = 2     # 2: keyed by the cache's whole manifest (build_id), not its data section alone
+MEMO_VERSION = 3     # 2: keyed by the cache's whole manifest (build_id); 3: alignments by name (mined, chunks)
+# Aligned arrays with one entry per teacher response row (the others have one per student response row).
+PER_TEACHER_ROW = ("teacher_chunks",)
 MAX_UNKNOWN_SHARE = 0.05     # above this share of unknown-token response tokens, the student cannot learn the data
 
 
@@ -44,11 +47,11 @@ def student_view_ids(tokenizer, prompt: str, response: str, with_eos: bool, max_
     return prompt_ids + response_ids[:max_length - len(prompt_ids)], len(prompt_ids)
 
 
-def memo_paths(cache, tokenizer_hash: str, max_length: int, mined: bool) -> list[Path]:
+def memo_paths(cache, tokenizer_hash: str, max_length: int, alignment: str | None) -> list[Path]:
     """Where the memo may be, in order: beside a local cache (<cache>.students/), then in the local directory keyed
     by the cache's identity ($COT2ALIGN_HOME/students/<identity>/) — where it goes for a cache on an object store
     or on storage that refuses the write (read-only, full, not ours): the cache itself is never written."""
-    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{mined}|{MEMO_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{alignment}|{MEMO_VERSION}".encode()).hexdigest()[:16]
     places = dict.fromkeys([cache.local_dir("students"), cache.home_dir("students")])
     return [place / f"{key}.npz" for place in places]
 
@@ -87,23 +90,46 @@ def _write_memo(paths: list[Path], arrays: dict[str, np.ndarray], log) -> None:
                 log(f"cannot keep the students' memo anywhere ({e.strerror}); it is recomputed next time", logging.WARNING)
 
 
-def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab_map=None, teacher_tokenizer=None,
+def aligner(alignment: str | None, cache, tokenizer):
+    """The per-example token alignment a method needs (methods.py `Method.alignment`), or None: a function of one
+    view's rows — the student's input and target ids at its response positions, the teacher's — returning the
+    aligned arrays by name (one entry per student row, or per teacher row for the names in PER_TEACHER_ROW)."""
+    if alignment is None:
+        return None
+    teacher_tokenizer = cache.tokenizer()
+    if alignment == "mined":
+        strings = (token_strings(tokenizer), token_strings(teacher_tokenizer),
+                   vocab_map(teacher_tokenizer, tokenizer).tea2stu)
+        return lambda s_inputs, s_targets, t_inputs, t_targets: {
+            "mined_rows": aligned_teacher_rows(s_inputs, t_inputs, *strings)}
+    if alignment == "chunks":
+        from cot2align.align.chunks import chunk_alignment
+
+        align = chunk_alignment(tokenizer, teacher_tokenizer)
+
+        def chunks(s_inputs, s_targets, t_inputs, t_targets):
+            student_chunks, teacher_chunks = align(s_targets, t_targets)
+            return {"student_chunks": student_chunks, "teacher_chunks": teacher_chunks}
+        return chunks
+    raise ValueError(f"alignment: expected one of mined, chunks, got {alignment!r}")
+
+
+def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, alignment: str | None = None,
                    log=None) -> dict[str, np.ndarray]:
-    """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with
-    a vocabulary map MinED's `mined_rows` (teacher row per student response row, −1 = one-hot)."""
-    paths = memo_paths(cache, tokenizer_hash, max_length, vocab_map is not None)
+    """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with an
+    `alignment` its arrays with their offsets (e.g. MinED's `mined_rows`: teacher row per student response row,
+    −1 = one-hot)."""
+    paths = memo_paths(cache, tokenizer_hash, max_length, alignment)
     # the build this memo belongs to: a cache rebuilt at the same path (another teacher, same data) gets a new memo
     manifest_key = np.frombuffer(bytes.fromhex(cache.build_id), dtype=np.uint8)
     stored = _read_memo(paths, manifest_key, reporter(log, __name__))
     if stored is not None:
         return stored
-    aligner = None
-    if vocab_map is not None:
-        aligner = (token_strings(tokenizer), token_strings(teacher_tokenizer), vocab_map.tea2stu)
+    align = aligner(alignment, cache, tokenizer)
     out: dict[str, np.ndarray] = {"manifest_key": manifest_key}
     counts = np.zeros(3, dtype=np.int64)     # responses with an unknown token, unknown tokens, response tokens
     for view in VIEWS:
-        arrays, view_counts = _tokenize_view(cache, view, tokenizer, max_length, aligner)
+        arrays, view_counts = _tokenize_view(cache, view, tokenizer, max_length, align)
         out.update({f"{view}_{name}": array for name, array in arrays.items()})
         counts += view_counts
     unencodable, unknown_tokens, response_tokens = (int(c) for c in counts)
@@ -118,17 +144,18 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, vocab
     return out
 
 
-def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tuple[dict[str, np.ndarray], tuple]:
-    """One view of every example: the student's ids, offsets, prompt lengths (and MinED rows with an aligner
-    = (student strings, teacher strings, tea2stu)); and (responses that hit the student's unknown token,
-    unknown response tokens, response tokens)."""
+def _tokenize_view(cache, view: str, tokenizer, max_length: int, align) -> tuple[dict[str, np.ndarray], tuple]:
+    """One view of every example: the student's ids, offsets, prompt lengths (and the aligned arrays with their
+    offsets, given an `aligner`); and (responses that hit the student's unknown token, unknown response tokens,
+    response tokens)."""
     texts = cache.texts()
     eos_teacher = cache.manifest["tokenizer"]["eos_id"]
     teacher_offsets = cache.offsets(view)
     teacher_targets = cache.column(view, "target_ids")          # one read per view, not a chunk per example
-    teacher_inputs = cache.column(view, "input_ids") if aligner is not None else None
+    teacher_inputs = cache.column(view, "input_ids") if align is not None else None
     unk = getattr(tokenizer, "unk_token_id", None)
-    ids_all, offsets, prompt_lens, mined_rows, mined_offsets = [], [0], [], [], [0]
+    ids_all, offsets, prompt_lens = [], [0], []
+    aligned: list[dict | None] = []        # per example: the aligner's arrays by name (None: no rows in this view)
     unencodable, unknown_tokens, response_tokens = 0, 0, 0
     for i in range(len(cache)):
         a, b = int(teacher_offsets[i]), int(teacher_offsets[i + 1])
@@ -146,18 +173,19 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, aligner) -> tup
                 unencodable += unknown_here > 0
                 unknown_tokens += unknown_here
             response_tokens += len(ids) - prompt_len
-            if aligner is not None:
-                mined_rows.extend(aligned_teacher_rows(ids[prompt_len - 1:len(ids) - 1], teacher_inputs[a:b],
-                                                       *aligner).tolist())
+        if align is not None:
+            aligned.append(align(np.asarray(ids[prompt_len - 1:len(ids) - 1]), np.asarray(ids[prompt_len:]),
+                                 teacher_inputs[a:b], teacher_targets[a:b]) if b > a else None)
         ids_all.extend(ids)
         offsets.append(len(ids_all))
         prompt_lens.append(prompt_len)
-        mined_offsets.append(len(mined_rows))
     arrays = {"ids": np.asarray(ids_all, dtype=np.int32), "offsets": np.asarray(offsets, dtype=np.int64),
               "prompt_len": np.asarray(prompt_lens, dtype=np.int32)}
-    if aligner is not None:
-        arrays["mined_rows"] = np.asarray(mined_rows, dtype=np.int32)
-        arrays["mined_offsets"] = np.asarray(mined_offsets, dtype=np.int64)
+    names = dict.fromkeys(name for found in aligned if found for name in found)
+    for name in names:     # each aligned array concatenated over the examples, with its offsets [n+1]
+        parts = [np.asarray(found[name], dtype=np.int32) if found else np.zeros(0, dtype=np.int32) for found in aligned]
+        arrays[name] = np.concatenate(parts)
+        arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
     return arrays, (unencodable, unknown_tokens, response_tokens)
 
 
@@ -171,6 +199,9 @@ class DistillDataset(torch.utils.data.Dataset):
                  cache_path: str | None = None, teacher_arrays: tuple[str, ...] = ()):
         self.student, self.views, self.indices = student, views, list(indices)
         self.cache_path, self.teacher_arrays = cache_path, teacher_arrays
+        # the token alignment's arrays memoised with the student's ids (mined_rows, student_chunks, ...)
+        self.aligned_names = sorted({key[len(f"{views[0]}_"):-len("_offsets")] for key in student
+                                     if key.startswith(f"{views[0]}_") and key.endswith("_offsets")} - {""})
         self._cache = None
 
     def __len__(self) -> int:
@@ -193,9 +224,9 @@ class DistillDataset(torch.utils.data.Dataset):
         for view in self.views:
             a, b = self.student[f"{view}_offsets"][i], self.student[f"{view}_offsets"][i + 1]
             entry = {"ids": self.student[f"{view}_ids"][a:b], "prompt_len": int(self.student[f"{view}_prompt_len"][i])}
-            if f"{view}_mined_rows" in self.student:
-                ma, mb = self.student[f"{view}_mined_offsets"][i], self.student[f"{view}_mined_offsets"][i + 1]
-                entry["mined_rows"] = self.student[f"{view}_mined_rows"][ma:mb]
+            for name in self.aligned_names:
+                starts = self.student[f"{view}_{name}_offsets"]
+                entry[name] = self.student[f"{view}_{name}"][starts[i]:starts[i + 1]]
             if cache is not None:
                 entry["teacher"] = cache.teacher_rows(i, view, self.teacher_arrays)
             item[view] = entry
@@ -204,25 +235,29 @@ class DistillDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict], views: tuple[str, ...], pad_id: int) -> dict:
     """Pad each view to the batch maximum: the student's input_ids / attention_mask [B, L]; `positions` [K], the
-    sequence positions that hold a response token in some example; response_mask, target_ids, mined_rows [B, K]
-    at those positions; and the teacher rows [B, M, ...]."""
+    sequence positions that hold a response token in some example; response_mask, target_ids [B, K] at those
+    positions; the teacher rows [B, M, ...]; and the token alignment's arrays, −1 where nothing is aligned:
+    mined_rows [B, K] (always present, all −1 without MinED), student_chunks [B, K], teacher_chunks [B, M]."""
     batch: dict = {"index": torch.tensor([it["index"] for it in items])}
     for view in views:
         entries = [it[view] for it in items]
         length = max(max(len(e["ids"]) for e in entries), 2)
+        names = [k for k in entries[0] if k not in ("ids", "prompt_len", "teacher")]
         ids = torch.full((len(items), length), pad_id, dtype=torch.long)
         attention = torch.zeros(len(items), length, dtype=torch.long)
         response = torch.zeros(len(items), length, dtype=torch.bool)
-        mined = torch.full((len(items), length), -1, dtype=torch.long)
+        student_rows = {name: torch.full((len(items), length), -1, dtype=torch.long)
+                        for name in ["mined_rows", *names] if name not in PER_TEACHER_ROW}
         for b, e in enumerate(entries):
-            n = len(e["ids"])
+            n, start = len(e["ids"]), e["prompt_len"] - 1
             ids[b, :n] = torch.from_numpy(e["ids"].astype(np.int64))
             attention[b, :n] = 1
             if n:
-                response[b, e["prompt_len"] - 1:n - 1] = True
-                if "mined_rows" in e:
-                    rows = torch.from_numpy(e["mined_rows"].astype(np.int64))[: n - e["prompt_len"]]
-                    mined[b, e["prompt_len"] - 1:e["prompt_len"] - 1 + len(rows)] = rows
+                response[b, start:n - 1] = True
+                for name, holder in student_rows.items():
+                    if name in e:     # one entry per response row of the student, from its first response position
+                        rows = torch.from_numpy(e[name].astype(np.int64))[: n - e["prompt_len"]]
+                        holder[b, start:start + len(rows)] = rows
         # Only response positions enter any loss: `positions` are those where some example of the batch has one
         # (with length-bucketed batches, a short band at the end of the sequences). The student computes logits
         # there alone, and every per-position tensor of the view is cut to them here.
@@ -230,9 +265,15 @@ def collate(items: list[dict], views: tuple[str, ...], pad_id: int) -> dict:
         targets = torch.cat([ids[:, 1:], torch.full((len(items), 1), pad_id)], dim=1)
         out = {"input_ids": ids, "attention_mask": attention, "positions": positions,
                "response_mask": response[:, positions], "target_ids": targets[:, positions],
-               "mined_rows": mined[:, positions]}
+               **{name: holder[:, positions] for name, holder in student_rows.items()}}
         if entries and "teacher" in entries[0]:
             out["teacher"] = _pad_teacher_rows([e["teacher"] for e in entries])
+        for name in (n for n in names if n in PER_TEACHER_ROW):
+            width = max(max(len(e[name]) for e in entries), 1)
+            holder = torch.full((len(items), width), -1, dtype=torch.long)
+            for b, e in enumerate(entries):
+                holder[b, :len(e[name])] = torch.from_numpy(e[name].astype(np.int64))
+            out[name] = holder
         batch[view] = out
     return batch
 

@@ -109,7 +109,7 @@ def loss_step(run: Run, batch: dict, epoch: int, window_size: int) -> dict[str, 
         students, teachers = batch_views(batch, run.train_model, run.heads, run.device, run.compute_dtype,
                                          run.need_hidden)
         loss, parts = distillation_loss(cfg.method, cfg.alpha, students, teachers, run.heads, run.projectors,
-                                        cfg.cot2align, run.loss_cfg)
+                                        cfg.cot2align, cfg)
     values = torch.stack([loss.detach().float().reshape(())] + [torch.as_tensor(v, device=run.device).float().reshape(())
                                                                 for v in parts.values()]).tolist()
     logged = dict(zip(parts, values[1:]))

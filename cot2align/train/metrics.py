@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON line per optimiser step (a "train" record, with `lr`) and per validation ("val").
+"""metrics.jsonl: one JSON line per optimiser step (a "train" record, with `lr`) and per validation ("val"), and
+at each start of a cross-tokenizer run the token alignment's figures (an "alignment" record, align/stats.py).
 
 Each line goes to the file in one unbuffered append, so a crash loses nothing logged and leaves nothing in a
 Python buffer to fail again at exit. A run stopped by a full disk mid-append, or killed, can leave a torn last
@@ -37,7 +38,9 @@ def cut_back(path: Path, step: int, validations: int) -> None:
     rewritten aside and renamed, so a failure here leaves the old file."""
     kept, val_seen = [], 0
     for record in read_records(path):
-        if "lr" in record:
+        if "alignment" in record:      # the figures a run logs at each start: kept
+            kept.append(record)
+        elif "lr" in record:
             if record.get("step", 0) <= step:
                 kept.append(record)
         elif val_seen < validations:

@@ -45,6 +45,7 @@ def online_teacher_view(model, tokenizer, prompts: list[str], responses: list[st
     input_ids = torch.zeros(len(sequences), rows, dtype=torch.long, device=device)
     target_ids = torch.zeros_like(input_ids)
     mask = torch.zeros(len(sequences), rows, dtype=torch.bool, device=device)
+    target_logprob = torch.zeros(len(sequences), rows, device=device)     # as the cache pass: exact, τ = 1, float32
 
     def rounded(x):
         return x.to(store_dtype).to(compute_dtype) if store_dtype is not None else x.to(compute_dtype)
@@ -57,8 +58,10 @@ def online_teacher_view(model, tokenizer, prompts: list[str], responses: list[st
         input_ids[b, :n] = ids[b, positions]
         target_ids[b, :n] = ids[b, positions + 1]
         mask[b, :n] = True
+        target_logprob[b, :n] = torch.log_softmax(out.logits[b, positions].float(), -1).gather(
+            -1, ids[b, positions + 1, None]).squeeze(-1)
     lm_head = model.get_output_embeddings()
     bias = getattr(lm_head, "bias", None)
     dist = HeadTeacher(hidden, lm_head.weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
     return TeacherView(input_ids=input_ids, target_ids=target_ids, hidden=hidden, embed=embed, mask=mask, dist=dist,
-                       mined_rows=mined_rows)
+                       mined_rows=mined_rows, target_logprob=target_logprob)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -36,20 +37,22 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
-from cot2align.align.vocab import vocab_map as build_vocab_map
 from cot2align.cache import open_cache
+from cot2align.cache.format import has_array
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, fields_of_kind
 from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
 from cot2align.logs import reporter, silent
 from cot2align.model_limits import check_student
-from cot2align.losses.objective import Heads, LossConfig, build_projectors, teacher_arrays
+from cot2align.losses.objective import Heads, build_projectors
+from cot2align.methods import method as registered
+from cot2align.methods import needs_student_hidden
 from cot2align.modeling import TORCH_DTYPES, load_model, load_tokenizer, resolve_dtype, tokenizer_hash
-from cot2align.train.batches import dataloader, load_heads, pad_id
+from cot2align.train.batches import arrays_to_read, dataloader, load_heads, pad_id
 from cot2align.train.checkpoint import latest_checkpoint, load_checkpoint, remove_checkpoint_leftovers
 from cot2align.train.data import student_view_ids, tokenize_cache
 from cot2align.train.fsdp import full_tensor, is_sharded, shard_student
-from cot2align.train.metrics import open_metrics
+from cot2align.train.metrics import append, open_metrics, read_records
 from cot2align.train.outputs import open_trackers
 from cot2align.train.resolve import teacher_name as teacher_of
 from cot2align.train.validation import split_validation
@@ -84,7 +87,6 @@ class Run:
     scheduler: object
     batches_per_epoch: int
     state: dict                          # epoch, batches_done, step, best metric, history (checkpointed)
-    loss_cfg: LossConfig
     compute_dtype: torch.dtype
     scaler: torch.amp.GradScaler = None   # loss scaling under --dtype fp16 (a no-op otherwise)
     metrics_file: object = None
@@ -114,7 +116,7 @@ class Run:
 
     @property
     def need_hidden(self) -> bool:
-        return self.cfg.cot2align or self.cfg.method == "dskd"
+        return needs_student_hidden(self.cfg.method, self.cfg.cot2align)
 
 
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
@@ -125,13 +127,14 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     if cache is None and cfg.cache:
         cache = open_cache(cfg.cache)
     teacher_name = teacher_of(cache)
+    arrays = arrays_to_read(cache, cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
     out = _setup_out(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
     compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32     # the teacher's cached rows
     heads, projectors = _setup_heads(cfg, cache, model, tokenizer, device, compute_dtype)
     sharded, whole_params = _setup_fsdp(cfg, model, world, device, say)
-    loader, val_records, views = _setup_data(cfg, cache, tokenizer, device, rank, world, say)
+    loader, val_records, views = _setup_data(cfg, cache, arrays, tokenizer, device, rank, world, say)
     optimizer, scheduler, params, batches_per_epoch = _setup_optimiser(cfg, model, projectors, loader)
     train_model = model
     if world > 1 and not sharded:   # DDP for the student; the (small) projectors' gradients are all-reduced by hand
@@ -144,13 +147,11 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
               model=model, train_model=train_model, heads=heads, projectors=projectors, sharded=sharded,
               whole_params=whole_params, params=params, loader=loader, views=views, val_records=val_records,
               optimizer=optimizer, scheduler=scheduler, batches_per_epoch=batches_per_epoch, state=state,
-              loss_cfg=LossConfig(kl_variant=cfg.kl_variant, kd_temperature=cfg.kd_temperature,
-                                  ot_epsilon=cfg.ot_epsilon, ot_iters=cfg.ot_iters, ot_grad=cfg.ot_grad,
-                                  ot_compile=cfg.ot_compile),
               compute_dtype=compute_dtype, scaler=scaler,
               stopped=cfg.max_steps is not None and state["step"] >= cfg.max_steps)
     if run.is_main:
         run.metrics_file, run.trackers = _setup_logging(cfg, out, teacher_name, cache, say, state if cfg.resume else None)
+        _log_alignment(cfg, cache, tokenizer, run.metrics_file, say)
     return run
 
 
@@ -188,9 +189,16 @@ def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: Exit
 
 def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    if cfg.method == "kl" and cache is not None and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]:
-        raise ConfigError(f"--method kl: the student tokenizer ({cfg.student}) differs from the teacher's "
-                          f"({teacher_name}); KL needs one shared vocabulary — use uld, mined or dskd")
+    if (registered(cfg.method).same_tokenizer and cache is not None
+            and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]):
+        raise ConfigError(f"--method {cfg.method}: the student tokenizer ({cfg.student}) differs from the teacher's "
+                          f"({teacher_name}); it needs one shared vocabulary — use a cross-tokenizer method "
+                          "(e.g. uld, mined, dskd)")
+    if (cache is not None and cfg.teacher_dist == "topk" and "target_logprob" in registered(cfg.method).teacher_arrays
+            and not has_array(cache.manifest, "target_logprob")):
+        raise ConfigError(f"--method {cfg.method} --teacher-dist topk: the cache {cache.url} was written before "
+                          "target_logprob (the teacher's exact log-probability of each response token), which a top-k "
+                          "cannot stand in for; use --teacher-dist exact, or rebuild the cache with cache-teacher")
     if tokenizer.pad_token_id is None:     # padding needs a token; EOS is never a target where padding is
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, load_student(cfg, device)
@@ -201,8 +209,10 @@ def _setup_heads(cfg: DistillConfig, cache, model, tokenizer, device, dtype):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     d_student = base.config.hidden_size if hasattr(base.config, "hidden_size") else base.config.n_embd
     heads = None
-    if cache is not None and (cfg.method != "sft" or cfg.cot2align):
-        heads = load_heads(cache, base, tokenizer if cfg.method == "mined" else None, device=device, dtype=dtype)
+    method = registered(cfg.method)
+    if cache is not None and (method.kd is not None or cfg.cot2align):
+        heads = load_heads(cache, base, tokenizer if method.vocab_map or method.exact_vocab else None, device=device,
+                           dtype=dtype, vocab_map=method.vocab_map, exact_vocab=method.exact_vocab)
     projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
     return heads, projectors.to(device)
 
@@ -217,21 +227,19 @@ def _setup_fsdp(cfg: DistillConfig, model, world: int, device, say) -> tuple[boo
     return False, []
 
 
-def _setup_data(cfg: DistillConfig, cache, tokenizer, device, rank: int, world: int, say):
-    """(loader, validation records, views). Every example trains, with or without a kept rationale (the
+def _setup_data(cfg: DistillConfig, cache, arrays: tuple[str, ...], tokenizer, device, rank: int, world: int, say):
+    """(loader, validation records, views); `arrays`: the cached teacher arrays to read (batches.arrays_to_read). Every example trains, with or without a kept rationale (the
     authors' data layout: each example is a standard record, one with a rationale adds a CoT record); one
     without has an empty CoT view, which adds nothing to CE/KD and keeps only OT(y, Y)/4 of L_CCoT."""
     views = ("std", "cot") if cfg.cot2align else ("std",)
     if cache is not None:
-        vocab = build_vocab_map(cache.tokenizer(), tokenizer) if cfg.method == "mined" else None
-        student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), cfg.max_length, vocab,
-                                     cache.tokenizer() if vocab is not None else None, log=say)
+        student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), cfg.max_length,
+                                     registered(cfg.method).alignment, log=say)
         n_examples = len(cache) if cfg.limit is None else min(cfg.limit, len(cache))
     else:
         student_ids = records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
     indices, val_records = split_validation(cfg, cache, list(range(n_examples)))
-    arrays = teacher_arrays(cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
     loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
                         pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world)
     return loader, val_records, views
@@ -270,6 +278,23 @@ def _setup_logging(cfg: DistillConfig, out: Path, teacher_name, cache, say, resu
         os.replace(tmp, out / RUN_MARKER)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return open_metrics(out, resumed_state), open_trackers(out, cfg, say)
+
+
+def _log_alignment(cfg: DistillConfig, cache, tokenizer, metrics_file, say) -> None:
+    """A cross-tokenizer run starts by measuring how the student's tokens line up with the teacher's
+    (align/stats.py) on 100 cached examples: the figures go to metrics.jsonl, a degenerate alignment is said
+    before hours of training are spent on it."""
+    method = registered(cfg.method)
+    if cache is None or method.kd is None or method.same_tokenizer:
+        return
+    if any("alignment" in r for r in read_records(Path(metrics_file.name))):
+        return           # a resumed run: measured when it started (same cache, same tokenizer)
+    from cot2align.align.stats import alignment_stats
+
+    stats = alignment_stats(cache, tokenizer, limit=100, with_mined=method.vocab_map)
+    append(metrics_file, {"step": 0, "alignment": stats})
+    for warning in stats["warnings"]:
+        say(f"token alignment: {warning}", logging.WARNING)
 
 
 # ------------------------------------------------------------------------------------------ helpers
