@@ -225,6 +225,9 @@ class DistillDataset(torch.utils.data.Dataset):
             a, b = self.student[f"{view}_offsets"][i], self.student[f"{view}_offsets"][i + 1]
             entry = {"ids": self.student[f"{view}_ids"][a:b], "prompt_len": int(self.student[f"{view}_prompt_len"][i])}
             for name in self.aligned_names:
+                if f"{view}_{name}_offsets" not in self.student:     # no example has this view (no rationale kept)
+                    entry[name] = np.zeros(0, dtype=np.int32)
+                    continue
                 starts = self.student[f"{view}_{name}_offsets"]
                 entry[name] = self.student[f"{view}_{name}"][starts[i]:starts[i + 1]]
             if cache is not None:
