@@ -680,6 +680,10 @@ def markdown(summary: dict) -> str:
         lines += [f"### {title}", "", said + f"{table['cot_examples']} of the training examples kept a rationale.", ""]
         if table.get("pretrained"):
             lines += [_pretrained_said(table["pretrained"]), ""]
+            if any(name in table for name in OT_ABLATION):
+                lines += ["OT ablation (every seed): `dskd+cot2align` is OT at the paper's ε = 10; "
+                          + "; ".join(f"`{name}`: {', '.join(f'{k}={v}' for k, v in row.items() if k not in ('method', 'cot2align'))}"
+                                      for name, row in OT_ABLATION.items() if name in table) + ".", ""]
         lines += ["| row | held-out CE, nats/token | bits/byte | greedy ROUGE-L | Δ CE vs SFT, paired | "
                   "Δ ROUGE-L vs SFT, paired | per-seed CE |", "|---|---|---|---|---|---|---|"]
         lines += [_row_line(name, row) for name, row in table.items() if name not in META]
