@@ -27,15 +27,27 @@ def test_transfer_smoke_produces_every_row(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((work / "transfer.json").read_text())
     tables = summary["tables"]
-    assert set(tables) == {"dialogsum / fine-tuned teacher"}
-    table = tables["dialogsum / fine-tuned teacher"]
-    expected = set(transfer.ROWS) | set(transfer.ABLATIONS)
-    assert expected <= set(table), expected - set(table)
-    for name in expected:
-        for key in ("ce", "bpb", "rougeL"):
-            assert all(math.isfinite(v) for v in table[name][key]), (name, key)
-    assert math.isfinite(table["teacher"]["ce"])
-    assert (work / "transfer.md").read_text().count("| dskd+cot2align |") == 1
+    assert set(tables) == {"dialogsum / fine-tuned teacher", transfer.PRETRAINED_TITLE}
+    # rows whose method this checkout does not register are skipped, and said so
+    expected = {"dialogsum / fine-tuned teacher": set(transfer.usable_rows(transfer.ROWS)) | set(transfer.ABLATIONS),
+                transfer.PRETRAINED_TITLE: set(transfer.SMOKE["pretrained_rows"])}
+    for title, names in expected.items():
+        table = tables[title]
+        assert names <= set(table), names - set(table)
+        for name in names:
+            for key in ("ce", "bpb", "rougeL"):
+                assert all(math.isfinite(v) for v in table[name][key]), (name, key)
+            assert table[name]["paired"]["seeds"] == 1
+        assert math.isfinite(table["teacher"]["ce"])
+    for name in set(transfer.ROWS) - expected["dialogsum / fine-tuned teacher"]:
+        assert f"[row {name}] skipped" in done.stdout
+    # the pretrained regime: a model directory distill started from, the lr chosen on the dev split and said
+    pretrained = tables[transfer.PRETRAINED_TITLE]["pretrained"]
+    assert pretrained["lr"] in transfer.SMOKE["lr_sweep"] and len(pretrained["sweep"]) == len(transfer.SMOKE["lr_sweep"])
+    assert (work / "pretrained" / "student" / "model.safetensors").exists()
+    assert f"Learning rate **{pretrained['lr']:g}**" in (work / "transfer.md").read_text()
+    assert "[budget] still to run:" in done.stdout
+    assert (work / "transfer.md").read_text().count("| dskd+cot2align |") == 2
     assert (work / "transfer.png").stat().st_size > 0
     # resumable: a rerun finds every stage done and redoes nothing
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--smoke", "--work", str(work),

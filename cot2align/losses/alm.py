@@ -96,6 +96,8 @@ def alm_terms(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, st
 
 
 def _n_chunks(student_chunks: torch.Tensor, teacher_chunks: torch.Tensor) -> int:
+    """At least 1: a batch whose view has no rows (no example kept a rationale) has padding positions of chunk −1,
+    which the scatter sends to chunk 0 with weight 0 — that chunk must exist (it is aligned nowhere)."""
     top = [int(c.max()) for c in (student_chunks, teacher_chunks) if c.numel()]
     return max(top + [0]) + 1      # at least one (empty, unaligned) chunk: a view without rows scatters somewhere
 
