@@ -317,6 +317,8 @@ def settings(args) -> dict:
     s = dict(SMOKE if args.smoke else FULL)
     if args.seeds:
         s["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    if args.pairs == "ranking":       # only the pair the new rows and the pretrained regime use; the other pairs'
+        s["pairs"] = (RANKING_PAIR,)  # tables stay as published (bench/results/transfer_cpu_2026-11-23)
     return s
 
 
@@ -736,6 +738,8 @@ def main() -> None:
                         help="random-initialised students (the published tables and the ranking rows), students "
                              "started from the pretrained one, or both")
     parser.add_argument("--seeds", help="comma-separated training seeds (default 1,2,3; smoke 1)")
+    parser.add_argument("--pairs", choices=("all", "ranking"), default="all",
+                        help="every teacher/dataset pair, or only the ranking pair (DialogSum, fine-tuned teacher)")
     parser.add_argument("--plan-only", action="store_true", help="print the budget estimate and the plan; run nothing")
     parser.add_argument("--replan", action="store_true",
                         help="decide the budget cuts again (else WORK/plan.json keeps the first decision)")
