@@ -1,4 +1,4 @@
-"""Typed configs, YAML loading with flag overrides, and the model/data aliases of DESIGN §8.
+"""Typed configs, YAML loading with flag overrides, and the model/data aliases (README 'The pipeline with real models').
 
 A config is a dataclass. `build_config(Cls, yaml_path, **flags)` starts from the dataclass
 defaults, applies the YAML file (unknown keys are an error naming the file and key), then every

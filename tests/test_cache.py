@@ -51,7 +51,7 @@ def test_cached_rows_equal_a_fresh_single_example_forward(tmp_path, cot_jsonl, p
                 assert v["n_rows"] == 0 and v["prompt"] == "" and v["response"] == ""
                 continue
             checked_cot += view == "cot"
-            # independent tokenisation of the cached texts, as DESIGN §4 describes
+            # independent tokenisation of the cached texts, as README 'The cache format' describes
             prompt_ids = tok(v["prompt"])["input_ids"]
             ids = prompt_ids + tok(v["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             P, L = len(prompt_ids), len(ids)

@@ -12,7 +12,7 @@ from cot2align.data.templates import cot_output, cot_prompt, load_templates, sta
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
-# DESIGN §3 / paper Figure 3, written out here independently of assets/templates.yaml.
+# README 'The pipeline with real models' / paper Figure 3, written out here independently of assets/templates.yaml.
 STD_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
              "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
              "### Input:\n{input}\n\n### Response:\n")

@@ -94,7 +94,7 @@ def shared_tokens(student_tokens: list[str], teacher_tokens: list[str]) -> list[
 
 
 def dtw_align(student_tokens: list[str], teacher_tokens: list[str], anchored: bool = True) -> list[tuple[int, int]]:
-    """The DTW path as (i_student, j_teacher) pairs, increasing in both, covering both sequences (DESIGN §9).
+    """The DTW path as (i_student, j_teacher) pairs, increasing in both, covering both sequences (README 'Methods').
 
     anchored (default): when both sides spell the same text, tokens identical in string and byte offset
     are fixed as pairs and DTW runs between consecutive anchors. Plain DTW (anchored=False, FuseLLM's)

@@ -203,7 +203,7 @@ EXAMPLE_CHUNK = 16384
 
 
 def hidden_chunk_rows(hidden_size: int) -> int:
-    """512-1024 rows per chunk, about 4 MiB of bf16 hidden state (DESIGN §4)."""
+    """512-1024 rows per chunk, about 4 MiB of bf16 hidden state (README 'The cache format')."""
     rows = (4 << 20) // (2 * hidden_size)
     return int(min(1024, max(512, 1 << (rows.bit_length() - 1))))
 

@@ -246,7 +246,7 @@ def gather_embeddings(embed_tokens: torch.Tensor, ids) -> torch.Tensor:
 
 
 def open_cache(path: str | Path, allow_incomplete: bool = False, check_tokenizer: bool = True) -> TeacherCache:
-    """Open a complete cache for reading (DESIGN §9): a local directory or an fsspec URL (s3://, gs://, …)."""
+    """Open a complete cache for reading (README 'Methods'): a local directory or an fsspec URL (s3://, gs://, …)."""
     return TeacherCache(path, allow_incomplete=allow_incomplete, check_tokenizer=check_tokenizer)
 
 

@@ -1,4 +1,4 @@
-"""`cot2align augment-cot`: the (fine-tuned) teacher writes a rationale for every training record (DESIGN §3).
+"""`cot2align augment-cot`: the (fine-tuned) teacher writes a rationale for every training record (README 'The pipeline with real models').
 
 For each record the teacher samples a continuation of the CoT prompt (Figure 3, ending in "Let's think step
 by step.\\n"; temperature 1.0, top-k 0, top-p 1.0, at most 256 new tokens by default). The rationale is that

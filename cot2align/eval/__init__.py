@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN §7): generation, ROUGE-L and held-out cross-entropy, `evaluate`, and `report`."""
+"""Evaluation (README 'Evaluation protocol'): generation, ROUGE-L and held-out cross-entropy, `evaluate`, and `report`."""
 
 from cot2align.eval.evaluate import evaluate_model
 from cot2align.eval.generation import generate

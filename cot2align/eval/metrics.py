@@ -1,4 +1,4 @@
-"""The evaluation metrics (DESIGN §7).
+"""The evaluation metrics (README 'Evaluation protocol').
 
 * `rouge_l`: ROUGE-L F-measure from `rouge-score` with the stemmer, the maximum over an example's references,
   × 100 — the paper's metric.
@@ -58,7 +58,7 @@ def model_max_length(model, default: int = 2048) -> int:
 def reference_cross_entropy(model, tokenizer, prompts: list[str], references: list[list[str]],
                             max_prompt_tokens: int | None = None, max_length: int | None = None,
                             batch_tokens: int = 8192, progress: str | None = None) -> dict:
-    """Teacher-forced cross-entropy of the reference responses under `model` (DESIGN §7, `--metric ce`).
+    """Teacher-forced cross-entropy of the reference responses under `model` (README 'Evaluation protocol', `--metric ce`).
 
     Every (prompt, reference) pair counts (a test set with 3 references per dialogue scores all 3). With
     ℓ_t = −log p(y_t | prompt, y_<t) over the response tokens of the model's own tokenisation, EOS included:

@@ -120,9 +120,8 @@ class Cot2AlignTrainer(SFTTrainer):
         self.teacher_dtype = torch.bfloat16 if self.args.bf16 else torch.float32    # as distill: its cached rows
         self.heads = None
         if spec.kd is not None or cot2align:
-            self.heads = load_heads(cache, base, processing_class if spec.vocab_map or spec.exact_vocab else None,
-                                    device=device, dtype=self.teacher_dtype, vocab_map=spec.vocab_map,
-                                    exact_vocab=spec.exact_vocab)
+            self.heads = load_heads(cache, base, processing_class, device=device, dtype=self.teacher_dtype,
+                                    method=method)
         student_dim = base.config.get_text_config().hidden_size
         self.projectors = build_projectors(method, cot2align, student_dim, cache.hidden_size).to(device)
 

@@ -1,4 +1,4 @@
-"""Dual-Space Knowledge Distillation with cross-model attention (Zhang et al. 2024), DESIGN §5.
+"""Dual-Space Knowledge Distillation with cross-model attention (Zhang et al. 2024) (README 'Methods').
 
 Over the response positions of the student (n rows, width d) and of the teacher (m rows, width D):
 

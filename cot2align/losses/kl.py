@@ -1,4 +1,4 @@
-"""The KL family for teacher and student with the *same* vocabulary (DESIGN §5).
+"""The KL family for teacher and student with the *same* vocabulary (README 'Methods').
 
 With p = softmax(z / τ) for both models (τ = `temperature`, 2.0 in the reference scripts, no τ² factor),
 per response position:

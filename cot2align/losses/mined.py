@@ -1,4 +1,4 @@
-"""MinED distillation loss (Wan et al. 2024, as DSKD's min_edit_dis_kld), DESIGN §5.
+"""MinED distillation loss (Wan et al. 2024, as DSKD's min_edit_dis_kld) (README 'Methods').
 
 At every student response position s:
   * if the alignment (cot2align.align.mined.aligned_teacher_rows) gives a teacher row j, the target is the

@@ -108,7 +108,7 @@ def cost_spread(cost: torch.Tensor, pair_mask: torch.Tensor) -> tuple[torch.Tens
 def sinkhorn(cost: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor, epsilon: float = 10.0,
              n_iters: int = 100, grad: str = "envelope", compile: bool = False,
              epsilon_scale: str = "absolute") -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropic OT plans of B padded problems at once (DESIGN §9).
+    """Entropic OT plans of B padded problems at once (README 'Methods').
 
     cost [B,N,M] float; row_mask [B,N], col_mask [B,M] bool (True = real row/column); uniform mass over
     the real rows and columns. Returns plan [B,N,M] (exactly zero on padded entries; all zero for a
@@ -197,7 +197,7 @@ def ot_alignment_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
                       teacher_mask: torch.Tensor, projector: torch.nn.Module, epsilon: float = 10.0,
                       n_iters: int = 100, grad: str = "envelope", return_details: bool = False,
                       epsilon_scale: str = "absolute"):
-    """Per-example L_OT [B] between student rows [B,N,d] and teacher rows [B,M,D] (DESIGN §9).
+    """Per-example L_OT [B] between student rows [B,N,d] and teacher rows [B,M,D] (README 'Methods').
 
     The teacher features go through `projector` (Linear(D -> d), shared by the layers in CoT2Align).
     With return_details, also returns {"plan", "cost", "gap_from_uniform"} where gap_from_uniform =

@@ -1,4 +1,4 @@
-"""Universal Logit Distillation (Boizard et al. 2024), DESIGN §5.
+"""Universal Logit Distillation (Boizard et al. 2024) (README 'Methods').
 
 Per example, the r-th response position of the student is paired with the r-th response position of
 the teacher (both aligned from the first response token), for r < min(n_student, n_teacher): the longer
@@ -64,7 +64,7 @@ def _uld_topk(student_logits: torch.Tensor, teacher: TopKTeacher, temperature: f
 
 def uld_loss(student_logits: torch.Tensor, teacher, student_mask: torch.Tensor, teacher_mask: torch.Tensor,
              temperature: float = 1.0, reduction: str = "mean", row_chunk: int = 1024) -> torch.Tensor:
-    """ULD between student logits [B,N,V_s] and a teacher over [B,M] positions (DESIGN §9).
+    """ULD between student logits [B,N,V_s] and a teacher over [B,M] positions (README 'Methods').
 
     teacher: logits [B,M,V_t], HeadTeacher (hidden [B,M,D]) or TopKTeacher ([B,M,k]).
     reduction "mean" (over paired positions) or "sum". Rows are processed `row_chunk` at a time so the

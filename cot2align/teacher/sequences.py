@@ -5,7 +5,7 @@ A view of an example is (prompt text, response text). The teacher sequence is
     tokens(prompt, with the tokenizer's own BOS if it adds one) + tokens(response) + [EOS]
 
 with prompt and response tokenised separately, as the reference code (DSKD, CoT2Align) does.
-Length limits are in teacher tokens (DESIGN §4): an over-long prompt has its `input` shortened from
+Length limits are in teacher tokens (README 'The cache format'): an over-long prompt has its `input` shortened from
 the end (then, if needed, its instruction) until it fits `max_prompt_length`; an over-long response
 keeps its beginning and loses its EOS. The shortened texts are what the cache stores, so every
 student later sees exactly the same text as the teacher did.

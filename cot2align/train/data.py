@@ -1,6 +1,6 @@
 """The student's side of the data: tokenising the cached texts once, streaming teacher rows, batching.
 
-Row alignment (DESIGN §4): for a view with prompt text p and response text r, the student sequence is
+Row alignment (README 'The cache format'): for a view with prompt text p and response text r, the student sequence is
 
     tokens_s(p, with the student's own BOS if it adds one) + tokens_s(r) + [EOS]
 

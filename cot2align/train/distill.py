@@ -1,4 +1,4 @@
-"""`cot2align distill`: train a student from the teacher cache (DESIGN §6). The recipe, top to bottom:
+"""`cot2align distill`: train a student from the teacher cache (README 'Distillation'). The recipe, top to bottom:
 
     cfg = resolve_distill_config(cfg)      flags + YAML + paper defaults + device, dtype, resume state (train/resolve.py)
     run = setup(cfg)                       models, heads, projectors, loader, optimiser, resume (train/setup.py)
