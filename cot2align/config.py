@@ -19,7 +19,7 @@ import yaml
 
 from cot2align.data.hf import describe, is_dataset_object as _is_dataset
 from cot2align.errors import ConfigError  # noqa: F401  (re-exported: raised here)
-from cot2align.methods import METHODS, TEACHER_DISTS, all_settings
+from cot2align.methods import METHODS, OT_EPSILON_SCALES, OT_GRADS, TEACHER_DISTS, all_settings
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +219,6 @@ PAPER_SETTINGS: dict[str, dict] = {
 }
 
 
-OT_GRADS = ("envelope", "unrolled")            # the OT plan's gradient: envelope theorem (ours) | through Sinkhorn
-OT_EPSILON_SCALES = ("absolute", "relative")   # Sinkhorn's ε as given (the paper) | times each plan's cost std
 SELECT_BY = ("rougeL", "ce", "last")           # which epoch's model a run keeps
 
 
@@ -312,7 +310,7 @@ class _DistillFields:
             if value is not None and value not in allowed:
                 raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
         cot2align = self.cot2align if self.cot2align is not None else self.default_cot2align
-        if self.cache is None and (self.method != "sft" or cot2align):
+        if self.cache is None and (METHODS[self.method].kd is not None or cot2align):
             raise ConfigError("cache: --cache is required (only --method sft --no-cot2align can train from --data)")
         if self.cache is None and self.data is None:
             raise ConfigError("data: --method sft needs --cache or --data")
@@ -320,7 +318,7 @@ class _DistillFields:
     @property
     def default_cot2align(self) -> bool:
         """CoT2Align is on by default; plain data (no cache) has no teacher views to align."""
-        return not (self.cache is None and self.method == "sft")
+        return not (self.cache is None and METHODS[self.method].kd is None)
 
     def with_defaults(self, teacher_family: str | None, teacher: str | None = None) -> _DistillFields:
         """A copy with the unset fields filled: cot2align, the student and hyperparameters of the paper's setting

@@ -12,7 +12,10 @@ that the rest of the package asks the registry instead of naming methods:
 
 Adding a method (a newcomer's checklist): write `losses/<name>.py` with the loss and
 `kd_term(student, teacher, views, heads, projectors, cfg) -> (L_KD, parts)` (see losses/kl.py), then add one
-`Method(...)` line to `METHODS`. Nothing else names a method.
+`Method(...)` line to `METHODS`; a method that needs its own vocabulary table adds the function that builds it
+(`vocab_tables`, e.g. align/exact_tokens.py). Two things are not yet one line: a new kind of token alignment
+(train/data.py `aligner` knows "mined" and "chunks") and a new cached teacher array (the cache pass, and
+`TeacherView`, which carries the arrays by name).
 
 This module imports no torch: the command line reads it to build its help in a fraction of a second.
 """
@@ -27,6 +30,10 @@ from dataclasses import dataclass
 KL_VARIANTS = ("forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive")
 TEACHER_DISTS = ("exact", "topk")          # hidden · lm_headᵀ recomputed from the cache | the stored top-k + tail
 ALIGNMENTS = ("mined", "chunks")           # align/mined.py's teacher row per student row | align/chunks.py's spans
+# CoT2Align's OT term (losses/ot.py), shared by every method
+OT_GRADS = ("envelope", "unrolled")            # the OT plan's gradient: envelope theorem (ours) | through Sinkhorn
+OT_EPSILON_SCALES = ("absolute", "relative")   # Sinkhorn's ε as given (the paper) | times each plan's cost std
+GOLD_SCOPES = ("one_token", "all")             # where GOLD compares exact-match tokens (losses/gold.py)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                        "--gold-matched-weight; the ULD part gets 1 minus it"),
                Setting("gold_matched_weight", 0.5, "unit_interval", "The exact-match part's weight under "
                        "--gold-weighting fixed"),
-               Setting("gold_scope", "one_token", ("one_token", "all"),
+               Setting("gold_scope", "one_token", GOLD_SCOPES,
                        "Where exact-match tokens are compared directly: chunks of one token on both sides, or every "
                        "chunk as TRL does (in a longer chunk a token names a different string on each side)"))),
     Method("xtoken", "X-Token projection KL: the student projected onto the teacher's vocabulary, KL over aligned "
@@ -139,6 +146,17 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {name!r}")
     return METHODS[name]
+
+
+def _check(methods: dict[str, Method]) -> dict[str, Method]:
+    """A typo in an entry fails at import, not hours later at data time."""
+    for m in methods.values():
+        if m.alignment is not None and m.alignment not in ALIGNMENTS:
+            raise ValueError(f"method {m.name}: alignment expected one of {', '.join(ALIGNMENTS)}, got {m.alignment!r}")
+    return methods
+
+
+METHODS = _check(METHODS)
 
 
 def all_settings() -> dict[str, Setting]:

@@ -501,7 +501,9 @@ def test_s3_a_finished_run_resumed_with_another_identity_field_is_refused(s3_wor
     assert _s3_files(run) == before
 
 
-def test_s3_a_run_recorded_before_a_field_existed_is_compared_on_what_it_recorded(s3_world, tmp_path):
+def test_s3_a_run_recorded_before_a_field_existed_is_compared_with_its_default(s3_world, tmp_path):
+    """A field added later (ot_weight, a method's new knob) defaults to what the code did before it existed: a run
+    recorded without it resumes under that default, and is refused under any other value."""
     import json
 
     from cot2align.cache import open_cache
@@ -512,15 +514,17 @@ def test_s3_a_run_recorded_before_a_field_existed_is_compared_on_what_it_recorde
     run = _s3_stopped_run(s3_world, tmp_path)
     marker = run / "run.json"
     recorded = json.loads(marker.read_text())
-    for name in ("lr", "kd_temperature", "val_examples"):       # as if written by an older cot2align
+    for name in ("ot_weight", "uld_temperature", "skew_lambda"):       # as if written by an older cot2align
         del recorded["config"][name]
     marker.write_text(json.dumps(recorded))
     cache = open_cache(s3_world / "cache")
-    cfg = dict(cache=str(s3_world / "cache"), student=_S3_STUDENT, method="dskd", alpha=0.5, max_steps=2, batch_size=4,
-               save_every=1, report_to="none", out=str(run), resume=True)
-    older = resolve_distill_config(build_config(DistillConfig, lr=5e-4, kd_temperature=1.0, val_examples=3, **cfg),
-                                   cache)
-    assert check_same_run(marker, older, cache)["alpha"] == 0.5          # nothing recorded to compare them with
+    cfg = dict(cache=str(s3_world / "cache"), student=_S3_STUDENT, method="dskd", alpha=0.5, lr=1e-3, max_steps=2,
+               batch_size=4, val_examples=0, save_every=1, report_to="none", out=str(run), resume=True)
+    same = resolve_distill_config(build_config(DistillConfig, **cfg), cache)
+    assert check_same_run(marker, same, cache)["alpha"] == 0.5           # the defaults are what it ran with
+    with _s3_pytest.raises(ConfigError, match=r"started with ot_weight=1.0; this command has ot_weight=0.0 "):
+        check_same_run(marker, resolve_distill_config(build_config(DistillConfig, **dict(cfg, ot_weight=0.0)), cache),
+                       cache)
     with _s3_pytest.raises(ConfigError, match=r"started with alpha=0.5; this command has alpha=0.9 "):
         check_same_run(marker, resolve_distill_config(build_config(DistillConfig, **dict(cfg, alpha=0.9)), cache),
                        cache)

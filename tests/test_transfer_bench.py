@@ -28,7 +28,7 @@ def test_transfer_smoke_produces_every_row(tmp_path):
     summary = json.loads((work / "transfer.json").read_text())
     tables = summary["tables"]
     assert set(tables) == {"dialogsum / fine-tuned teacher", transfer.PRETRAINED_TITLE}
-    # rows whose method this checkout does not register are skipped, and said so
+    # every row trains (a row naming an unregistered method or an unknown setting stops the benchmark up front)
     expected = {"dialogsum / fine-tuned teacher": set(transfer.usable_rows(transfer.ROWS)) | set(transfer.ABLATIONS),
                 transfer.PRETRAINED_TITLE: set(transfer.SMOKE["pretrained_rows"])}
     for title, names in expected.items():
@@ -39,8 +39,8 @@ def test_transfer_smoke_produces_every_row(tmp_path):
                 assert all(math.isfinite(v) for v in table[name][key]), (name, key)
             assert table[name]["paired"]["seeds"] == 1
         assert math.isfinite(table["teacher"]["ce"])
-    for name in set(transfer.ROWS) - expected["dialogsum / fine-tuned teacher"]:
-        assert f"[row {name}] skipped" in done.stdout
+    with pytest.raises(SystemExit, match="ot_weigth"):
+        transfer.usable_rows({"typo": dict(method="dskd", cot2align=True, ot_weigth=0.0)})
     # the pretrained regime: a model directory distill started from, the lr chosen on the dev split and said
     pretrained = tables[transfer.PRETRAINED_TITLE]["pretrained"]
     assert pretrained["lr"] in transfer.SMOKE["lr_sweep"] and len(pretrained["sweep"]) == len(transfer.SMOKE["lr_sweep"])

@@ -41,6 +41,8 @@ import numpy as np
 
 from cot2align.align.vocab import token_strings
 
+VERSION = 2     # of the chunking (memoised chunk ids are keyed by it): 2 = resynchronised after differing bytes
+
 
 @dataclass
 class TokenBytes:

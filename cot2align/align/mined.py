@@ -18,6 +18,8 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+VERSION = 1     # of the row alignment (memoised MinED rows are keyed by it)
+
 
 def edit_distance_matrix(teacher_tokens: list[str], student_tokens: list[str]) -> np.ndarray:
     """c[i, j] = Levenshtein distance between teacher token i and student token j (float64 [n_t, n_s])."""

@@ -59,13 +59,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from cot2align.methods import GOLD_SCOPES
 import torch.nn.functional as F
 
 from cot2align.losses.kl import _kl
 from cot2align.losses.sorting import sort_descending
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher, f32, flatten, index_rows, tempered_buckets
 
-SCOPES = ("one_token", "all")
+SCOPES = GOLD_SCOPES     # written once, in the registry
 
 
 # ----------------------------------------------------------------------------- chunks

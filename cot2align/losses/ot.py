@@ -51,7 +51,8 @@ import math
 
 import torch
 
-from cot2align.config import OT_EPSILON_SCALES as EPSILON_SCALES
+from cot2align.methods import OT_EPSILON_SCALES as EPSILON_SCALES
+from cot2align.methods import OT_GRADS
 
 # A finite "minus infinity": exp() of it is exactly 0 in float32, and log-sum-exps over lines that
 # are entirely masked stay finite, so neither the forward nor the unrolled backward produces NaN.
@@ -122,8 +123,8 @@ def sinkhorn(cost: torch.Tensor, row_mask: torch.Tensor, col_mask: torch.Tensor,
     (a constant shift of the cost only rescales the potentials) but keeps -C/ε_b small in float32.
     The value is <plan, cost> on the original cost either way.
     """
-    if grad not in ("envelope", "unrolled"):
-        raise ValueError(f"grad: expected 'envelope' or 'unrolled', got {grad!r}")
+    if grad not in OT_GRADS:
+        raise ValueError(f"grad: expected one of {', '.join(OT_GRADS)}, got {grad!r}")
     if epsilon_scale not in EPSILON_SCALES:
         raise ValueError(f"epsilon_scale: expected one of {', '.join(EPSILON_SCALES)}, got {epsilon_scale!r}")
     if cost.dim() != 3:

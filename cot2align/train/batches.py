@@ -38,7 +38,7 @@ from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, t
 
 
 def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
-               method: str = "mined") -> Heads:
+               method: str | None = None) -> Heads:
     """Both models' embedding tables and LM heads: the student's own parameters (trained; peft-unwrapped) and
     the teacher's from the cache's head.safetensors (on `device`, in `dtype`). With `student_tokenizer`, also the
     vocabulary tables the registered `method` reads (methods.py; each built once per tokenizer pair and kept on
@@ -51,6 +51,9 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
                   student_lm_head=base.get_output_embeddings().weight,
                   teacher_embed_tokens=head["embed_tokens"], teacher_lm_head=head["lm_head"],
                   teacher_lm_head_bias=head.get("lm_head_bias"))
+    if student_tokenizer is not None and method is None:
+        raise ValueError("load_heads: with a student tokenizer, pass method=... (the method whose vocabulary tables "
+                         "to build: MinED's map, GOLD's exact-match vocabulary, X-Token's projection)")
     needs = registered(method) if student_tokenizer is not None else None
     if needs is not None and needs.vocab_map:
         vocab = build_vocab_map(cache.tokenizer(), student_tokenizer)

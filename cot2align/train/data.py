@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cot2align.align.chunks import VERSION as CHUNKS_VERSION
+from cot2align.align.mined import VERSION as MINED_VERSION
 from cot2align.align.mined import aligned_teacher_rows
 from cot2align.align.vocab import token_strings, vocab_map
 from cot2align.cache import open_cache
@@ -51,7 +53,9 @@ def memo_paths(cache, tokenizer_hash: str, max_length: int, alignment: str | Non
     """Where the memo may be, in order: beside a local cache (<cache>.students/), then in the local directory keyed
     by the cache's identity ($COT2ALIGN_HOME/students/<identity>/) — where it goes for a cache on an object store
     or on storage that refuses the write (read-only, full, not ours): the cache itself is never written."""
-    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{alignment}|{MEMO_VERSION}".encode()).hexdigest()[:16]
+    # an alignment's algorithm version is part of the key: a changed aligner never reuses another's chunk ids
+    version = {"mined": MINED_VERSION, "chunks": CHUNKS_VERSION}.get(alignment, 0)
+    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{alignment}.{version}|{MEMO_VERSION}".encode()).hexdigest()[:16]
     places = dict.fromkeys([cache.local_dir("students"), cache.home_dir("students")])
     return [place / f"{key}.npz" for place in places]
 
@@ -92,7 +96,8 @@ def _write_memo(paths: list[Path], arrays: dict[str, np.ndarray], log) -> None:
 
 def aligner(alignment: str | None, cache, tokenizer):
     """The per-example token alignment a method needs (methods.py `Method.alignment`), or None: a function of one
-    view's rows — the student's input and target ids at its response positions, the teacher's — returning the
+    view's rows — the student's input and target ids at its response positions, the teacher's, the response text —
+    returning the
     aligned arrays by name (one entry per student row, or per teacher row for the names in PER_TEACHER_ROW)."""
     if alignment is None:
         return None
@@ -100,15 +105,15 @@ def aligner(alignment: str | None, cache, tokenizer):
     if alignment == "mined":
         strings = (token_strings(tokenizer), token_strings(teacher_tokenizer),
                    vocab_map(teacher_tokenizer, tokenizer).tea2stu)
-        return lambda s_inputs, s_targets, t_inputs, t_targets: {
+        return lambda s_inputs, s_targets, t_inputs, t_targets, text: {
             "mined_rows": aligned_teacher_rows(s_inputs, t_inputs, *strings)}
     if alignment == "chunks":
         from cot2align.align.chunks import chunk_alignment
 
         align = chunk_alignment(tokenizer, teacher_tokenizer)
 
-        def chunks(s_inputs, s_targets, t_inputs, t_targets):
-            student_chunks, teacher_chunks = align(s_targets, t_targets)
+        def chunks(s_inputs, s_targets, t_inputs, t_targets, text):
+            student_chunks, teacher_chunks = align(s_targets, t_targets, text)
             return {"student_chunks": student_chunks, "teacher_chunks": teacher_chunks}
         return chunks
     raise ValueError(f"alignment: expected one of mined, chunks, got {alignment!r}")
@@ -175,7 +180,8 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, align) -> tuple
             response_tokens += len(ids) - prompt_len
         if align is not None:
             aligned.append(align(np.asarray(ids[prompt_len - 1:len(ids) - 1]), np.asarray(ids[prompt_len:]),
-                                 teacher_inputs[a:b], teacher_targets[a:b]) if b > a else None)
+                                 teacher_inputs[a:b], teacher_targets[a:b], texts[f"response_{view}"][i])
+                           if b > a else None)
         ids_all.extend(ids)
         offsets.append(len(ids_all))
         prompt_lens.append(prompt_len)

@@ -19,6 +19,7 @@ run with other world sizes must repeat exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -361,7 +362,8 @@ RUN_IDENTITY = tuple(name for name in fields_of_kind(DistillConfig, "identity") 
 def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     """Refuse, in one line naming every difference, to continue a run under other identity fields than it was
     started with, or on a cache of other content; the recorded config when it is the same run. A run recorded
-    before a field existed is compared on what it recorded."""
+    before a field existed is compared with that field's default: the value the run used, since every field added
+    since (ot_weight, a method's new knob, ...) defaults to what the code did before it existed."""
     try:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -370,7 +372,9 @@ def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
-    changed = [name for name in RUN_IDENTITY if name in old and old[name] != now[name]]
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    old = {name: old.get(name, defaults.get(name)) for name in RUN_IDENTITY} | old
+    changed = [name for name in RUN_IDENTITY if old[name] != now[name]]
     if changed:
         was = ", ".join(f"{name}={old[name]!r}" for name in changed)
         has = ", ".join(f"{name}={now[name]!r}" for name in changed)
