@@ -82,8 +82,8 @@ def dialogsum_texts(data_root: str | None) -> list[str]:
     """Every DialogSum text this benchmark could meet: dialogues, summaries and references of each local split
     (and the original test release), and the DialogSum records of the package's `sample`."""
     from cot2align.data import load_records
-    from cot2align.data.readers import (DIALOGSUM_INSTRUCTION, SPLITS, default_data_root, read_file,
-                                        resolve_data_file, sample_dir)
+    from cot2align.data.readers import SPLITS, default_data_root, read_file, resolve_data_file, sample_dir
+    from cot2align.data.records import DIALOGSUM_INSTRUCTION
 
     records = []
     for split in SPLITS:

@@ -223,7 +223,7 @@ def cache_verify_cmd(path):
 @click.option("--limit", type=int, default=200, show_default=True, help="Examples to measure (both views).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the tokenizer repo's own code.")
-def cache_align_stats_cmd(path, student, limit, as_json, trust_remote_code):
+def cache_align_stats_cmd(path, student, limit, as_json, trust_remote_code=False):
     """How the student's tokens line up with the cached teacher's: chunks, exact matches, MinED's pairing."""
     from cot2align.align.stats import alignment_stats, format_stats
     from cot2align.cache import open_cache

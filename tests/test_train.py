@@ -438,7 +438,7 @@ def test_select_by_ce_or_last_ignores_a_lucky_rouge():
     assert is_better(8.4, 4.25, state, select_by="ce")
     assert not is_better(20.0, 5.60, state, select_by="ce")
     assert is_better(0.0, 9.0, state, select_by="last")
-    with pytest.raises(ConfigError, match="select_by: expected rougeL or ce or last"):
+    with pytest.raises(ConfigError, match="select_by: expected one of rougeL, ce, last"):
         build_config(DistillConfig, cache="c", select_by="best").validate()
 
 
