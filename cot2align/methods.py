@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 # The KL family of losses/kl.py (and DSKD's t2s term): written here once, read by the flag, the config check and
 # the loss.
@@ -80,6 +81,7 @@ class Method:
         return _load(self.projectors)(student_dim, teacher_dim) if self.projectors else None
 
 
+@lru_cache(maxsize=None)     # kd_term() is asked for at every step: import and look it up once
 def _load(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)

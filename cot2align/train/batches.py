@@ -86,18 +86,18 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
 def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
     """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays), where the cache
     may be older than an array: without `target_logprob` (written before it was added) the teacher's log-probs of
-    the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead; under
-    --teacher-dist topk that is refused in one line (the run was asked not to read the hidden states)."""
+    the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead. Under
+    --teacher-dist topk that is refused in one line when the run reads no hidden states, or when the method's
+    distribution is the top-k itself (GOLD: the top-k cannot stand in for a realised token outside it)."""
     names = teacher_arrays(method, cot2align, teacher_dist)
     if "target_logprob" not in names or has_array(cache.manifest, "target_logprob"):
         return names
-    if "hidden" in names:
-        return names
-    if teacher_dist == "topk":
-        raise ConfigError(f"{cache.url}: this cache has no per-row array target_logprob (written before it was added), "
-                          f"which --method {method} reads under --teacher-dist topk; rebuild the cache with "
-                          "cot2align cache-teacher, or use --teacher-dist exact (recomputes it from the hidden states)")
-    return (*names, "hidden")
+    if teacher_dist == "topk" and ("hidden" not in names or registered(method).teacher_dist):
+        raise ConfigError(f"--method {method} --teacher-dist topk: the cache {cache.url} has no per-row array "
+                          "target_logprob (written before it was added), which the top-k cannot stand in for; use "
+                          "--teacher-dist exact (recomputed from the hidden states), or rebuild the cache with "
+                          "cot2align cache-teacher")
+    return tuple(dict.fromkeys((*names, "hidden")))
 
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],

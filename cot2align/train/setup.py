@@ -39,7 +39,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
 from cot2align.cache import open_cache
-from cot2align.cache.format import has_array
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, fields_of_kind
 from cot2align.data import load_records, standard_prompt
 from cot2align.locks import writer_lock
@@ -195,11 +194,6 @@ def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
         raise ConfigError(f"--method {cfg.method}: the student tokenizer ({cfg.student}) differs from the teacher's "
                           f"({teacher_name}); it needs one shared vocabulary — use a cross-tokenizer method "
                           "(e.g. uld, mined, dskd)")
-    if (cache is not None and cfg.teacher_dist == "topk" and "target_logprob" in registered(cfg.method).teacher_arrays
-            and not has_array(cache.manifest, "target_logprob")):
-        raise ConfigError(f"--method {cfg.method} --teacher-dist topk: the cache {cache.url} was written before "
-                          "target_logprob (the teacher's exact log-probability of each response token), which a top-k "
-                          "cannot stand in for; use --teacher-dist exact, or rebuild the cache with cache-teacher")
     if tokenizer.pad_token_id is None:     # padding needs a token; EOS is never a target where padding is
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, load_student(cfg, device)
