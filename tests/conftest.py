@@ -94,3 +94,45 @@ def cache_arrays(path) -> dict:
                 out[f"{view}/{name}"] = np.concatenate([r[name] for r in rows])
         out[f"{view}/offsets"] = cache.offsets(view)
     return out
+
+
+_CLI_DRIVER = """
+import json, sys
+from cot2align.cli import main
+for args in json.loads(sys.argv[1]):
+    print("RUNNING", " ".join(args), file=sys.stderr, flush=True)
+    try:
+        main(args)
+    except SystemExit as e:
+        if e.code:
+            sys.exit(e.code)
+"""
+
+
+def run_cli_commands(cwd: Path, commands: list[list[str]], env: dict | None = None, timeout: int = 600):
+    """`cot2align` commands one after another in one Python process (one import of torch), in `cwd`; each command's
+    stderr starts after a "RUNNING <command>" line. `env`: the environment (default os.environ), given the repo on
+    PYTHONPATH."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(commands)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def online_teacher_views(teacher, teacher_tokenizer, cache, examples: list[int], views, mined_rows: dict | None = None):
+    """{view: TeacherView} of a fresh teacher forward on the cached `examples` (the texts the cache pass read, each
+    response ending with EOS where the cache kept one): the other side of every cache-fed = online check.
+    `mined_rows`: per view, the batch's MinED rows to carry over."""
+    from cot2align.train.online import online_teacher_view
+
+    texts, eos = cache.texts(), teacher_tokenizer.eos_token_id
+    out = {}
+    for v in views:
+        rows = [cache.view(i, v) for i in examples]
+        out[v] = online_teacher_view(teacher, teacher_tokenizer, [texts[f"prompt_{v}"][i] for i in examples],
+                                     [texts[f"response_{v}"][i] for i in examples],
+                                     [r["n_rows"] > 0 and int(r["target_ids"][-1]) == eos for r in rows], "cpu",
+                                     **({"mined_rows": mined_rows[v]} if mined_rows else {}))
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_cot_records
+from conftest import online_teacher_views, write_cot_records
 from cot2align.losses.alm import (alm_loss, alm_terms, binary_kl, log1mexp, realised_logprobs,
                                   teacher_realised_logprobs)
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
@@ -210,7 +210,6 @@ def _alm_both_ways(cache_path, cot2align: bool):
     from cot2align.modeling import load_model, load_tokenizer, tokenizer_hash
     from cot2align.train.batches import arrays_to_read, student_view, teacher_view
     from cot2align.train.data import DistillDataset, collate, tokenize_cache
-    from cot2align.train.online import online_teacher_view
 
     cache = open_cache(cache_path)
     student_tok, teacher_tok = load_tokenizer(STUDENT), load_tokenizer(TEACHER)
@@ -229,14 +228,10 @@ def _alm_both_ways(cache_path, cot2align: bool):
                   teacher_lm_head=head["lm_head"])
     students = {v: student_view(student, batch[v], "cpu", cot2align) for v in views}
     cached = {v: teacher_view(batch[v], heads, "cpu", torch.float32) for v in views}
-    texts, align = cache.texts(), chunk_alignment(student_tok, teacher_tok)
-    online = {}
+    align = chunk_alignment(student_tok, teacher_tok)
+    online = online_teacher_views(teacher, teacher_tok, cache, examples, views)
     for v in views:
-        rows = [cache.view(i, v) for i in examples]
-        t = online_teacher_view(teacher, teacher_tok, [texts[f"prompt_{v}"][i] for i in examples],
-                                [texts[f"response_{v}"][i] for i in examples],
-                                [r["n_rows"] > 0 and int(r["target_ids"][-1]) == teacher_tok.eos_token_id for r in rows],
-                                "cpu")
+        t = online[v]
         s_mask = students[v].mask
         t.student_chunks = torch.full(s_mask.shape, -1, dtype=torch.long)
         t.teacher_chunks = torch.full(t.mask.shape, -1, dtype=torch.long)
@@ -244,7 +239,6 @@ def _alm_both_ways(cache_path, cot2align: bool):
             chunks_s, chunks_t = align(students[v].target_ids[b][s_mask[b]].numpy(), t.target_ids[b][t.mask[b]].numpy())
             t.student_chunks[b, s_mask[b]] = torch.from_numpy(chunks_s)
             t.teacher_chunks[b, t.mask[b]] = torch.from_numpy(chunks_t)
-        online[v] = t
     results = [distillation_loss("alm", 0.5, students, teachers, heads, None if not cot2align else
                                  _ot_projector(student, teacher), cot2align, default_settings())
                for teachers in (cached, online)]

@@ -8,26 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_cli_commands
 
-DRIVER = """
-import json, sys
-from cot2align.cli import main
-for args in json.loads(sys.argv[1]):
-    print("RUNNING", " ".join(args), file=sys.stderr, flush=True)
-    try:
-        main(args)
-    except SystemExit as e:
-        if e.code:
-            sys.exit(e.code)
-"""
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_commands(cwd: Path, commands: list[list[str]]) -> list[str]:
     """The commands one after another in one process (one import of torch); each one's stderr."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = run_cli_commands(cwd, commands)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr.split("RUNNING ")[1:]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_cot_records
+from conftest import online_teacher_views, write_cot_records
 from cot2align.align.exact_tokens import exact_token_map
 from cot2align.cache import open_cache
 from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
@@ -23,7 +23,6 @@ from cot2align.teacher.cache_pass import cache_teacher
 from cot2align.train.batches import student_view, teacher_view
 from cot2align.train.data import DistillDataset, collate, tokenize_cache
 from cot2align.train.distill import distill
-from cot2align.train.online import online_teacher_view
 
 TEACHER, STUDENT = "tiny-llama", "tiny-gpt2"
 
@@ -59,16 +58,11 @@ def both_ways(cache_dir):
                           "exact_matched_weight": exact.adaptive_matched_weight})
     students = {v: student_view(student, batch[v], "cpu", True) for v in views}
     cached = {v: teacher_view(batch[v], heads, "cpu", torch.float32) for v in views}
-    texts = cache.texts()
-    online = {}
+    online = online_teacher_views(teacher, teacher_tok, cache, [0, 1, 2], views)
     for v in views:
-        rows = [cache.view(i, v) for i in range(3)]
-        view = online_teacher_view(teacher, teacher_tok, [texts[f"prompt_{v}"][i] for i in range(3)],
-                                   [texts[f"response_{v}"][i] for i in range(3)],
-                                   [int(r["target_ids"][-1]) == teacher_tok.eos_token_id for r in rows], "cpu")
         # the chunk ids are a function of the two token sequences (equal on both paths, checked below); the online
         # teacher has no target_logprob array: the loss recomputes log p_t(y) from its exact logits
-        online[v] = dataclasses.replace(view, student_chunks=cached[v].student_chunks,
+        online[v] = dataclasses.replace(online[v], student_chunks=cached[v].student_chunks,
                                         teacher_chunks=cached[v].teacher_chunks, target_logprob=None)
     torch.manual_seed(1)
     projectors = build_projectors("gold", True, student.config.hidden_size, teacher.config.hidden_size)

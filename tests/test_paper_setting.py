@@ -11,10 +11,10 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli_commands
 
 from cot2align.config import MODEL_ALIASES, DistillConfig, build_config
 from cot2align.errors import ConfigError
@@ -159,19 +159,6 @@ def _dolly_files(data_root: Path) -> None:
                 f.write(json.dumps({k: r[k] for k in ("id", "instruction", "input", "output")}) + "\n")
 
 
-DRIVER = """
-import json, sys
-from cot2align.cli import main
-for args in json.loads(sys.argv[1]):
-    print("RUNNING", " ".join(args), file=sys.stderr, flush=True)
-    try:
-        main(args)
-    except SystemExit as e:
-        if e.code:
-            sys.exit(e.code)
-"""
-
-
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_pipeline")
@@ -184,11 +171,9 @@ def stand_ins(tmp_path_factory):
 def run_commands(root: Path, commands: list[list[str]]) -> subprocess.CompletedProcess:
     """The commands one after another in one Python process (one import of torch), in `root`, offline, with the
     stand-ins' hub cache."""
-    env = dict(os.environ, HF_HUB_CACHE=str(root / "hub"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, HF_HUB_CACHE=str(root / "hub"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("COT2ALIGN_DATA_ROOT", None)
-    return subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_cli_commands(root, commands, env, timeout=900)
 
 
 def test_readme_pipeline_runs_as_printed(stand_ins):

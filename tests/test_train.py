@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import explain, free_port, write_cot_records
+from conftest import explain, free_port, online_teacher_views, write_cot_records
 from cot2align.cache import open_cache
 from cot2align.cache import CacheError
 from cot2align.cli import main
@@ -28,7 +28,6 @@ from cot2align.train.data import DistillDataset, collate, tokenize_cache
 from cot2align.train.batches import student_view, teacher_view
 from cot2align.train.distill import distill
 from cot2align.train.validation import is_better
-from cot2align.train.online import online_teacher_view
 
 TEACHER, STUDENT = "tiny-llama", "tiny-mistral"
 
@@ -65,14 +64,8 @@ def _objective_both_ways(cache_path, student_name, method, cot2align):
         heads.stu2tea, heads.tea2stu = torch.from_numpy(vocab_map.stu2tea), torch.from_numpy(vocab_map.tea2stu)
     students = {v: student_view(student, batch[v], "cpu", True) for v in views}
     cached = {v: teacher_view(batch[v], heads, "cpu", torch.float32) for v in views}
-    texts = cache.texts()
-    online = {}
-    for v in views:
-        rows = [cache.view(i, v) for i in range(3)]
-        online[v] = online_teacher_view(teacher, teacher_tok, [texts[f"prompt_{v}"][i] for i in range(3)],
-                                        [texts[f"response_{v}"][i] for i in range(3)],
-                                        [int(r["target_ids"][-1]) == teacher_tok.eos_token_id for r in rows], "cpu",
-                                        mined_rows=batch[v]["mined_rows"])
+    online = online_teacher_views(teacher, teacher_tok, cache, [0, 1, 2], views,
+                                  mined_rows={v: batch[v]["mined_rows"] for v in views})
     torch.manual_seed(1)
     projectors = build_projectors(method, cot2align, student.config.hidden_size, teacher.config.hidden_size)
     results = []
