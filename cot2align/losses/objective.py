@@ -26,7 +26,6 @@ from torch import nn
 from cot2align.losses.ccot import ccot_loss
 from cot2align.losses.teacher import HeadTeacher, exact_logits_memory
 from cot2align.methods import method as registered
-from cot2align.methods import teacher_arrays  # noqa: F401  (the loader's list, re-exported for the batch API)
 
 
 @dataclass

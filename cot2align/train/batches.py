@@ -16,7 +16,7 @@ In a notebook, or inside another training loop (TRL, an Accelerate loop):
     loss, parts = distillation_loss("dskd", 0.5, students, teachers, heads, projectors, cot2align=True)
 
 `cache_dataloader` tokenises the cached texts for the student once (memoised, see train/data.py), reads only
-the teacher arrays the method needs (losses/objective.teacher_arrays), and yields length-bucketed, padded
+the teacher arrays the method needs (methods.teacher_arrays), and yields length-bucketed, padded
 batches; `views` runs the student on each view of a batch and moves the teacher's decoded rows to the device.
 """
 
