@@ -108,10 +108,21 @@ def architecture_family(config: dict) -> str | None:
 def teacher_family(teacher: dict | None) -> str | None:
     """The family of a cache's teacher (its manifest's `teacher` section): by its name, else the base model the
     cache recorded, else the architecture it recorded."""
+    return teacher_family_source(teacher)[0]
+
+
+def teacher_family_source(teacher: dict | None) -> tuple[str | None, str | None]:
+    """(family, how it was found: "name" | "base model" | "architecture"), (None, None) when none matches. Only
+    "architecture" is a guess: another model of the same shape (Qwen2-7B and Qwen2.5-7B share one) matches too."""
     if not teacher:
-        return None
-    return (family_of(teacher.get("name_or_path")) or family_of(teacher.get("base_model"))
-            or architecture_family(teacher))
+        return None, None
+    for how, family in (("name", lambda: family_of(teacher.get("name_or_path"))),
+                        ("base model", lambda: family_of(teacher.get("base_model"))),
+                        ("architecture", lambda: architecture_family(teacher))):
+        found = family()
+        if found is not None:
+            return found, how
+    return None, None
 
 
 def _read_json(path: Path) -> dict:

@@ -18,7 +18,7 @@ from conftest import run_cli_commands
 
 from cot2align.config import MODEL_ALIASES, DistillConfig, build_config
 from cot2align.errors import ConfigError
-from cot2align.families import architecture_family, base_model_of, family_of, teacher_family
+from cot2align.families import architecture_family, base_model_of, family_of, teacher_family, teacher_family_source
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MISTRAL_HUB = MODEL_ALIASES["mistral-7b"]["hub"]
@@ -93,6 +93,15 @@ def test_cache_teacher_section_falls_back_on_recorded_base_and_architecture(tmp_
                            "vocab_size": 32000}) is None
     assert architecture_family({"model_type": "qwen2", "hidden_size": 64, "num_layers": 2, "vocab_size": 151665}) \
         == "tiny-qwen2"
+
+
+def test_a_match_by_architecture_alone_is_said_to_be_one():
+    """Qwen2-7B has Qwen2.5-7B's shape: it gets Qwen2.5's setting, and the run is told the match was a guess."""
+    qwen2_7b = {"name_or_path": "Qwen/Qwen2-7B", "model_type": "qwen2", "hidden_size": 3584, "num_layers": 28,
+                "vocab_size": 152064}
+    assert teacher_family_source(qwen2_7b) == ("qwen2.5", "architecture")
+    assert teacher_family_source({"name_or_path": MISTRAL_HUB}) == ("mistral", "name")
+    assert teacher_family_source({"name_or_path": "Qwen/Qwen2-7B"}) == (None, None)
 
 
 def test_no_setting_says_which_exist_in_one_line():

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cot2align.config import DistillConfig, model_family, paper_setting
-from cot2align.families import teacher_family
+from cot2align.families import teacher_family_source
 from cot2align.logs import silent
 from cot2align.modeling import dtype_name, resolve_dtype
 
@@ -64,13 +64,15 @@ def resolve_distill_config(cfg: DistillConfig, cache, say=silent) -> DistillConf
     from_launcher, taken = accelerate_settings(cfg)
     if taken:
         say(f"from the accelerate config: {', '.join(taken)}")
-    family = teacher_family(cache.manifest["teacher"]) if cache is not None else None
+    family, found_by = teacher_family_source(cache.manifest["teacher"]) if cache is not None else (None, None)
     filled = dataclasses.replace(cfg, **from_launcher).with_defaults(family, teacher_name(cache))
     setting = paper_setting(family, filled.student)
     if setting:
         say(f"paper setting: {setting} — method {filled.method}{' + CoT2Align' if filled.cot2align else ''}, "
             f"alpha {filled.alpha}, lr {filled.lr}, {filled.epochs} epochs, batch {filled.batch_size}x{filled.grad_accum}"
-            f"{f', LoRA r={filled.lora_rank}' if filled.lora_rank else ', full fine-tuning'}")
+            f"{f', LoRA r={filled.lora_rank}' if filled.lora_rank else ', full fine-tuning'}"
+            + (f" (the teacher was matched to {family} by its architecture alone, which other models of its shape "
+               "share; pass --student to choose the student yourself)" if found_by == "architecture" else ""))
     device = torch.device(filled.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = filled.out or default_out(filled)
     return dataclasses.replace(
