@@ -222,8 +222,9 @@ def cache_verify_cmd(path):
 @click.option("--student", required=True, help="The student's tokenizer: alias, hub id or local path.")
 @click.option("--limit", type=int, default=200, show_default=True, help="Examples to measure (both views).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--revision", help=REVISION_HELP)
 @click.option("--trust-remote-code", is_flag=True, help="Run the tokenizer repo's own code.")
-def cache_align_stats_cmd(path, student, limit, as_json, trust_remote_code=False):
+def cache_align_stats_cmd(path, student, limit, as_json, revision=None, trust_remote_code=False):
     """How the student's tokens line up with the cached teacher's: chunks, exact matches, MinED's pairing."""
     from cot2align.align.stats import alignment_stats, format_stats
     from cot2align.cache import open_cache
@@ -232,7 +233,7 @@ def cache_align_stats_cmd(path, student, limit, as_json, trust_remote_code=False
     if limit < 1:
         raise ConfigError(f"--limit: expected a positive integer, got {limit}")
     stats = alignment_stats(open_cache(path, check_tokenizer=False),
-                            load_tokenizer(student, trust_remote_code=trust_remote_code), limit)
+                            load_tokenizer(student, trust_remote_code=trust_remote_code, revision=revision), limit)
     click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
 
 

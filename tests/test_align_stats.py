@@ -76,6 +76,9 @@ def test_the_command_prints_the_figures(qwen_cache):
     assert text.exit_code == 0 and "exact_token_share" in text.output and "examples                   2" in text.output
     bad = CliRunner().invoke(main, ["cache", "align-stats", str(qwen_cache), "--student", "tiny-gpt2", "--limit", "0"])
     assert bad.exit_code == 2 and "--limit" in bad.output
+    pinned = CliRunner().invoke(main, ["cache", "align-stats", str(qwen_cache), "--student", "tiny-gpt2",
+                                       "--revision", "v1"])
+    assert pinned.exit_code != 0 and "revision" in pinned.output      # a preset has no revisions: said, not ignored
 
 
 def test_a_cross_tokenizer_run_logs_the_alignment_at_its_start(qwen_cache, tmp_path):
