@@ -177,10 +177,11 @@ def all_settings() -> dict[str, Setting]:
 COT2ALIGN_ARRAYS = ("hidden", "embeds")
 
 
-def teacher_arrays(name: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
+def teacher_arrays(name: str, cot2align: bool, teacher_dist: str = "exact", transport: bool = True) -> tuple[str, ...]:
     """The cached per-row teacher arrays a run of method `name` (± CoT2Align) reads — the loader decodes nothing
     else. Row ids give the masks (and DSKD's keys, by embedding lookup); the distribution is the exact one
-    recomputed from `hidden`, or the stored top-k + tail."""
+    recomputed from `hidden`, or the stored top-k + tail. `transport` False (--ot-weight 0): CoT2Align's CoT view
+    without its OT term, which reads no hidden states or embeddings for it."""
     m = method(name)
     if m.kd is None and not cot2align:
         return ()
@@ -188,13 +189,14 @@ def teacher_arrays(name: str, cot2align: bool, teacher_dist: str = "exact") -> t
     if m.teacher_dist:
         names += ["hidden"] if teacher_dist == "exact" else ["topk_ids", "topk_logprobs", "tail_logprob"]
     names += m.teacher_arrays
-    if cot2align:
+    if cot2align and transport:
         names += COT2ALIGN_ARRAYS
     return tuple(dict.fromkeys(names))
 
 
-def needs_student_hidden(name: str, cot2align: bool) -> bool:
-    return cot2align or method(name).student_hidden
+def needs_student_hidden(name: str, cot2align: bool, transport: bool = True) -> bool:
+    """Whether a run keeps the student's hidden states: its method reads them, or CoT2Align's OT term does."""
+    return (cot2align and transport) or method(name).student_hidden
 
 
 def describe() -> str:

@@ -193,6 +193,21 @@ def test_ot_weight_zero_keeps_the_cot_view_and_solves_no_transport(method, monke
     assert student["cot"].logits.grad is not None and student["cot"].logits.grad.abs().sum() > 0
 
 
+def test_ot_weight_zero_reads_no_hidden_states_and_builds_no_ot_projector():
+    """Without transport the CoT view needs only what the method reads: a run reads no teacher hidden states or
+    embeddings for OT, keeps no student hidden states for it, and trains no OT projector."""
+    from cot2align.methods import needs_student_hidden, teacher_arrays
+
+    assert {"hidden", "embeds"} <= set(teacher_arrays("mined", True, "topk"))
+    assert not {"hidden", "embeds"} & set(teacher_arrays("mined", True, "topk", transport=False))
+    assert "embeds" not in teacher_arrays("dskd", True, "exact", transport=False)
+    assert needs_student_hidden("sft", True) and not needs_student_hidden("sft", True, transport=False)
+    assert needs_student_hidden("dskd", True, transport=False)             # DSKD's own projection reads them
+    assert "ot" in build_projectors("mined", True, D_S, D_T)
+    assert "ot" not in build_projectors("mined", True, D_S, D_T, transport=False)
+    assert set(build_projectors("dskd", True, D_S, D_T, transport=False)) == {"dskd"}
+
+
 def test_ot_weight_scales_the_transport_term_only():
     student, teacher, heads = make_views(4)
     torch.manual_seed(0)

@@ -66,11 +66,11 @@ class CacheCollator:
     student's padded ids and response positions and the teacher's decoded rows (train/data.collate)."""
 
     def __init__(self, cache, tokenizer, method: str = "dskd", cot2align: bool = True, max_length: int = 512,
-                 teacher_dist: str = "exact"):
+                 teacher_dist: str = "exact", transport: bool = True):
         loader = cache_dataloader(cache, tokenizer, method=method, cot2align=cot2align, batch_size=1,
-                                  max_length=max_length, teacher_dist=teacher_dist)
+                                  max_length=max_length, teacher_dist=teacher_dist, transport=transport)
         self.examples = loader.dataset          # every cached example; item k is example k
-        self.built_for = (method, cot2align, max_length, teacher_dist)
+        self.built_for = (method, cot2align, max_length, teacher_dist, transport)
         self.views = ("std", "cot") if cot2align else ("std",)
         self.pad = pad_id(tokenizer)
 
@@ -108,10 +108,10 @@ class Cot2AlignTrainer(SFTTrainer):
             raise ConfigError(f"method {method}: the student's tokenizer differs from the teacher's in {cache.url}; it "
                               "needs one shared vocabulary — use a cross-tokenizer method (e.g. uld, mined, dskd)")
         args = _cache_args(args)
-        wanted = (method, cot2align, cfg.max_length, cfg.teacher_dist)
+        wanted = (method, cot2align, cfg.max_length, cfg.teacher_dist, cfg.ot_weight > 0)
         if data_collator is not None and getattr(data_collator, "built_for", None) != wanted:
             raise ConfigError(f"data_collator: expected a CacheCollator of this cache for (method, cot2align, "
-                              f"max_length, teacher_dist) = {wanted}, got {getattr(data_collator, 'built_for', None)}")
+                              f"max_length, teacher_dist, transport) = {wanted}, got {getattr(data_collator, 'built_for', None)}")
         self.collator = data_collator or CacheCollator(cache, processing_class, *wanted)
         super().__init__(model=model, args=args, processing_class=processing_class, data_collator=self.collator,
                          train_dataset=self.collator.dataset() if train_dataset is None else train_dataset, **kwargs)
@@ -123,7 +123,8 @@ class Cot2AlignTrainer(SFTTrainer):
             self.heads = load_heads(cache, base, processing_class, device=device, dtype=self.teacher_dtype,
                                     method=method)
         student_dim = base.config.get_text_config().hidden_size
-        self.projectors = build_projectors(method, cot2align, student_dim, cache.hidden_size).to(device)
+        self.projectors = build_projectors(method, cot2align, student_dim, cache.hidden_size,
+                                           transport=cfg.ot_weight > 0).to(device)
 
     # ------------------------------------------------------------------ the objective
 
@@ -132,7 +133,7 @@ class Cot2AlignTrainer(SFTTrainer):
         (1 − α)·CE + α·(L_KD + L_CCoT). Its parts (ce, kd, ccot, ...) are logged with TRL's metrics."""
         cfg = self.distill_config
         students, teachers = views(inputs, model, self.heads, self.args.device, self.teacher_dtype,
-                                   needs_student_hidden(cfg.method, cfg.cot2align))
+                                   needs_student_hidden(cfg.method, cfg.cot2align, cfg.ot_weight > 0))
         loss, parts = distillation_loss(cfg.method, cfg.alpha, students, teachers, self.heads, self.projectors,
                                         cfg.cot2align, cfg)
         # ce, kd, kd/<part>, ccot (the OT plans' figures stay distill's metrics), to the host in one copy

@@ -70,14 +70,15 @@ class Heads:
     tables: dict = field(default_factory=dict)   # a method's own vocabulary tables (methods.py `vocab_tables`)
 
 
-def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim: int) -> nn.ModuleDict:
+def build_projectors(method: str, cot2align: bool, student_dim: int, teacher_dim: int,
+                     transport: bool = True) -> nn.ModuleDict:
     """The trainable projectors the objective needs: the method's own (DSKD's three, under "dskd"), and
-    CoT2Align's OT projector P (D -> d) under "ot"."""
+    CoT2Align's OT projector P (D -> d) under "ot" when its OT term is on (`transport`: --ot-weight > 0)."""
     projectors = nn.ModuleDict()
     own = registered(method).build_projectors(student_dim, teacher_dim)
     if own is not None:
         projectors[method] = own
-    if cot2align:
+    if cot2align and transport:
         projectors["ot"] = nn.Linear(teacher_dim, student_dim)
     return projectors
 

@@ -68,7 +68,7 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
                      max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
-                     log=None) -> torch.utils.data.DataLoader:
+                     log=None, transport: bool = True) -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
 
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and
@@ -79,17 +79,18 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
                                  log=log)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
-                      arrays_to_read(cache, method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
+                      arrays_to_read(cache, method, cot2align, teacher_dist, transport), pad_id(tokenizer), batch_size, seed,
                       num_workers, pin_memory, rank, world)
 
 
-def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
+def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact",
+                   transport: bool = True) -> tuple[str, ...]:
     """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays), where the cache
     may be older than an array: without `target_logprob` (written before it was added) the teacher's log-probs of
     the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead. Under
     --teacher-dist topk that is refused in one line when the run reads no hidden states, or when the method's
     distribution is the top-k itself (GOLD: the top-k cannot stand in for a realised token outside it)."""
-    names = teacher_arrays(method, cot2align, teacher_dist)
+    names = teacher_arrays(method, cot2align, teacher_dist, transport)
     if "target_logprob" not in names or has_array(cache.manifest, "target_logprob"):
         return names
     if teacher_dist == "topk" and ("hidden" not in names or registered(method).teacher_dist):

@@ -116,7 +116,7 @@ class Run:
 
     @property
     def need_hidden(self) -> bool:
-        return needs_student_hidden(self.cfg.method, self.cfg.cot2align)
+        return needs_student_hidden(self.cfg.method, self.cfg.cot2align, self.cfg.ot_weight > 0)
 
 
 def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
@@ -127,7 +127,7 @@ def setup(cfg: DistillConfig, log, cache, held: ExitStack) -> Run:
     if cache is None and cfg.cache:
         cache = open_cache(cfg.cache)
     teacher_name = teacher_of(cache)
-    arrays = arrays_to_read(cache, cfg.method, cfg.cot2align, cfg.teacher_dist) if cache is not None else ()
+    arrays = arrays_to_read(cache, cfg.method, cfg.cot2align, cfg.teacher_dist, cfg.ot_weight > 0) if cache is not None else ()
     out = _setup_out(cfg, cache, rank, world, say, held)
     seed_everything(cfg.seed)
     tokenizer, model = _setup_student(cfg, cache, teacher_name, device)
@@ -207,7 +207,8 @@ def _setup_heads(cfg: DistillConfig, cache, model, tokenizer, device, dtype):
     method = registered(cfg.method)
     if cache is not None and (method.kd is not None or cfg.cot2align):
         heads = load_heads(cache, base, tokenizer, device=device, dtype=dtype, method=cfg.method)
-    projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student)
+    projectors = build_projectors(cfg.method, cfg.cot2align, d_student, cache.hidden_size if cache is not None else d_student,
+                                  transport=cfg.ot_weight > 0)
     return heads, projectors.to(device)
 
 
