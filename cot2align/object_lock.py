@@ -17,7 +17,8 @@ Hosts' clocks must agree to within a small part of the lease (NTP does).
 How the object is written depends on what the store guarantees:
 
   * Conditional writes (`ConditionalObjects`: S3, where the server honours `If-None-Match: *` and `If-Match`
-    on PutObject — AWS S3 since 2024, and SeaweedFS, which the tests run; checked by a probe on each acquire):
+    on PutObject — AWS S3 since 2024, and SeaweedFS 4.x, which the tests run; checked by a probe object on each
+    acquire, 4 small requests):
     the lock is created only if absent, and a stale lease is taken over, or a live one renewed, only if the
     object is still the version read (its ETag). Of any number of writers racing, exactly one wins, and a holder
     whose lease was taken over learns it at its next renewal.
@@ -161,10 +162,14 @@ class ConditionalObjects:
     @staticmethod
     def honoured(fs, key: str) -> bool:
         """Whether the server refuses a second If-None-Match: * create of one object (a server that ignores the
-        header would let every writer create the lock). Probed with an object of its own, removed after."""
+        header would let every writer create the lock) and honours If-Match (a replace of the version read
+        succeeds, of an older one is refused). Probed with an object of its own, removed after."""
         probe = ConditionalObjects(fs, f"{key}.probe-{uuid.uuid4().hex}")
         try:
-            return probe.create(b"1") is not None and probe.create(b"2") is None
+            first = probe.create(b"1")
+            if first is None or probe.create(b"2") is not None:
+                return False
+            return probe.replace(b"3", first) is not None and probe.replace(b"4", first) is None
         except OSError:                         # NotImplemented, InvalidArgument, …: no conditional writes
             return False
         finally:
