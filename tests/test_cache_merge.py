@@ -122,6 +122,29 @@ def test_order_is_the_order_given_and_copy_copies(built, tmp_path):
     _assert_same_examples(out, built["all"])
 
 
+@pytest.mark.slow
+def test_a_merged_cache_merges_again_part_by_part(built, tmp_path):
+    """A merged cache (two parts) merged with a third cache: three parts, blocks renumbered, every array intact."""
+    renamed = tmp_path / "renamed.jsonl"        # the second half again, under other ids
+    records = [json.loads(line) for line in (built["second"].parent / "second.jsonl").read_text().splitlines()]
+    renamed.write_text("".join(json.dumps(dict(r, id=f"again-{r['id']}")) + "\n" for r in records))
+    third = _build(renamed, tmp_path / "third")
+    once = tmp_path / "once"
+    merge_caches([str(built["first"]), str(built["second"])], str(once))
+    twice = tmp_path / "twice"
+    merge_caches([str(once), str(third)], str(twice))
+    assert verify_cache(twice) == []
+    manifest = open_cache(twice).manifest
+    assert [p["blocks"] for p in manifest["store"]["parts"]] == [[0, 2], [2, 4], [4, 6]]
+    assert sorted(p.name for p in (twice / "parts/2/chunk_index").iterdir()) == ["4.json", "5.json"]
+    merged, second = _by_id(twice), _by_id(built["second"])
+    for example_id, (_, views) in second.items():
+        for view, rows in views.items():
+            again = merged[f"again-{example_id}"][1][view]
+            assert all(np.array_equal(v, again[k]) for k, v in rows.items() if isinstance(v, np.ndarray))
+    _assert_same_examples(once, built["all"])
+
+
 def test_refusals_name_what_differs_in_one_line(built, tmp_path):
     def refused(inputs, out=tmp_path / "refused") -> str:
         with pytest.raises(CacheError) as e:
@@ -132,9 +155,9 @@ def test_refusals_name_what_differs_in_one_line(built, tmp_path):
     first_id = open_cache(built["first"]).texts()["id"][0]
     assert f"example id {first_id!r} is in {built['first']} (example 0) and in {built['all']}" in refused(
         [built["first"], built["all"]])
-    other = _build(built["second"].parent / "second.jsonl", tmp_path / "topk4", topk=4)
+    other = _build(built["second"].parent / "second.jsonl", tmp_path / "topk4", topk=4, limit=4)
     assert f"{other} differs from {built['first']} in store.topk (4 vs 8)" in refused([built["first"], other])
-    longer = _build(built["second"].parent / "second.jsonl", tmp_path / "longer", max_length=200)
+    longer = _build(built["second"].parent / "second.jsonl", tmp_path / "longer", max_length=200, limit=4)
     assert "in settings.max_length (200 vs 256)" in refused([built["first"], longer])
     assert "at least two caches" in refused([built["first"]])
     (tmp_path / "taken").mkdir()
