@@ -16,6 +16,7 @@ from conftest import run_cli_commands, write_cot_records
 from cot2align.cache import CacheError, open_cache
 from cot2align.cache.inspect import verify_cache
 from cot2align.cache.merge import merge_caches
+from cot2align.cache.storage import Location
 from cot2align.config import CacheTeacherConfig, build_config
 from cot2align.teacher.cache_pass import cache_teacher
 
@@ -198,3 +199,14 @@ def test_merge_on_s3_copies_objects(built, tmp_path):
         assert json.loads(s3["fs"].cat_file(f"{out.removeprefix('s3://')}/zarr.json"))["attributes"]["status"] == "complete"
         with pytest.raises(CacheError, match="all be local paths, or all on one object store"):
             merge_caches([urls[0], str(built["second"])], str(tmp_path / "mixed"))
+        # a damaged chunk in an input: the merged cache does not verify, and nothing is left at --out
+        chunk = f"{urls[1].removeprefix('s3://')}/parts/0/std/hidden/c/0/0"
+        blob = bytearray(s3["fs"].cat_file(chunk))
+        blob[len(blob) // 2] ^= 0x40
+        s3["fs"].pipe_file(chunk, bytes(blob))
+        with pytest.raises(CacheError, match="does not verify"):
+            merge_caches(urls, f"{s3['bucket']}/failed")
+        failed = Location(f"{s3['bucket']}/failed")
+        failed.fs.invalidate_cache()
+        left = [name for name in failed.fs.find(failed.root) if name.rstrip("/") != failed.root]   # (the prefix itself:
+        assert left == [] and failed.is_empty()       # SeaweedFS keeps emptied directories) — a rerun may write there

@@ -37,9 +37,10 @@ from cot2align.cache.format import FORMAT_VERSION, VIEWS, CacheError, with_check
 from cot2align.cache.inspect import verify_cache
 from cot2align.cache.reader import TeacherCache
 from cot2align.cache.storage import LocalLocation, Location
-from cot2align.cache.writer import _write_texts, _write_view_index
+from cot2align.cache.writer import _write_texts, _write_view_index     # the per-example arrays, as a pass writes them
 from cot2align.leftovers import remove_dead_temporaries
 from cot2align.logs import reporter
+from cot2align.object_lock import is_lock_name
 
 # What may differ between caches that merge: what each job read and when it ran, and what the merge recomputes.
 # Everything else — teacher, tokenizer, templates, settings, the store's arrays, dtypes, chunking and codecs, the
@@ -246,9 +247,10 @@ def _merge_remotely(caches, target: Location, manifest: dict, mode: str) -> None
         _write(caches, target, manifest,
                lambda source, relative, to: target.fs.copy(source.location.path(relative), target.path(to)))
         _check_verified(verify_cache(target.url), target.url)
-    except BaseException:
-        if target.fs.exists(target.root):
-            target.fs.rm(target.root, recursive=True)
+    except BaseException:               # --out was empty under its lock: all that is there now was written here
+        written = [name for name in target.fs.find(target.root) if not is_lock_name(name.rsplit("/", 1)[-1])]
+        if written:
+            target.fs.rm(written)
         raise
 
 

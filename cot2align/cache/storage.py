@@ -202,6 +202,24 @@ class RemoteLocation(Location):
         # an example's rows are a slice of a chunk its neighbours share: fetch each chunk once, not per example
         return MemoryChunkStore(store, int(os.environ.get("COT2ALIGN_REMOTE_MEMORY_MB", "512")) << 20)
 
+    def is_empty(self, prefix: str | None = None) -> bool:
+        """No object under the root (its writer lock aside). Some stores (SeaweedFS) keep a prefix's directories
+        after its last object is deleted, each listed with a marker object "<dir>/": those hold nothing, so the
+        search goes down until it finds an object."""
+        prefix = (self.root if prefix is None else prefix).rstrip("/")
+        if not self.fs.exists(prefix):
+            return True
+        for entry in self.fs.ls(prefix, detail=True):
+            name = entry["name"].rstrip("/")
+            if name == prefix:                   # the directory's own marker
+                continue
+            if entry["type"] == "directory":
+                if not self.is_empty(name):
+                    return False
+            elif not is_lock_name(name.rsplit("/", 1)[-1]):
+                return False
+        return True
+
     def read_text(self, relative: str) -> str | None:
         """As for any location; a store that cannot be reached at all (no credentials, a wrong endpoint, no such
         bucket) is one line naming the URL — the first read of every command that opens or writes a cache."""
