@@ -242,6 +242,7 @@ class ObjectLock:
         self.fs, self.key, self.url, self.error, self.what, self.log = fs, key, url, error, what, log
         self.lease_s = _seconds("COT2ALIGN_LOCK_LEASE_S", DEFAULT_LEASE_S)
         self.owner = uuid.uuid4().hex
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.objects = None
         self.tag = None                         # the version of the lock object we wrote last
         self.lost: str | None = None
@@ -253,7 +254,7 @@ class ObjectLock:
         now = time.time()
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
                            "pid_start": process_start(os.getpid()),
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+                           "started": self.started, "command": " ".join(sys.argv),
                            "lease_s": self.lease_s, "expires": now + self.lease_s}, sort_keys=True).encode()
 
     def acquire(self) -> "ObjectLock":
@@ -298,7 +299,7 @@ class ObjectLock:
                         self.lost = "another run took the writer lock over"
                         return
                     self.tag, deadline = tag, time.time() + self.lease_s
-                except OSError as e:           # the store unreachable for now: retry until the lease runs out
+                except Exception as e:         # the store unreachable for now: retry until the lease runs out
                     if time.time() > deadline:
                         self.lost = f"the lease could not be renewed before it ran out ({e})"
                         return
@@ -316,7 +317,7 @@ class ObjectLock:
             if self.lost is None and self.tag is not None:
                 try:
                     self.objects.delete(self.tag)
-                except OSError:
+                except Exception:
                     pass                        # unreachable now: the lease runs out on its own
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -170,3 +170,18 @@ def test_cache_teacher_refuses_a_second_s3_writer_and_a_killed_writer_resumes(s3
     assert "taking over the writer lock" in rerun.stderr and "resuming" in rerun.stderr
     assert not s3["fs"].exists(f"{url.removeprefix('s3://')}.lock")
     assert verify_cache(url) == []
+
+
+@pytest.mark.slow
+def test_an_unreachable_store_is_one_line_at_the_lock(tmp_path):
+    """No credentials and a closed port: cache-teacher stops at its writer lock with one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true",
+               COT2ALIGN_STORAGE_OPTIONS='{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}')
+    data = write_cot_records(tmp_path / "data.jsonl", n=2)
+    done = subprocess.run([sys.executable, "-m", "cot2align.cli", "cache-teacher", "--data", str(data), "--out",
+                           "s3://nobucket/x", *PASS], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot write the writer lock to the object store" in done.stderr, done.stderr

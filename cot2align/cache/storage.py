@@ -226,16 +226,24 @@ class RemoteLocation(Location):
         try:
             return super().read_text(relative)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise CacheError(f"{self.url}: cannot read the object store ({type(e).__name__}: {reason}); check its "
-                             "credentials and endpoint (AWS_* variables, COT2ALIGN_STORAGE_OPTIONS)") from None
+            raise CacheError(self._unreachable("read", e)) from None
+
+    def _unreachable(self, doing: str, e: Exception) -> str:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        return (f"{self.url}: cannot {doing} the object store ({type(e).__name__}: {reason}); check its "
+                "credentials and endpoint (AWS_* variables, COT2ALIGN_STORAGE_OPTIONS)")
 
     @contextmanager
     def writer_lock(self, error, what: str, rank: int = 0, log=None):
         """The output's writer lock: the lease object <out>.lock (<out>.rank<r>.lock for rank r > 0, as on disk),
         held and renewed for the duration of the block; a second writer is refused at once in one line."""
         key = lock_key(self.root, rank)
-        lock = ObjectLock(self.fs, key, self.fs.unstrip_protocol(key), error, what, log).acquire()
+        try:
+            lock = ObjectLock(self.fs, key, self.fs.unstrip_protocol(key), error, what, log).acquire()
+        except error:
+            raise
+        except Exception as e:         # no credentials, a wrong endpoint, no such bucket: one line, like a read
+            raise error(self._unreachable("write the writer lock to", e)) from None
         self.held.append(lock)
         try:
             yield lock
