@@ -161,6 +161,7 @@ def test_refusals_name_what_differs_in_one_line(built, tmp_path):
     longer = _build(built["second"].parent / "second.jsonl", tmp_path / "longer", max_length=200, limit=4)
     assert "in settings.max_length (200 vs 256)" in refused([built["first"], longer])
     assert "at least two caches" in refused([built["first"]])
+    assert "inside the cache" in refused([built["first"], built["second"]], built["second"] / "sub")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
     with pytest.raises(CacheError, match="taken: exists; cache merge writes a new cache"):

@@ -146,6 +146,9 @@ def _transfer_mode(caches: list[TeacherCache], target: Location, copy_files: boo
         if any(type(c.location.fs) is not type(target.fs) for c in caches):
             raise CacheError("cache merge: the caches and --out must all be on one object store (one URL scheme)")
         return "server-side copies"
+    inside = next((c for c in caches if c.location.contains(target.local_path)), None)
+    if inside is not None:
+        raise CacheError(f"--out {target}: inside the cache {inside.url}, which a merge only reads; choose another --out")
     parent = target.local_path.absolute().parent
     while not parent.exists():
         parent = parent.parent
