@@ -57,7 +57,10 @@ def seaweedfs(root: Path, timeout: float = 120.0):
     server = subprocess.Popen(
         [weed, "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", f"-s3.port={ports['s3']}",
          f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-         "-volume.max=64", "-master.volumeSizeLimitMB=256"],
+         "-volume.max=64", "-master.volumeSizeLimitMB=256",
+         # the Iceberg and Lance catalogs listen on fixed ports (8181, 9101): two servers at once (test files on
+         # parallel workers, a benchmark) would collide there, and nothing here uses them
+         "-s3.port.iceberg=0", "-s3.port.lance=0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "cot2align",
            "AWS_SECRET_ACCESS_KEY": "cot2align", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -66,6 +69,9 @@ def seaweedfs(root: Path, timeout: float = 120.0):
     try:
         import s3fs
 
+        # fsspec keeps one S3FileSystem per set of arguments, and the endpoint comes from the environment: an
+        # instance made for an earlier server (another test file in this process) would still talk to it
+        s3fs.S3FileSystem.clear_instance_cache()
         deadline = time.time() + timeout
         while True:      # ready = a bucket can be made and an object written and read back
             try:

@@ -217,6 +217,19 @@ def cache_verify_cmd(path):
     click.echo(f"OK {path}: every chunk read and checked")
 
 
+@cache_group.command("merge")
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, help="The merged cache (a new directory or URL).")
+@click.option("--copy", "copy_files", is_flag=True,
+              help="Copy the chunk files even on one filesystem (default there: hard links).")
+def cache_merge_cmd(caches, out, copy_files):
+    """Merge caches built by separate jobs (same teacher, tokenizer, templates, settings) into one, in the order
+    given; verified."""
+    from cot2align.cache.merge import merge_caches
+
+    merge_caches(list(caches), out, copy_files)
+
+
 @cache_group.command("align-stats")
 @click.argument("path")
 @click.option("--student", required=True, help="The student's tokenizer: alias, hub id or local path.")

@@ -13,8 +13,8 @@ host cannot be checked from here and is never taken over; the error says which f
 run is really gone. An output reached through a symlink is locked at its real path (`lock_path`). Hosts are told apart by name, pids by this host's process table: containers that share one
 output directory need distinct host names.
 
-Locks are for local paths: an object store (s3://…) has no exclusive create that fsspec exposes everywhere, so
-remote caches are not locked (their writers still never share a chunk or a progress record, format.py).
+These locks are for local paths; an object store's output (s3://…) is locked by a lease object instead
+(object_lock.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -35,6 +35,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from cot2align.cache.format import CacheError
 from cot2align.leftovers import remove_dead_temporaries, remove_partial_writes
 from cot2align.locks import writer_lock
+from cot2align.object_lock import ObjectLock, is_lock_name, lock_key
 
 
 def is_url(where) -> bool:
@@ -83,7 +84,7 @@ class Location:
         """Nothing at the root (a missing root is empty too)."""
         if not self.fs.exists(self.root):
             return True
-        return not self.fs.ls(self.root, detail=False)
+        return not [name for name in self.fs.ls(self.root, detail=False) if not is_lock_name(name.rsplit("/", 1)[-1])]
 
     def read_text(self, relative: str) -> str | None:
         try:
@@ -136,6 +137,9 @@ class LocalLocation(Location):
         torchrun pass locks its own part, and every job has a rank 0, so two jobs always meet on <out>.lock."""
         return writer_lock(self.local_path, error, what, rank, log)
 
+    def check_writer(self) -> None:
+        """Nothing to check: a lock file stays its holder's until the holder removes it."""
+
     def remove_leftovers(self, rank: int) -> list:
         """Half-written files of a killed writer (leftovers.py): this rank's part, and on rank 0 the rest of the
         store and a format-1 creation directory beside it. Call it under the writer lock only."""
@@ -178,14 +182,15 @@ class RemoteLocation(Location):
     """A cache on an object store or other fsspec filesystem: s3://bucket/prefix, gs://…, az://…, memory://….
 
     An object store has no rename and no atomic directory: every chunk is one whole-object PUT, so a killed
-    writer leaves nothing half-written to clean. It has no lock files either: two writers of one remote cache are
-    not detected (run one cache-teacher job per --out).
+    writer leaves nothing half-written to clean. Its writer lock is a lock object holding a renewed lease
+    (object_lock.py): created conditionally where the store honours If-None-Match (S3), else with a documented race.
     """
 
     def __init__(self, where: str | Path):
         super().__init__(where)
         self.fs, self.root = fsspec.url_to_fs(self.url, **storage_options())
         self.root = self.root.rstrip("/")
+        self.held: list[ObjectLock] = []
 
     def zarr_store(self, read_only: bool):
         store = FsspecStore.from_url(self.url, storage_options=storage_options(), read_only=read_only)
@@ -197,18 +202,59 @@ class RemoteLocation(Location):
         # an example's rows are a slice of a chunk its neighbours share: fetch each chunk once, not per example
         return MemoryChunkStore(store, int(os.environ.get("COT2ALIGN_REMOTE_MEMORY_MB", "512")) << 20)
 
+    def is_empty(self, prefix: str | None = None) -> bool:
+        """No object under the root (its writer lock aside). Some stores (SeaweedFS) keep a prefix's directories
+        after its last object is deleted, each listed with a marker object "<dir>/": those hold nothing, so the
+        search goes down until it finds an object."""
+        prefix = (self.root if prefix is None else prefix).rstrip("/")
+        if not self.fs.exists(prefix):
+            return True
+        for entry in self.fs.ls(prefix, detail=True):
+            name = entry["name"].rstrip("/")
+            if name == prefix:                   # the directory's own marker
+                continue
+            if entry["type"] == "directory":
+                if not self.is_empty(name):
+                    return False
+            elif not is_lock_name(name.rsplit("/", 1)[-1]):
+                return False
+        return True
+
     def read_text(self, relative: str) -> str | None:
         """As for any location; a store that cannot be reached at all (no credentials, a wrong endpoint, no such
         bucket) is one line naming the URL — the first read of every command that opens or writes a cache."""
         try:
             return super().read_text(relative)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise CacheError(f"{self.url}: cannot read the object store ({type(e).__name__}: {reason}); check its "
-                             "credentials and endpoint (AWS_* variables, COT2ALIGN_STORAGE_OPTIONS)") from None
+            raise CacheError(self._unreachable("read", e)) from None
 
+    def _unreachable(self, doing: str, e: Exception) -> str:
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        return (f"{self.url}: cannot {doing} the object store ({type(e).__name__}: {reason}); check its "
+                "credentials and endpoint (AWS_* variables, COT2ALIGN_STORAGE_OPTIONS)")
+
+    @contextmanager
     def writer_lock(self, error, what: str, rank: int = 0, log=None):
-        return nullcontext()
+        """The output's writer lock: the lease object <out>.lock (<out>.rank<r>.lock for rank r > 0, as on disk),
+        held and renewed for the duration of the block; a second writer is refused at once in one line."""
+        key = lock_key(self.root, rank)
+        try:
+            lock = ObjectLock(self.fs, key, self.fs.unstrip_protocol(key), error, what, log).acquire()
+        except error:
+            raise
+        except Exception as e:         # no credentials, a wrong endpoint, no such bucket: one line, like a read
+            raise error(self._unreachable("write the writer lock to", e)) from None
+        self.held.append(lock)
+        try:
+            yield lock
+        finally:
+            self.held.remove(lock)
+            lock.release()
+
+    def check_writer(self) -> None:
+        """Raise when a lease held here was taken over (this run stalled past it): called before each commit."""
+        for lock in self.held:
+            lock.check()
 
     def remove_leftovers(self, rank: int) -> list:
         return []             # whole-object writes leave no partial objects

@@ -93,6 +93,7 @@ class CacheWriter:
     def commit(self, part: int, blocks_done: int) -> None:
         """Record a part's progress: called only after every chunk of the block is written. The block's chunk
         index goes first: a kill before the progress moves leaves the block uncommitted, redone by the next run."""
+        self.location.check_writer()           # an object store's lease taken over: never commit over another writer
         block = self.manifest["store"]["parts"][part]["blocks"][0] + blocks_done - 1
         self.store.write_file(block_index_key(part, block), encode(self.store.take(f"parts/{part}/")))
         self.group[f"parts/{part}"].attrs.put({"blocks_done": blocks_done})
