@@ -72,7 +72,8 @@ def template_sha256(tokenizer) -> str:
 def end_of_turn(tokenizer) -> str:
     """The token the template writes after an assistant's words: the first special token that follows them in a
     rendered two-turn conversation (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`); the tokenizer's EOS
-    when the template writes none."""
+    when the template writes none that is one token of the vocabulary (a ChatML file given to GPT-2, whose
+    vocabulary spells "<|im_end|>" in pieces: its responses end in "<|endoftext|>")."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
                                          tokenize=False)
     after = text.split(_SENTINEL, 1)[1] if _SENTINEL in text else ""
