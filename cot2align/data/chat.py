@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from cot2align.errors import ConfigError
+from cot2align.errors import ConfigError, DataError
 
 PROMPT_FORMATS = ("paper", "chat")
 # The CoT view's request, after the last user turn (the chat counterpart of the paper's "Let's think step by step.")
@@ -114,7 +114,13 @@ def use_chat_template(tokenizer, template_file: str | None, model: str):
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The prompt turns in the tokenizer's template, ending with the assistant's generation prompt; a leading BOS
     the tokenizer adds itself on encoding is left out of the text (so it is not there twice)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:      # noqa: BLE001 — a template that refuses these turns (roles, order): one line
+        roles = ", ".join(t["role"] for t in messages)
+        raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', None) or 'the model'} cannot "
+                        f"render turns of roles {roles} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                        ) from None
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
         probe = tokenizer("x", add_special_tokens=True)["input_ids"]

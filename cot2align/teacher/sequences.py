@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from cot2align.data.chat import cot_messages, prompt_messages, render_prompt
 from cot2align.data.templates import cot_prompt, standard_prompt
+from cot2align.errors import DataError
 
 VIEWS = ("std", "cot")
 
@@ -206,8 +207,8 @@ def build_sequences(records: list[dict], tokenizer, max_length: int = 512, max_p
             try:
                 view, p_trunc, r_trunc = _build_record_view(tokenizer, rec, view_name, response, max_length,
                                                             max_prompt_length, prompt_format)
-            except ValueError as e:
-                raise ValueError(f"{where}: record {i + 1} (id {rec['id']!r}), {view_name} view: {e}") from None
+            except (ValueError, DataError) as e:     # DataError: a chat template that refuses the record's turns
+                raise type(e)(f"{where}: record {i + 1} (id {rec['id']!r}), {view_name} view: {e}") from None
             stats.prompt_truncated[view_name] += p_trunc
             stats.response_truncated[view_name] += r_trunc
             views[view_name] = view
