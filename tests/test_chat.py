@@ -265,6 +265,7 @@ def readme_chat_commands() -> list[list[str]]:
     return [shlex.split(line)[1:] for line in block.splitlines() if line.startswith("cot2align ")]
 
 
+@pytest.mark.slow
 def test_a_conversational_dataset_caches_distils_and_evaluates_end_to_end(tmp_path):
     """The README's commands as printed: a Qwen2.5-template teacher -> a SmolLM2-template student, every prompt
     format by default (the data is conversational); then a greedy evaluation that generates in the chat format."""
