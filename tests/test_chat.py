@@ -255,6 +255,34 @@ def test_a_paper_cache_keeps_its_layout_and_a_chat_student_is_told_to_rebuild_it
         cache.messages("std")
 
 
+def test_augment_cot_asks_in_the_teachers_template_stops_at_its_end_of_turn_and_keeps_the_conversation(
+        tmp_path, monkeypatch):
+    from cot2align.data import augment
+
+    teacher_tok = _chat_tokenizer(TEACHER)
+    records, _ = load_records(str(CHAT_DATA))
+    seen = []
+
+    def fake_generate(model, tokenizer, encoded, max_new_tokens, greedy, temperature=1.0):
+        seen.extend(encoded)      # the teacher writes a rationale, then ends its turn, then rambles on
+        words = tokenizer(" Think it through.\nTherefore, the answer is: x", add_special_tokens=False)["input_ids"]
+        return [words + [tokenizer.eos_token_id] + words for _ in encoded]
+
+    monkeypatch.setattr(augment, "generate_batch", fake_generate)
+    cfg = build_config(augment.AugmentConfig, model=TEACHER, data=str(CHAT_DATA), out=str(tmp_path / "cot.jsonl"),
+                       limit=3, batch_size=8)
+    augment.augment_cot(cfg, log=lambda m: None)
+    wanted = [_ids(teacher_tok, cot_messages(r["messages"]), add_generation_prompt=True) for r in records[:3]]
+    assert sorted(seen) == sorted(wanted)
+    again = {r["id"]: r for r in load_records(str(tmp_path / "cot.jsonl"))[0]}      # written in length order
+    assert len(again) == 3
+    for before in records[:3]:
+        after = again[before["id"]]
+        assert after["messages"] == before["messages"] and after["output"] == before["output"]
+        assert after["rationale"] == "Think it through."         # cut at the answer marker, before end-of-turn
+        assert after["cot_output"] == "Think it through.\nTherefore, the answer is: " + before["output"]
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 def readme_chat_commands() -> list[list[str]]:
