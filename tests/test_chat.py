@@ -264,9 +264,11 @@ def test_augment_cot_asks_in_the_teachers_template_stops_at_its_end_of_turn_and_
     seen = []
 
     def fake_generate(model, tokenizer, encoded, max_new_tokens, greedy, temperature=1.0):
-        seen.extend(encoded)      # the teacher writes a rationale, then ends its turn, then rambles on
-        words = tokenizer(" Think it through.\nTherefore, the answer is: x", add_special_tokens=False)["input_ids"]
-        return [words + [tokenizer.eos_token_id] + words for _ in encoded]
+        seen.extend(encoded)      # the teacher writes a rationale, ends its turn (<|im_end|>), then rambles on
+        assert tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id) == "<|im_end|>"
+        words = tokenizer(" Think it through.", add_special_tokens=False)["input_ids"]
+        ramble = tokenizer(" More words.", add_special_tokens=False)["input_ids"]
+        return [words + [tokenizer.eos_token_id] + ramble for _ in encoded]
 
     monkeypatch.setattr(augment, "generate_batch", fake_generate)
     cfg = build_config(augment.AugmentConfig, model=TEACHER, data=str(CHAT_DATA), out=str(tmp_path / "cot.jsonl"),
@@ -279,7 +281,7 @@ def test_augment_cot_asks_in_the_teachers_template_stops_at_its_end_of_turn_and_
     for before in records[:3]:
         after = again[before["id"]]
         assert after["messages"] == before["messages"] and after["output"] == before["output"]
-        assert after["rationale"] == "Think it through."         # cut at the answer marker, before end-of-turn
+        assert after["rationale"] == "Think it through."         # cut at the end of the teacher's turn
         assert after["cot_output"] == "Think it through.\nTherefore, the answer is: " + before["output"]
 
 
