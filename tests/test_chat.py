@@ -72,7 +72,8 @@ def test_a_conversation_is_its_prompt_turns_and_its_last_assistant_turn(tmp_path
     ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}],
      "turn 3 (user) follows the last assistant turn"),
     ([{"role": "system", "content": "S"}, {"role": "assistant", "content": "Yo"}], "no user turn"),
-    ([{"role": "user", "content": ["parts"]}, {"role": "assistant", "content": "Yo"}], "turn 1 (user): 'content' must be"),
+    ([{"role": "user", "content": ["parts"]}, {"role": "assistant", "content": "Yo"}],
+     "turn 1 (user): 'content' must be"),
     ([{"content": "Hi"}], "turn 1: expected an object with a 'role'"),
     ([], "non-empty list"),
     ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}], "the last assistant turn is empty"),
@@ -175,7 +176,8 @@ def test_an_over_long_conversation_loses_its_oldest_turns_then_the_end_of_its_qu
     kept = seq.views["std"].messages
     assert seq.views["std"].prompt_len <= limit and stats.prompt_truncated["std"] == 1
     assert kept[0] == turns[0] and [t["role"] for t in kept] == ["system", "user"]     # system kept, history gone
-    assert kept[1]["content"].startswith("Last question very") and len(kept[1]["content"]) < len(record["messages"][-1]["content"])
+    assert kept[1]["content"].startswith("Last question very")
+    assert len(kept[1]["content"]) < len(record["messages"][-1]["content"])
     assert tokenizer(seq.views["std"].prompt)["input_ids"] == _ids(tokenizer, kept, add_generation_prompt=True)
 
 
@@ -207,7 +209,8 @@ def test_the_cache_keeps_the_turns_and_the_student_renders_them_in_its_own_templ
         prompt_len = int(ids["std_prompt_len"][i])
         # the student's prompt is the conversation in SmolLM2's template (its own default system turn and all)
         assert student[:prompt_len] == _ids(student_tok, record["messages"], add_generation_prompt=True)
-        assert student[prompt_len:] == student_tok(record["output"], add_special_tokens=False)["input_ids"] + [student_eot]
+        response = student_tok(record["output"], add_special_tokens=False)["input_ids"]
+        assert student[prompt_len:] == response + [student_eot]
         teacher = cache.view(i, "std", ("target_ids",))["target_ids"].tolist()
         assert teacher == teacher_tok(record["output"], add_special_tokens=False)["input_ids"] + [teacher_eot]
         # the same response text on both sides, end-of-turn to end-of-turn

@@ -185,7 +185,8 @@ def _output_fields(record: dict) -> dict:
     """What an output line keeps of its record, read back as the same record: a conversation stays one (its prompt
     turns, then the response as the last assistant turn), an instruction record keeps its four fields."""
     if record.get("messages"):
-        return {"id": record["id"], "messages": [*record["messages"], {"role": "assistant", "content": record["output"]}]}
+        answer = {"role": "assistant", "content": record["output"]}
+        return {"id": record["id"], "messages": [*record["messages"], answer]}
     return {k: record[k] for k in ("id", "instruction", "input", "output")}
 
 

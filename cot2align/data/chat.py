@@ -74,8 +74,8 @@ def end_of_turn(tokenizer) -> str:
     rendered two-turn conversation (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`); the tokenizer's EOS
     when the template writes none that is one token of the vocabulary (a ChatML file given to GPT-2, whose
     vocabulary spells "<|im_end|>" in pieces: its responses end in "<|endoftext|>")."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}],
-                                         tokenize=False)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
     after = text.split(_SENTINEL, 1)[1] if _SENTINEL in text else ""
     special = set(tokenizer.all_special_tokens) | {t.content if hasattr(t, "content") else str(t) for t in
                                                    getattr(tokenizer, "added_tokens_decoder", {}).values()
@@ -118,9 +118,9 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:      # noqa: BLE001 — a template that refuses these turns (roles, order): one line
         roles = ", ".join(t["role"] for t in messages)
+        why = str(e).splitlines()[0][:160] if str(e) else ""
         raise DataError(f"the chat template of {getattr(tokenizer, 'name_or_path', None) or 'the model'} cannot "
-                        f"render turns of roles {roles} ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
-                        ) from None
+                        f"render turns of roles {roles} ({type(e).__name__}: {why})") from None
     bos = tokenizer.bos_token
     if bos and text.startswith(bos):
         probe = tokenizer("x", add_special_tokens=True)["input_ids"]

@@ -10,8 +10,9 @@ The schemas of the authors' JSONL files, DialogSum's and Dolly's releases, any i
 list of {role, content} turns, or TRL's prompt/completion form with strings or message lists. A conversation's
 LAST assistant turn is the response (`output`); the turns before it are the prompt (`messages`, system turns
 kept); earlier assistant turns are context of that prompt, never trained. Its `instruction` is the last user
-turn's text (what the paper's templates show under --prompt-format paper). A bad row is a one-line DataError naming the source, the row and the field. The
-sources themselves (files, aliases, the hub, `datasets`) are data/readers.py's and data/hf.py's.
+turn's text (what the paper's templates show under --prompt-format paper). A bad row is a one-line DataError
+naming the source, the row and the field. The sources themselves (files, aliases, the hub, `datasets`) are
+data/readers.py's and data/hf.py's.
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ def _fit_chat_prompt(tokenizer, turns: list[dict], view_turns, max_prompt_length
         else:
             hi = mid - 1
     if best is None:
-        raise ValueError(f"the chat template's turns alone are longer than max_prompt_length={max_prompt_length} tokens")
+        raise ValueError(f"the chat template's turns alone are longer than max_prompt_length={max_prompt_length} "
+                         "tokens")
     return (*best, True)
 
 
@@ -191,7 +192,8 @@ def _build_record_view(tokenizer, rec: dict, view_name: str, response: str, max_
 
 
 def build_sequences(records: list[dict], tokenizer, max_length: int = 512, max_prompt_length: int = 256,
-                    where: str = "data", prompt_format: str = "paper") -> tuple[list[ExampleSequences], TruncationStats]:
+                    where: str = "data", prompt_format: str = "paper"
+                    ) -> tuple[list[ExampleSequences], TruncationStats]:
     """Both views of every record. The CoT view is empty for a record without `cot_output`. `prompt_format`:
     paper (the paper's templates) or chat (the tokenizer's template, prepared by data/chat.use_chat_template)."""
     if tokenizer.eos_token_id is None:

@@ -90,6 +90,7 @@ def resolve_distill_config(cfg: DistillConfig, cache, say=silent) -> DistillConf
     device = torch.device(filled.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = filled.out or default_out(filled)
     return dataclasses.replace(
-        filled, prompt_format=default_prompt_format(filled, cache), device=str(device), dtype=dtype_name(resolve_dtype(filled.dtype, device)),
+        filled, prompt_format=default_prompt_format(filled, cache), device=str(device),
+        dtype=dtype_name(resolve_dtype(filled.dtype, device)),
         num_workers=filled.num_workers if filled.num_workers is not None else (2 if device.type == "cuda" else 0),
         out=out, resume=resume_state(filled.resume, Path(out)))
