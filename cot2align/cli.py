@@ -9,8 +9,9 @@ import sys
 
 import click
 
-from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, SELECT_BY, CacheTeacherConfig,
-                              DistillConfig, EvaluateConfig, build_config)
+from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, PROMPT_FORMATS, SELECT_BY,
+                              CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config)
+from cot2align.data.records import FIELD_MAP_KEYS
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
 from cot2align.logs import configure as configure_logging
@@ -88,6 +89,9 @@ DATA_HELP = ("Dataset: alias (dolly, alpaca, sni, dialogsum, sample), JSON/JSONL
 DATA_CONFIG_HELP = "The hub dataset's configuration (--data owner/name)."
 DATA_SPLIT_HELP = "The dataset's split to read [default: the one --split means: train, validation|dev, test]."
 REVISION_HELP = "The hub model's commit, branch or tag. [default: main]"
+PROMPT_FORMAT_HELP = "Prompts: the paper's templates, or the model's chat template."
+PROMPT_FORMAT_DEFAULT = "chat for messages data"
+CHAT_TEMPLATE_HELP = "A Jinja chat template file replacing the model's."
 ATTN_HELP = "Attention kernels (flash_attention_2 needs the flash-attn package)."
 
 
@@ -97,8 +101,8 @@ def _field_map(pairs: tuple[str, ...]) -> dict | None:
     out = {}
     for pair in pairs:
         ours, _, theirs = pair.partition("=")
-        if not theirs or ours not in ("id", "instruction", "input", "output"):
-            raise ConfigError(f"--field-map {pair}: expected OURS=THEIRS with OURS one of id, instruction, input, output")
+        if not theirs or ours not in FIELD_MAP_KEYS:
+            raise ConfigError(f"--field-map {pair}: expected OURS=THEIRS with OURS one of {', '.join(FIELD_MAP_KEYS)}")
         out[ours] = theirs
     return out
 
@@ -172,6 +176,9 @@ C = CacheTeacherConfig
 @_field(C, "trust_remote_code", help="Run the model repo's own code (only on this flag).")
 @_field(C, "revision", help=REVISION_HELP)
 @_field(C, "attn_implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP, default_text="sdpa")
+@_field(C, "prompt_format", type=click.Choice(PROMPT_FORMATS), help=PROMPT_FORMAT_HELP,
+        default_text=PROMPT_FORMAT_DEFAULT)
+@_field(C, "chat_template", help=CHAT_TEMPLATE_HELP)
 def cache_teacher_cmd(config_file, print_config, field_map, **flags):
     """Run the teacher once over the std and CoT views of a dataset and write the Zarr cache."""
     cfg = build_config(CacheTeacherConfig, config_file, field_map=_field_map(field_map), **flags)
@@ -296,6 +303,9 @@ _TRAINING_OPTIONS = [
     _field(D, "gradient_checkpointing", help="Recompute activations in the backward: less memory, more compute."),
     _field(D, "revision", help=REVISION_HELP),
     _field(D, "attn_implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP, default_text="sdpa"),
+    _field(D, "prompt_format", type=click.Choice(PROMPT_FORMATS), help=PROMPT_FORMAT_HELP, default_text="the cache's"),
+    # in the README and --print-config; distill --help is full (it fits a screen)
+    _field(D, "chat_template", help=CHAT_TEMPLATE_HELP, hidden=True),
 ]
 
 
@@ -333,7 +343,7 @@ def _method_settings(command):
 @_field(D, "cache", help="Teacher cache directory or URL (from cache-teacher).")
 @_field(D, "student", help="Alias, hub id or local path.", default_text=_PAPER)
 @_field(D, "method", type=click.Choice(list(METHODS)),
-        help="The KD loss; `cot2align methods` describes each and its settings (e.g. --uld-temperature).")
+        help="The KD loss; `cot2align methods` describes each and its settings.")
 @_field(D, "cot2align", "--cot2align/--no-cot2align", help="Add the CoT view and the Cross-CoT OT loss.",
         default_text="on")
 @_field(D, "alpha", help="L = (1-a) CE + a (KD + CCoT).", default_text=_PAPER)
@@ -496,6 +506,9 @@ def sft_cmd(config_file, print_config, **flags):
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repo's own code.")
 @click.option("--revision", help=REVISION_HELP)
 @click.option("--attn-implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP + " [default: sdpa]")
+@click.option("--prompt-format", type=click.Choice(PROMPT_FORMATS),
+              help=f"{PROMPT_FORMAT_HELP} [default: {PROMPT_FORMAT_DEFAULT}]")
+@click.option("--chat-template", help=CHAT_TEMPLATE_HELP)
 def augment_cot_cmd(config_file, print_config, **flags):
     """Generate a chain-of-thought rationale for every training record with the teacher."""
     from cot2align.data.augment import AugmentConfig, augment_cot
@@ -534,6 +547,9 @@ E = EvaluateConfig
 @_field(E, "overwrite", help="Replace the results in --out, even of another model, data, split or limit.")
 @_field(E, "revision", help=REVISION_HELP)
 @_field(E, "attn_implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), help=ATTN_HELP, default_text="sdpa")
+@_field(E, "prompt_format", type=click.Choice(PROMPT_FORMATS), help=PROMPT_FORMAT_HELP,
+        default_text=PROMPT_FORMAT_DEFAULT)
+@_field(E, "chat_template", help=CHAT_TEMPLATE_HELP)
 def evaluate_cmd(config_file, print_config, **flags):
     """ROUGE-L with the paper's protocol (sampling T=1.0 per seed, mean ± std) and/or the held-out cross-entropy."""
     cfg = build_config(EvaluateConfig, config_file, **dict(flags, field_map=_field_map(flags["field_map"])))
@@ -551,7 +567,8 @@ def evaluate_cmd(config_file, print_config, **flags):
                              batch_size=cfg.batch_size, data_root=cfg.data_root, device=cfg.device, metric=cfg.metric,
                              data_config=cfg.data_config, data_split=cfg.data_split, field_map=cfg.field_map or None,
                              overwrite=cfg.overwrite, revision=cfg.revision,
-                             attn_implementation=cfg.attn_implementation)
+                             attn_implementation=cfg.attn_implementation, prompt_format=cfg.prompt_format,
+                             chat_template=cfg.chat_template)
     click.echo(json.dumps({k: v for k, v in summary.items() if k != "source"}))
 
 

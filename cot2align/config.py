@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from cot2align.data.chat import PROMPT_FORMATS, check_prompt_format  # noqa: F401  (PROMPT_FORMATS: the CLI's)
 from cot2align.data.hf import describe, is_dataset_object as _is_dataset
 from cot2align.errors import ConfigError  # noqa: F401  (re-exported: raised here)
 from cot2align.methods import METHODS, OT_EPSILON_SCALES, OT_GRADS, TEACHER_DISTS, all_settings
@@ -53,6 +54,11 @@ TINY_PRESETS: dict[str, dict] = {
     "tiny-qwen2": {"model_type": "qwen2", "tokenizer": "qwen2.5",
                    "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)},
+    # a llama-architecture model with SmolLM2's tokenizer and chat template: a chat student of another family than
+    # tiny-qwen2's (Qwen2.5's template)
+    "tiny-smollm2": {"model_type": "llama", "tokenizer": "smollm2",
+                     "config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)},
     "tiny-gpt2": {"model_type": "gpt2", "tokenizer": "gpt2",
                   "config": dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, tie_word_embeddings=True)},
 }
@@ -183,10 +189,13 @@ class CacheTeacherConfig:
                                                  # [default: bf16 on CUDA, fp32 on CPU]
     revision: str | None = identity(None)        # the hub teacher's commit, branch or tag [default: main]
     attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]
+    prompt_format: str | None = identity(None)   # paper | chat [default: chat for conversational data, else paper]
+    chat_template: str | None = identity(None)   # a Jinja file replacing the teacher's chat template
 
     def validate(self) -> None:
         check_dtype(self.dtype)
         check_attn_implementation(self.attn_implementation)
+        check_prompt_format(self.prompt_format)
         if self.topk < 1:
             raise ConfigError(f"topk: expected a positive integer, got {self.topk}")
         if self.hidden_dtype not in ("bf16", "int8"):
@@ -292,12 +301,16 @@ class _DistillFields:
     gradient_checkpointing: bool = runtime(False)   # recompute activations in the backward: less memory, same result
     revision: str | None = identity(None)        # the hub student's commit, branch or tag [default: main]
     attn_implementation: str | None = runtime(None)   # the student's: sdpa | eager | flash_attention_2 [default: sdpa]
+    prompt_format: str | None = identity(None)   # paper | chat: the student's prompts [default, resolved: the cache's
+                                                 # format; from --data: chat for conversational data, else paper]
+    chat_template: str | None = identity(None)   # a Jinja file replacing the student's chat template
 
     def validate(self) -> None:
         # lazy: the CLI imports this module at start-up, and the losses bring torch
         if self.method not in METHODS:
             raise ConfigError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         check_dtype(self.dtype)
+        check_prompt_format(self.prompt_format)
         check_attn_implementation(self.attn_implementation)
         if self.alpha is not None and not 0.0 <= float(self.alpha) <= 1.0:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
@@ -388,9 +401,12 @@ class EvaluateConfig:
     overwrite: bool = runtime(False)             # replace an existing results.json of another evaluation
     revision: str | None = identity(None)        # a hub model's commit, branch or tag [default: main]
     attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]
+    prompt_format: str | None = identity(None)   # paper | chat [default: chat for conversational data, else paper]
+    chat_template: str | None = identity(None)   # a Jinja file replacing the model's chat template
 
     def validate(self) -> None:
         check_attn_implementation(self.attn_implementation)
+        check_prompt_format(self.prompt_format)
 
 
 REPORT_TARGETS = ("tensorboard", "wandb")

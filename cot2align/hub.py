@@ -109,7 +109,24 @@ def run_card_info(config: dict, teacher: str | None, data: str | None, manifest_
             "alpha": config.get("alpha"), "kl_variant": config.get("kl_variant"), "lora_rank": config.get("lora_rank"),
             "keep_adapter": bool(config.get("keep_adapter")), "epochs": config.get("epochs"), "lr": config.get("lr"),
             "select_by": config.get("select_by"), "cache_manifest_sha256": manifest_hash, "steps": summary.get("steps"),
-            "best_epoch": summary.get("best_epoch")}
+            "best_epoch": summary.get("best_epoch"), "prompt_format": config.get("prompt_format")}
+
+
+# How the card tells people to prompt the model: the format it was trained on.
+PROMPT_FORMAT_TEXT = {
+    "chat": "chat: the tokenizer's chat template (saved with it), `apply_chat_template(messages, "
+            "add_generation_prompt=True)`; a response ends with the template's end-of-turn token (the tokenizer's EOS)",
+    "paper": "paper: the CoT2Align paper's Alpaca-style template (\"### Instruction: ... ### Response:\")",
+}
+
+
+def _prompt_lines(prompt_format: str | None) -> list[str]:
+    """The card's usage lines that build a prompt in the format the model was trained on."""
+    if prompt_format == "chat":
+        return ['messages = [{"role": "user", "content": "Summarise: ..."}]',
+                "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")"]
+    return ['prompt = "Below is an instruction that describes a task. Write a response that appropriately completes '
+            'the request.\\n\\n### Instruction:\\nSummarise: ...\\n\\n### Response:\\n"']
 
 
 def build_card(run_dir: Path, info: dict, summary: dict, name: str | None = None):
@@ -131,7 +148,8 @@ def build_card(run_dir: Path, info: dict, summary: dict, name: str | None = None
             ("method", f"{method}, alpha {info['alpha']} (loss = (1 - alpha) CE + alpha (KD + CCoT))"),
             ("data", f"{info['data']} ({info['split']})"), ("cache manifest sha256", info["cache_manifest_sha256"]),
             ("training", f"{info['steps']} steps, {info['epochs']} epochs, lr {info['lr']}, kept epoch "
-                         f"{info['best_epoch']} (selected by {info['select_by']})")]
+                         f"{info['best_epoch']} (selected by {info['select_by']})"),
+            ("prompt format", PROMPT_FORMAT_TEXT.get(info.get("prompt_format") or "paper"))]
     scores = [f"- {r.metric_name} on {r.dataset_name} ({r.dataset_split}): {r.metric_value}" for r in results]
     body = "\n".join([
         f"# {name}", "",
@@ -144,7 +162,7 @@ def build_card(run_dir: Path, info: dict, summary: dict, name: str | None = None
         "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         *(["from peft import AutoPeftModelForCausalLM", "", f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")']
           if adapter else [f'model = AutoModelForCausalLM.from_pretrained("{name}")']),
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")', *_prompt_lines(info.get("prompt_format")), "```", "",
         "## Citation", "", "```bibtex", CITATION, "```", ""])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 

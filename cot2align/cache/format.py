@@ -11,6 +11,9 @@ missing chunk as zeros or empty texts). Versions 1-3 are still read, without tha
                               is the manifest's store.chunk_index_sha256
     <cache>/teacher/          tokenizer files, config.json, head.safetensors (embed_tokens, lm_head[, lm_head_bias])
     <cache>/examples/         id, prompt_std, response_std, prompt_cot, response_cot   (str [n])
+                              + messages_std, messages_cot (str [n], JSON: each view's prompt turns) in a cache
+                              of --prompt-format chat (manifest data.prompt_format), so that a student renders the
+                              same conversation in its own chat template; a cache without them is paper format
     <cache>/std/, <cache>/cot/
         offsets       int64  [n+1]   global rows of example i are offsets[i]:offsets[i+1]
         prompt_len    int32  [n]     teacher tokens in the prompt
@@ -75,6 +78,19 @@ READABLE_VERSIONS = (1, 2, 3, 4)
 CHUNK_INDEX_SINCE = 4
 VIEWS = ("std", "cot")
 TEXT_FIELDS = ("id", "prompt_std", "response_std", "prompt_cot", "response_cot")
+# The prompt turns of each view (JSON text; "" where a view is empty), in a cache of chat prompts only. Added within
+# version 4 like target_logprob: a cache without them (paper format, or written before) reads unchanged.
+MESSAGE_FIELDS = ("messages_std", "messages_cot")
+
+
+def prompt_format(manifest: dict) -> str:
+    """paper | chat: the format of the cached prompts (caches written before chat prompts existed: paper)."""
+    return manifest.get("data", {}).get("prompt_format", "paper")
+
+
+def text_fields(manifest: dict) -> tuple[str, ...]:
+    """The text arrays under examples/ of a cache: the messages too for chat prompts."""
+    return TEXT_FIELDS + (MESSAGE_FIELDS if prompt_format(manifest) == "chat" else ())
 
 
 def read_manifest(location) -> dict | None:

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from cot2align.cache.chunk_index import ChunkProblem, chunk_place
-from cot2align.cache.format import TEXT_FIELDS, VIEWS, CacheError, check_teacher_files, has_array, read_manifest
+from cot2align.cache.format import text_fields, VIEWS, CacheError, check_teacher_files, has_array, read_manifest
 from cot2align.cache.parts import read_parts
 from cot2align.cache.reader import TeacherCache, check_opens, check_tokenizer_files, open_arrays
 from cot2align.cache.storage import Location
@@ -130,7 +130,7 @@ def verify_cache(path: str | Path, log=None) -> list[str]:
         say(f"{location}: format version {manifest['format_version']} has no chunk index: a missing chunk (read as "
             "zeros) or a chunk in the wrong place cannot be detected; rebuild it with this cot2align for format 4")
     n = manifest["data"]["n_examples"]
-    for name in TEXT_FIELDS:
+    for name in text_fields(manifest):
         arr = root["examples"][name]
         if arr.shape != (n,):
             problems.append(f"examples/{name}: shape {arr.shape}, expected ({n},)")

@@ -18,6 +18,7 @@ touches zarr or a storage dtype.
 from __future__ import annotations
 
 import bisect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from cot2align.cache.chunk_index import ChunkIndex, ChunkProblem, CheckingStore, chunk_of, chunk_place
-from cot2align.cache.format import (CHUNK_INDEX_SINCE, TEXT_FIELDS, VIEWS, CacheError, check_format,
+from cot2align.cache.format import (CHUNK_INDEX_SINCE, VIEWS, prompt_format, text_fields, CacheError, check_format,
                                     check_teacher_files, manifest_checksum, read_manifest)
 from cot2align.cache.parts import read_parts, readable_prefix
 from cot2align.cache.storage import Location
@@ -83,10 +84,18 @@ class TeacherCache:
             ex = self.group["examples"]
             n = self.manifest["data"]["n_examples"]
             self._texts = {name: [str(x) for x in self._read(ex[name], slice(None), "the texts")] if n else []
-                           for name in TEXT_FIELDS}
+                           for name in text_fields(self.manifest)}
         if i is None:
             return self._texts
         return {name: values[i] for name, values in self._texts.items()}
+
+    def messages(self, view: str) -> list:
+        """Each example's prompt turns of `view` ([] where the view is empty), for a student that renders them in its
+        own chat template; a cache of paper-format prompts stores none: one-line CacheError."""
+        if prompt_format(self.manifest) != "chat":
+            raise CacheError(f"{self.url}: its prompts are in the paper's format (no conversation turns stored); "
+                             "train with --prompt-format paper, or rebuild it with cache-teacher --prompt-format chat")
+        return [json.loads(text) if text else [] for text in self.texts()[f"messages_{view}"]]
 
     def rows(self, view: str) -> int:
         """Stored rows of a view, over all (readable) examples."""

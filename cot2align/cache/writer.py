@@ -25,7 +25,8 @@ import zarr
 from safetensors.torch import save_file
 
 from cot2align.cache.chunk_index import (ROOT_INDEX, WRITE_EVERY_CHUNK, ChunkRecorder, block_index_key, encode)
-from cot2align.cache.format import EXAMPLE_CHUNK, TEXT_FIELDS, VIEWS, checksum_codecs, file_sha256, with_checksum
+from cot2align.cache.format import (EXAMPLE_CHUNK, MESSAGE_FIELDS, TEXT_FIELDS, VIEWS, checksum_codecs, file_sha256,
+                                    with_checksum)
 from cot2align.cache.storage import Location
 
 
@@ -107,7 +108,7 @@ class CacheWriter:
 def _write_texts(root: zarr.Group, texts: dict[str, list[str]]) -> None:
     n = len(texts["id"])
     examples = root.create_group("examples")
-    for name in TEXT_FIELDS:
+    for name in TEXT_FIELDS + tuple(f for f in MESSAGE_FIELDS if f in texts):
         arr = examples.create_array(name, shape=(n,), dtype=str, chunks=(min(EXAMPLE_CHUNK, max(n, 1)),),
                                     compressors=checksum_codecs("topk"), config=WRITE_EVERY_CHUNK)
         if n:

@@ -27,7 +27,8 @@ import torch
 
 from cot2align.config import ConfigError, check_attn_implementation, check_dtype, identity, runtime
 from cot2align.data.readers import DataError, load_records
-from cot2align.data.templates import cot_output, cot_prompt
+from cot2align.data.chat import check_prompt_format, resolve_prompt_format, use_chat_template, view_prompt
+from cot2align.data.templates import cot_output
 from cot2align.eval.generation import generate_batch
 from cot2align.faults import fault_point
 from cot2align.locks import writer_lock
@@ -62,9 +63,14 @@ class AugmentConfig:
     dtype: str | None = identity(None)           # the teacher's dtype: bf16 | fp16 | fp32 [default: bf16 on CUDA, fp32 on CPU]
     revision: str | None = identity(None)        # the hub teacher's commit, branch or tag [default: main]
     attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]; hf backend
+    prompt_format: str | None = identity(None)   # paper | chat [default: chat for conversational data, else paper]
+    chat_template: str | None = identity(None)   # a Jinja file replacing the teacher's chat template
 
     def validate(self) -> None:
         check_dtype(self.dtype)
+        check_prompt_format(self.prompt_format)
+        if self.prompt_format == "chat" and self.backend == "vllm":
+            raise ConfigError("prompt_format: chat is rendered for --backend hf; with vllm use --prompt-format paper")
         check_attn_implementation(self.attn_implementation)
         if self.attn_implementation is not None and self.backend == "vllm":
             raise ConfigError("attn_implementation: applies to --backend hf; vllm chooses its own attention kernels")
@@ -175,6 +181,15 @@ def _generate_vllm(cfg: AugmentConfig, prompts: list[str]) -> list[tuple[str, bo
     return [(o.outputs[0].text, o.outputs[0].finish_reason == "length") for o in outputs]
 
 
+def _output_fields(record: dict) -> dict:
+    """What an output line keeps of its record, read back as the same record: a conversation stays one (its prompt
+    turns, then the response as the last assistant turn), an instruction record keeps its four fields."""
+    if record.get("messages"):
+        answer = {"role": "assistant", "content": record["output"]}
+        return {"id": record["id"], "messages": [*record["messages"], answer]}
+    return {k: record[k] for k in ("id", "instruction", "input", "output")}
+
+
 def augment_cot(cfg: AugmentConfig, log=None) -> dict:
     """Write a rationale for every record of `cfg.data` not yet in `cfg.out` (a progress bar in records/s on a
     terminal); messages to the `cot2align.data.augment` logger, or to `log` when given."""
@@ -198,16 +213,20 @@ def _augment(cfg: AugmentConfig, out: Path, say) -> dict:
     counts = Counter()
     if not todo:
         return {"generated": 0, "already_done": len(done), "degenerate": {}}
-    prompts = {r["id"]: cot_prompt(r["instruction"], r.get("input", "")) for r in todo}
+    prompt_format = resolve_prompt_format(cfg.prompt_format, records)
     if cfg.backend == "vllm":
+        prompts = {r["id"]: view_prompt(None, r, "cot", "paper") for r in todo}
         generated = dict(zip(prompts, _generate_vllm(cfg, list(prompts.values()))))
         batches = [todo]
     else:
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.revision)
+        if prompt_format == "chat":      # the teacher's own template; it stops at its end-of-turn token
+            use_chat_template(tokenizer, cfg.chat_template, cfg.model)
+        prompts = {r["id"]: view_prompt(tokenizer, r, "cot", prompt_format) for r in todo}
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, device), device=device, adapter=cfg.adapter,
                            trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                            attn_implementation=cfg.attn_implementation)
-        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.revision)
         lengths = {rid: len(tokenizer(p)["input_ids"]) for rid, p in prompts.items()}
         ordered = sorted(todo, key=lambda r: lengths[r["id"]])
         batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
@@ -226,7 +245,7 @@ def _augment(cfg: AugmentConfig, out: Path, say) -> dict:
             for record, (text, hit_limit) in zip(batch, results):
                 rationale, answered = extract_rationale(text)
                 reason = degenerate_reason(rationale, hit_limit and not answered)
-                row = {k: record[k] for k in ("id", "instruction", "input", "output")}
+                row = _output_fields(record)
                 if reason is None:
                     row.update(rationale=rationale, cot_output=cot_output(rationale, record["output"]))
                     counts["kept"] += 1

@@ -334,14 +334,15 @@ def _alias_records(data: str, split: str, data_root, apply_filters: bool) -> tup
 
 
 def group_references(records: list[dict]) -> list[dict]:
-    """Merge records that share (instruction, input) into one with all outputs as `references`.
+    """Merge records that share their prompt (instruction, input, and a conversation's turns) into one with all
+    outputs as `references`.
 
     The authors' DialogSum test file flattens 500 dialogues x 3 summaries into 1,500 records;
     evaluation takes the max ROUGE-L over the references of each dialogue.
     """
-    grouped: dict[tuple[str, str], dict] = {}
+    grouped: dict[tuple[str, str, str], dict] = {}
     for r in records:
-        key = (r["instruction"], r["input"])
+        key = (r["instruction"], r["input"], json.dumps(r.get("messages"), ensure_ascii=False))
         refs = r.get("references") or [r["output"]]
         if key in grouped:
             grouped[key]["references"].extend(x for x in refs if x not in grouped[key]["references"])

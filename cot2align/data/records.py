@@ -1,16 +1,23 @@
 """One raw row (a JSONL line, a `datasets` row, a hub row) to a record — the same normalisation whatever the source:
 
     normalise_record(raw, where, default_id, field_map)   {"id", "instruction", "input", "output"}
-                                                          (+ "rationale", "cot_output", "references")
+                                                          (+ "messages", "rationale", "cot_output", "references")
     checked_records(records, where)                       at least one record, no id twice
     check_field_map(field_map)                            {ours: theirs} names
 
-The schemas of the authors' JSONL files, DialogSum's and Dolly's releases and any instruction/input/output data
-(names mapped by --field-map); a bad row is a one-line DataError naming the source, the row and the field. The
-sources themselves (files, aliases, the hub, `datasets`) are data/readers.py's and data/hf.py's.
+The schemas of the authors' JSONL files, DialogSum's and Dolly's releases, any instruction/input/output data
+(names mapped by --field-map), and conversational data (README 'Chat models and `messages` data'): a `messages`
+list of {role, content} turns, or TRL's prompt/completion form with strings or message lists. A conversation's
+LAST assistant turn is the response (`output`); the turns before it are the prompt (`messages`, system turns
+kept); earlier assistant turns are context of that prompt, never trained. Its `instruction` is the last user
+turn's text (what the paper's templates show under --prompt-format paper). A bad row is a one-line DataError
+naming the source, the row and the field. The sources themselves (files, aliases, the hub, `datasets`) are
+data/readers.py's and data/hf.py's.
 """
 
 from __future__ import annotations
+
+import json
 
 from cot2align.data.templates import cot_output as make_cot_output
 from cot2align.errors import DataError
@@ -80,9 +87,79 @@ def _dialogsum_record(raw: dict, where: str, default_id: str) -> tuple[dict, lis
     return record, (summaries if len(summaries) > 1 else None)
 
 
+# What --field-map can name: ours -> the dataset's column.
+FIELD_MAP_KEYS = ("id", "instruction", "input", "output", "messages", "prompt", "completion")
+
+
+def _turns(value, where: str, field: str) -> list[dict]:
+    """A list of {role, content} turns (a CSV cell may hold it as JSON text): roles and contents strings; other
+    keys of a turn (a `datasets` column fills absent ones with null) are left out."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise DataError(f"{where}: field {_show(field)} is text that is not a JSON list of turns") from None
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {_show(field)} must be a non-empty list of {{role, content}} turns, "
+                        f"got {type(value).__name__ if value != [] else 'an empty list'}")
+    turns = []
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not turn["role"]:
+            raise DataError(f"{where}: field {_show(field)}, turn {number}: expected an object with a 'role' string "
+                            f"and a 'content' string")
+        if not isinstance(turn.get("content"), str):
+            raise DataError(f"{where}: field {_show(field)}, turn {number} ({turn['role']}): 'content' must be a "
+                            f"string, got {type(turn.get('content')).__name__}")
+        turns.append({"role": turn["role"], "content": _as_text(turn["content"], where, field)})
+    return turns
+
+
+def _conversation_record(prompt: list[dict], response_turns: list[dict], where: str, field: str) -> dict:
+    """{messages, instruction, input, output} of a conversation split into its prompt turns and the turns that
+    hold the response: the last assistant turn of `response_turns` is the response, nothing may follow it."""
+    last = max((i for i, t in enumerate(response_turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{where}: field {_show(field)} has no assistant turn (the last one is the response)")
+    if last != len(response_turns) - 1:
+        raise DataError(f"{where}: field {_show(field)}: turn {len(prompt) + last + 2} "
+                        f"({response_turns[last + 1]['role']}) follows the last assistant turn; expected the "
+                        "conversation to end with the assistant's response")
+    turns = prompt + response_turns[:last]
+    users = [t["content"] for t in turns if t["role"] == "user"]
+    if not users:
+        raise DataError(f"{where}: field {_show(field)}: no user turn before the last assistant turn")
+    return {"messages": turns, "instruction": users[-1], "input": "", "output": response_turns[last]["content"]}
+
+
+def _chat_record(raw: dict, where: str, default_id: str, fm: dict) -> dict:
+    """A `messages` conversation, or TRL's prompt/completion form (each a string or a list of turns; string
+    prompt and completion are plain instruction data, without turns)."""
+    if fm["messages"] in raw:
+        record = _conversation_record([], _turns(raw[fm["messages"]], where, fm["messages"]), where, fm["messages"])
+    else:
+        prompt, completion = raw.get(fm["prompt"]), raw[fm["completion"]]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            record = {"instruction": _as_text(prompt, where, fm["prompt"]), "input": "",
+                      "output": _as_text(completion, where, fm["completion"])}
+        else:
+            turns = (_turns(prompt, where, fm["prompt"]) if not isinstance(prompt, str)
+                     else [{"role": "user", "content": prompt}])
+            answer = (_turns(completion, where, fm["completion"]) if not isinstance(completion, str)
+                      else [{"role": "assistant", "content": completion}])
+            record = _conversation_record(turns, answer, where, fm["completion"])
+    return {"id": _record_id(raw, (fm["id"], "fname"), where, default_id), **record}
+
+
+def _is_chat(raw: dict, fm: dict) -> bool:
+    """A conversational row: a messages column, or prompt/completion, and no instruction of its own."""
+    return fm["instruction"] not in raw and (fm["messages"] in raw or (fm["completion"] in raw and fm["prompt"] in raw))
+
+
 def _generic_record(raw: dict, where: str, default_id: str, field_map: dict | None) -> tuple[dict, list[str] | None]:
     """instruction / input / output (names mapped by field_map), optional references."""
-    fm = {"id": "id", "instruction": "instruction", "input": "input", "output": "output", **(field_map or {})}
+    fm = {**{name: name for name in FIELD_MAP_KEYS}, **(field_map or {})}
+    if _is_chat(raw, fm):
+        return _chat_record(raw, where, default_id, fm), _references(raw, where)
     for ours in ("instruction", "output"):
         if fm[ours] not in raw:
             fields = ", ".join(_show(k) for k in sorted(raw)[:20]) + (", ..." if len(raw) > 20 else "")
@@ -114,9 +191,9 @@ def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | N
     trains on its response); an empty rationale is no rationale.
     """
     references = None
-    if field_map is None and "dialogue" in raw:  # DialogSum original release
+    if field_map is None and "dialogue" in raw and "messages" not in raw:  # DialogSum original release
         record, references = _dialogsum_record(raw, where, default_id)
-    elif field_map is None and "response" in raw and "output" not in raw:  # Dolly hub schema
+    elif field_map is None and "response" in raw and "output" not in raw and "messages" not in raw:  # Dolly hub
         record = {
             "id": _record_id(raw, ("id",), where, default_id),
             "instruction": _as_text(raw.get("instruction"), where, "instruction"),
@@ -126,7 +203,8 @@ def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | N
     else:
         record, references = _generic_record(raw, where, default_id, field_map)
     if not record["output"].strip():
-        raise DataError(f"{where}: field 'output' is empty (a response is needed for every record)")
+        what = "the last assistant turn" if "messages" in record else "field 'output'"
+        raise DataError(f"{where}: {what} is empty (a response is needed for every record)")
     if not record["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
     _add_cot(record, raw, where)
@@ -136,14 +214,14 @@ def normalise_record(raw: dict, where: str, default_id: str, field_map: dict | N
 
 
 def check_field_map(field_map) -> dict | None:
-    """A field map is {ours: theirs} with ours among id, instruction, input, output and theirs a field name."""
+    """A field map is {ours: theirs} with ours among FIELD_MAP_KEYS and theirs a field name."""
     if field_map is None:
         return None
     if not isinstance(field_map, dict):
         raise DataError(f"field_map: expected a mapping of OURS: THEIRS field names, got {type(field_map).__name__}")
     for ours, theirs in field_map.items():
-        if ours not in ("id", "instruction", "input", "output") or not isinstance(theirs, str) or not theirs:
-            raise DataError(f"field_map: {_show(ours)}: expected OURS (id, instruction, input or output) mapped to "
+        if ours not in FIELD_MAP_KEYS or not isinstance(theirs, str) or not theirs:
+            raise DataError(f"field_map: {_show(ours)}: expected OURS ({', '.join(FIELD_MAP_KEYS)}) mapped to "
                             "a field name")
     return field_map
 

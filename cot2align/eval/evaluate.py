@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from cot2align.config import ConfigError, data_name, safe_name
-from cot2align.data import group_references, load_records, standard_prompt
+from cot2align.data import group_references, load_records
+from cot2align.data.chat import resolve_prompt_format, use_chat_template, view_prompt
 from cot2align.eval.generation import generate
 from cot2align.eval.results import (RESULTS, examples_sha256, read_earlier, remove_leftovers,
                                       remove_stale_generations, results_to_extend, write_atomically)
@@ -31,7 +32,8 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
                    batch_size: int = 16, data_root: str | None = None, device: str | None = None, metric: str = "rougeL",
                    log=None, *, data_config: str | None = None, data_split: str | None = None,
                    field_map: dict | None = None, overwrite: bool = False, revision: str | None = None,
-                   attn_implementation: str | None = None) -> dict:
+                   attn_implementation: str | None = None, prompt_format: str | None = None,
+                   chat_template: str | None = None) -> dict:
     """Evaluate one model on a dataset split; results go to OUT/results.json (default
     MODEL/eval/<data>_<split>/), merged with what an earlier `evaluate` of another metric wrote there — only when
     that was the same model, data, split and limit (eval/results.py), else refused; `overwrite` replaces it.
@@ -41,19 +43,27 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
     generations as JSONL. metric "ce": the held-out cross-entropy of the references (`reference_cross_entropy`,
     under key "ce"). "all": both. Progress bars (examples/s, tokens/s) on a terminal; messages to the
     `cot2align.eval.evaluate` logger, or to `log` when given.
+
+    prompt_format: paper (the paper's template) or chat (the model's own chat template, or the Jinja file
+    `chat_template`; generation stops at its end-of-turn token); default chat for conversational data, else paper.
     """
     log = reporter(log, __name__)
     _check_arguments(metric, limit, max_new_tokens, batch_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     records, source = load_records(data, split, data_root, field_map, data_config=data_config, data_split=data_split)
     examples = group_references(records)[:limit] if limit else group_references(records)
+    prompt_format = resolve_prompt_format(prompt_format, records)
+    tokenizer = load_tokenizer(model_path, revision=revision)
+    if prompt_format == "chat":      # the model's own template; its end-of-turn token ends an answer
+        use_chat_template(tokenizer, chat_template, model_path)
     out_dir = Path(out) if out else default_eval_dir(model_path, data, split)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: is a file; expected a directory (for results.json and the generations)")
     current = {"model": str(model_path), "data": data if isinstance(data, str) else source.get("dataset", str(data)),
                "split": split, "n_examples": len(examples), "source": source,
                "model_fingerprint": model_files_fingerprint(str(model_path)), "examples_sha256": examples_sha256(examples),
-               **({"revision": revision} if revision is not None else {})}
+               **({"revision": revision} if revision is not None else {}),
+               **({"prompt_format": "chat"} if prompt_format == "chat" else {})}
     # one writer per --out (locks.py): two evaluations at once would interleave one results.json
     with writer_lock(out_dir, ConfigError, f"--out {out_dir}", log=log):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +73,7 @@ def evaluate_model(model_path: str, data: str, split: str = "test", seeds: list[
         summary = {**results_to_extend(out_dir, current, overwrite), **current}     # refused before any work
         model = load_model(model_path, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device,
                            revision=revision, attn_implementation=attn_implementation)
-        tokenizer = load_tokenizer(model_path, revision=revision)
-        prompts = [standard_prompt(r["instruction"], r.get("input", "")) for r in examples]
+        prompts = [view_prompt(tokenizer, r, "std", prompt_format) for r in examples]
         if metric in ("ce", "all"):
             ce = reference_cross_entropy(model, tokenizer, prompts, [r["references"] for r in examples],
                                          max_prompt_tokens, progress="evaluate ce")

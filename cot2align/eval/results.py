@@ -66,6 +66,9 @@ def _differences(earlier: dict, current: dict) -> list[str]:
                       f"{current['data']} ({_short(current['source'].get('sha256'))})")
     if earlier.get("revision") != current.get("revision"):        # a hub model's commit, branch or tag
         differ.append(f"revision: stored {earlier.get('revision')}, now {current.get('revision')}")
+    if earlier.get("prompt_format", "paper") != current.get("prompt_format", "paper"):     # the prompts scored
+        differ.append(f"prompt format: stored {earlier.get('prompt_format', 'paper')}, now "
+                      f"{current.get('prompt_format', 'paper')}")
     if earlier.get("split") != current["split"]:
         differ.append(f"split: stored {earlier.get('split')}, now {current['split']}")
     if earlier.get("n_examples") != current["n_examples"]:

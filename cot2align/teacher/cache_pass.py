@@ -31,6 +31,7 @@ from cot2align.cache.storage import Location
 from cot2align.cache.writer import CacheWriter
 from cot2align.config import CacheTeacherConfig, data_name, model_family
 from cot2align.families import base_model_of
+from cot2align.data.chat import resolve_prompt_format, template_sha256, use_chat_template
 from cot2align.data.readers import load_records
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
@@ -53,7 +54,8 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: str, hidden_codec: str) -> dict:
+def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: str, hidden_codec: str,
+                        chat: dict | None = None) -> dict:
     """Everything that determines the cache contents, including a fingerprint of a local teacher's weight files
     (so a teacher changed at the same path is a different cache, found before loading it); the loaded weights
     are checked again after load."""
@@ -67,6 +69,8 @@ def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: st
         "templates": _sha(load_templates()),
         "settings": {"topk": cfg.topk, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
                      "hidden_dtype": cfg.hidden_dtype, "hidden_codec": hidden_codec},
+        # chat format only: a paper-format cache keeps the fingerprint it had before chat prompts existed
+        **({"prompt": chat} if chat is not None else {}),
     }
 
 
@@ -80,6 +84,7 @@ class _Plan:
     tok_hash: str
     hidden_codec: str
     fingerprint: dict
+    prompt_format: str = "paper"                      # resolved: paper | chat (data/chat.py)
     sequences: list = field(default_factory=list)
     trunc: object = None
     offsets: dict = field(default_factory=dict)       # view -> int64 [n+1]
@@ -193,9 +198,15 @@ def _plan_inputs(cfg: CacheTeacherConfig) -> _Plan:
         records = records[: cfg.limit]
         source = dict(source, sha256=_sha([source["sha256"], cfg.limit]))
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code, cfg.revision)
+    prompt_format = resolve_prompt_format(cfg.prompt_format, records)
+    chat = None
+    if prompt_format == "chat":      # the teacher's own template; its end-of-turn token ends every response
+        use_chat_template(tokenizer, cfg.chat_template, cfg.model)
+        chat = {"format": "chat", "template_sha256": template_sha256(tokenizer), "end_of_turn": tokenizer.eos_token}
     tok_hash = tokenizer_hash(tokenizer)
     hidden_codec = HIDDEN_CODEC_AUTO if cfg.hidden_codec == "auto" else cfg.hidden_codec
-    return _Plan(records, source, tokenizer, tok_hash, hidden_codec, _inputs_fingerprint(cfg, source, tok_hash, hidden_codec))
+    return _Plan(records, source, tokenizer, tok_hash, hidden_codec,
+                 _inputs_fingerprint(cfg, source, tok_hash, hidden_codec, chat), prompt_format)
 
 
 def _check_dtype(existing: dict | None, dtype: torch.dtype, asked: bool, location: Location) -> None:
@@ -214,7 +225,8 @@ def _plan_sequences(cfg: CacheTeacherConfig, plan: _Plan) -> None:
     """Both views' teacher token sequences (the text truncated once), their row offsets and prompt lengths."""
     plan.sequences, plan.trunc = build_sequences(plan.records, plan.tokenizer, cfg.max_length, cfg.max_prompt_length,
                                                  where=str(plan.source.get("path") or plan.source.get("hub")
-                                                           or plan.source.get("dataset") or cfg.data))
+                                                           or plan.source.get("dataset") or cfg.data),
+                                                 prompt_format=plan.prompt_format)
     for view in VIEWS:
         rows = np.array([s.views[view].n_rows for s in plan.sequences], dtype=np.int64)
         plan.offsets[view] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
@@ -262,6 +274,9 @@ def _create(location: Location, manifest: dict, plan: _Plan, model, specs: dict,
     for view in VIEWS:
         texts[f"prompt_{view}"] = [s.views[view].prompt for s in plan.sequences]
         texts[f"response_{view}"] = [s.views[view].response for s in plan.sequences]
+        if plan.prompt_format == "chat":     # the turns a student renders in its own template
+            texts[f"messages_{view}"] = [json.dumps(s.views[view].messages, ensure_ascii=False)
+                                         if s.views[view].messages is not None else "" for s in plan.sequences]
     with tempfile.TemporaryDirectory() as tmp:
         plan.tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
@@ -396,13 +411,16 @@ def _describe_inputs(cfg, model, plan: _Plan, weights, info, block_max_rows, dty
         "name_or_path": cfg.model, "vocab_hash": plan.tok_hash, "size": len(tokenizer),
         "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
         "prompt_special_tokens": True, "response_special_tokens": False, "eos_appended": True,
+        # chat format: eos_id is the template's end-of-turn token, which ends every response
+        **({"end_of_turn": tokenizer.eos_token} if plan.prompt_format == "chat" else {}),
     }
     data = {
         **source, "n_examples": len(records), "n_cot_examples": sum(1 for t in cot_texts if t),
         "templates": load_templates(),
         "cot_source_sha256": hashlib.sha256("\x00".join(cot_texts).encode()).hexdigest(),
         "truncated": {"prompt": trunc.prompt_truncated, "response": trunc.response_truncated},
-        "limit": cfg.limit, "field_map": cfg.field_map,
+        "limit": cfg.limit, "field_map": cfg.field_map, "prompt_format": plan.prompt_format,
+        **({"chat_template_sha256": template_sha256(tokenizer)} if plan.prompt_format == "chat" else {}),
     }
     settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
                 "batch_tokens": cfg.batch_tokens, "block_examples": cfg.block_examples, "block_max_rows": block_max_rows}

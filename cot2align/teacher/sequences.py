@@ -9,13 +9,20 @@ Length limits are in teacher tokens (README 'The cache format'): an over-long pr
 the end (then, if needed, its instruction) until it fits `max_prompt_length`; an over-long response
 keeps its beginning and loses its EOS. The shortened texts are what the cache stores, so every
 student later sees exactly the same text as the teacher did.
+
+Under --prompt-format chat (data/chat.py) the prompt is the record's turns in the teacher's chat template (the
+tokenizer's EOS is then its end-of-turn token, which ends the response): an over-long conversation loses its oldest
+turns (never a system turn or the last user turn), then the end of its last user turn. The shortened turns are
+stored too, so a student renders the same conversation in its own template.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cot2align.data.chat import cot_messages, prompt_messages, render_prompt
 from cot2align.data.templates import cot_prompt, standard_prompt
+from cot2align.errors import DataError
 
 VIEWS = ("std", "cot")
 
@@ -26,6 +33,7 @@ class ViewSequence:
     response: str = ""
     input_ids: list[int] = field(default_factory=list)   # the whole teacher sequence
     prompt_len: int = 0                                    # teacher tokens in the prompt
+    messages: list | None = None                           # chat format: the prompt's turns (as shortened)
 
     @property
     def n_rows(self) -> int:
@@ -114,25 +122,95 @@ def build_view(tokenizer, make_prompt, instruction: str, input_text: str, respon
     return view, p_trunc, r_trunc
 
 
+def _drop_oldest_turn(turns: list[dict]) -> list[dict] | None:
+    """The conversation without its oldest context turn (with the non-user turns that then lead it, so a template
+    that wants a user turn first still renders it); None when only system turns and the last user turn are left."""
+    last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    first = next((i for i, t in enumerate(turns) if t["role"] != "system"), last_user)
+    if first >= last_user:
+        return None
+    end = first + 1
+    while end < last_user and turns[end]["role"] != "user":
+        end += 1
+    return turns[:first] + turns[end:]
+
+
+def _fit_chat_prompt(tokenizer, turns: list[dict], view_turns, max_prompt_length: int):
+    """(view turns, prompt, ids, truncated?) of a conversation in the tokenizer's template: the oldest turns go,
+    then the last user turn is shortened from its end, until the prompt fits `max_prompt_length`."""
+    def render(base):
+        shown = view_turns(base)
+        prompt = render_prompt(tokenizer, shown)
+        return shown, prompt, _encode(tokenizer, prompt, True)
+
+    shown, prompt, ids = render(turns)
+    truncated = False
+    while len(ids) > max_prompt_length:
+        fewer = _drop_oldest_turn(turns)
+        if fewer is None:
+            break
+        turns, truncated = fewer, True
+        shown, prompt, ids = render(turns)
+    if len(ids) <= max_prompt_length:
+        return shown, prompt, ids, truncated
+    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    text = turns[last]["content"]
+    lo, hi, best = 0, len(_encode(tokenizer, text, False)), None
+    while lo <= hi:      # the largest prefix of the last user turn (in tokens) whose prompt fits
+        mid = (lo + hi) // 2
+        cut = turns[:last] + [dict(turns[last], content=_cut_to_tokens(tokenizer, text, mid))] + turns[last + 1:]
+        candidate = render(cut)
+        if len(candidate[2]) <= max_prompt_length:
+            best, lo = candidate, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise ValueError(f"the chat template's turns alone are longer than max_prompt_length={max_prompt_length} "
+                         "tokens")
+    return (*best, True)
+
+
+def build_chat_view(tokenizer, turns: list[dict], view_turns, response: str, max_length: int,
+                    max_prompt_length: int) -> tuple[ViewSequence, bool, bool]:
+    """One view in chat format: the template's prompt + response + end-of-turn (the tokenizer's EOS)."""
+    shown, prompt, prompt_ids, p_trunc = _fit_chat_prompt(tokenizer, turns, view_turns, max_prompt_length)
+    response_text, response_ids, r_trunc = _fit_response(
+        tokenizer, response, max_length - len(prompt_ids), tokenizer.eos_token_id)
+    view = ViewSequence(prompt=prompt, response=response_text, input_ids=prompt_ids + response_ids,
+                        prompt_len=len(prompt_ids), messages=shown)
+    return view, p_trunc, r_trunc
+
+
+def _build_record_view(tokenizer, rec: dict, view_name: str, response: str, max_length: int, max_prompt_length: int,
+                       prompt_format: str):
+    if prompt_format == "chat":
+        view_turns = cot_messages if view_name == "cot" else (lambda turns: turns)
+        return build_chat_view(tokenizer, prompt_messages(rec), view_turns, response, max_length, max_prompt_length)
+    make_prompt = cot_prompt if view_name == "cot" else standard_prompt
+    return build_view(tokenizer, make_prompt, rec["instruction"], rec.get("input", ""), response, max_length,
+                      max_prompt_length)
+
+
 def build_sequences(records: list[dict], tokenizer, max_length: int = 512, max_prompt_length: int = 256,
-                    where: str = "data") -> tuple[list[ExampleSequences], TruncationStats]:
-    """Both views of every record. The CoT view is empty for a record without `cot_output`."""
+                    where: str = "data", prompt_format: str = "paper"
+                    ) -> tuple[list[ExampleSequences], TruncationStats]:
+    """Both views of every record. The CoT view is empty for a record without `cot_output`. `prompt_format`:
+    paper (the paper's templates) or chat (the tokenizer's template, prepared by data/chat.use_chat_template)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the teacher tokenizer has no EOS token")
     stats = TruncationStats()
     out = []
     for i, rec in enumerate(records):
         views = {}
-        for view_name, make_prompt, response in (("std", standard_prompt, rec["output"]),
-                                                 ("cot", cot_prompt, rec.get("cot_output") or "")):
+        for view_name, response in (("std", rec["output"]), ("cot", rec.get("cot_output") or "")):
             if view_name == "cot" and not response:
                 views[view_name] = ViewSequence()
                 continue
             try:
-                view, p_trunc, r_trunc = build_view(tokenizer, make_prompt, rec["instruction"], rec.get("input", ""),
-                                                    response, max_length, max_prompt_length)
-            except ValueError as e:
-                raise ValueError(f"{where}: record {i + 1} (id {rec['id']!r}), {view_name} view: {e}") from None
+                view, p_trunc, r_trunc = _build_record_view(tokenizer, rec, view_name, response, max_length,
+                                                            max_prompt_length, prompt_format)
+            except (ValueError, DataError) as e:     # DataError: a chat template that refuses the record's turns
+                raise type(e)(f"{where}: record {i + 1} (id {rec['id']!r}), {view_name} view: {e}") from None
             stats.prompt_truncated[view_name] += p_trunc
             stats.response_truncated[view_name] += r_trunc
             views[view_name] = view

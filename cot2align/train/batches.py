@@ -34,6 +34,8 @@ from cot2align.methods import method as registered
 from cot2align.methods import teacher_arrays
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
+from cot2align.cache.format import prompt_format as cache_prompt_format
+from cot2align.data.chat import use_chat_template
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
 
 
@@ -68,15 +70,21 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
                      max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
-                     log=None, transport: bool = True) -> torch.utils.data.DataLoader:
+                     log=None, transport: bool = True, prompt_format: str | None = None) -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
+
+    `prompt_format` (default: the cache's): chat renders the cached turns in the student tokenizer's chat template
+    and makes its EOS the template's end-of-turn token (data/chat.use_chat_template: the tokenizer is changed so).
 
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and
     attention_mask [B, L], `positions` [K] (where some example has a response token), response_mask,
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
     """
+    prompt_format = prompt_format or cache_prompt_format(cache.manifest)
+    if prompt_format == "chat":
+        use_chat_template(tokenizer, None, getattr(tokenizer, "name_or_path", None) or "the student")
     student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, registered(method).alignment,
-                                 log=log)
+                                 log=log, prompt_format=prompt_format)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
                       arrays_to_read(cache, method, cot2align, teacher_dist, transport), pad_id(tokenizer), batch_size, seed,

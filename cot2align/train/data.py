@@ -8,6 +8,10 @@ exactly as the teacher's was built from the same (already truncated) texts, and 
 positions are P_s − 1 … L_s − 2 — the positions whose next token is a response token, EOS included.
 If the teacher's response was cut (no EOS in the cache), the student gets no EOS either.
 
+Under --prompt-format chat, p is the cached conversation (its turns, as the teacher saw them) rendered in the
+student's own chat template, and EOS is the student's end-of-turn token (data/chat.py): the response rows still
+pair the same response text, end-of-turn to end-of-turn.
+
 Tokenisation runs once per (cache, student tokenizer, max_length) and is memoised next to the cache in
 `<cache>.students/` (the cache directory itself is never written), together with the token alignment the
 method needs (methods.py `Method.alignment`): MinED's teacher row per student row ("mined"), or the aligned
@@ -32,6 +36,7 @@ from cot2align.align.mined import aligned_teacher_rows
 from cot2align.align.vocab import token_strings, vocab_map
 from cot2align.cache import open_cache
 from cot2align.cache.format import VIEWS, CacheError
+from cot2align.data.chat import render_prompt, template_sha256
 from cot2align.logs import reporter
 
 MEMO_VERSION = 3     # 2: keyed by the cache's whole manifest (build_id); 3: alignments by name (mined, chunks)
@@ -49,13 +54,16 @@ def student_view_ids(tokenizer, prompt: str, response: str, with_eos: bool, max_
     return prompt_ids + response_ids[:max_length - len(prompt_ids)], len(prompt_ids)
 
 
-def memo_paths(cache, tokenizer_hash: str, max_length: int, alignment: str | None) -> list[Path]:
+def memo_paths(cache, tokenizer_hash: str, max_length: int, alignment: str | None,
+               prompt_key: str = "") -> list[Path]:
     """Where the memo may be, in order: beside a local cache (<cache>.students/), then in the local directory keyed
     by the cache's identity ($COT2ALIGN_HOME/students/<identity>/) — where it goes for a cache on an object store
     or on storage that refuses the write (read-only, full, not ours): the cache itself is never written."""
     # an alignment's algorithm version is part of the key: a changed aligner never reuses another's chunk ids
     version = {"mined": MINED_VERSION, "chunks": CHUNKS_VERSION}.get(alignment, 0)
-    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{alignment}.{version}|{MEMO_VERSION}".encode()).hexdigest()[:16]
+    # prompt_key: "" for the paper's prompts (the key memos always had), the template's hash for chat prompts
+    key = hashlib.sha256(f"{tokenizer_hash}|{max_length}|{alignment}.{version}|{MEMO_VERSION}{prompt_key}"
+                         .encode()).hexdigest()[:16]
     places = dict.fromkeys([cache.local_dir("students"), cache.home_dir("students")])
     return [place / f"{key}.npz" for place in places]
 
@@ -119,12 +127,21 @@ def aligner(alignment: str | None, cache, tokenizer):
     raise ValueError(f"alignment: expected one of mined, chunks, got {alignment!r}")
 
 
+def student_prompts(cache, view: str, tokenizer, prompt_format: str = "paper") -> list[str]:
+    """The student's prompt of every example's view: the cached text (paper format), or the cached turns rendered
+    in the student's chat template ("" where the view is empty)."""
+    if prompt_format != "chat":
+        return cache.texts()[f"prompt_{view}"]
+    return [render_prompt(tokenizer, turns) if turns else "" for turns in cache.messages(view)]
+
+
 def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, alignment: str | None = None,
-                   log=None) -> dict[str, np.ndarray]:
+                   log=None, prompt_format: str = "paper") -> dict[str, np.ndarray]:
     """Student ids of every cached view (memoised): per view `ids`, `offsets` [n+1], `prompt_len` [n], and with an
     `alignment` its arrays with their offsets (e.g. MinED's `mined_rows`: teacher row per student response row,
-    −1 = one-hot)."""
-    paths = memo_paths(cache, tokenizer_hash, max_length, alignment)
+    −1 = one-hot). `prompt_format` chat: the tokenizer is prepared by data/chat.use_chat_template."""
+    prompt_key = f"|chat:{template_sha256(tokenizer)}" if prompt_format == "chat" else ""
+    paths = memo_paths(cache, tokenizer_hash, max_length, alignment, prompt_key)
     # the build this memo belongs to: a cache rebuilt at the same path (another teacher, same data) gets a new memo
     manifest_key = np.frombuffer(bytes.fromhex(cache.build_id), dtype=np.uint8)
     stored = _read_memo(paths, manifest_key, reporter(log, __name__))
@@ -134,7 +151,8 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, align
     out: dict[str, np.ndarray] = {"manifest_key": manifest_key}
     counts = np.zeros(3, dtype=np.int64)     # responses with an unknown token, unknown tokens, response tokens
     for view in VIEWS:
-        arrays, view_counts = _tokenize_view(cache, view, tokenizer, max_length, align)
+        arrays, view_counts = _tokenize_view(cache, view, tokenizer, max_length, align,
+                                             student_prompts(cache, view, tokenizer, prompt_format))
         out.update({f"{view}_{name}": array for name, array in arrays.items()})
         counts += view_counts
     unencodable, unknown_tokens, response_tokens = (int(c) for c in counts)
@@ -149,7 +167,8 @@ def tokenize_cache(cache, tokenizer, tokenizer_hash: str, max_length: int, align
     return out
 
 
-def _tokenize_view(cache, view: str, tokenizer, max_length: int, align) -> tuple[dict[str, np.ndarray], tuple]:
+def _tokenize_view(cache, view: str, tokenizer, max_length: int, align,
+                   prompts: list[str]) -> tuple[dict[str, np.ndarray], tuple]:
     """One view of every example: the student's ids, offsets, prompt lengths (and the aligned arrays with their
     offsets, given an `aligner`); and (responses that hit the student's unknown token, unknown response tokens,
     response tokens)."""
@@ -169,7 +188,7 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, align) -> tuple
             # the teacher's response kept its EOS unless the text was cut; the student's then does too
             with_eos = int(teacher_targets[b - 1]) == eos_teacher
             try:
-                ids, prompt_len = student_view_ids(tokenizer, texts[f"prompt_{view}"][i], texts[f"response_{view}"][i],
+                ids, prompt_len = student_view_ids(tokenizer, prompts[i], texts[f"response_{view}"][i],
                                                    with_eos, max_length)
             except ValueError as e:
                 raise CacheError(f"{cache.url}: example {i} ({texts['id'][i]!r}), {view} view: {e}") from None

@@ -32,6 +32,11 @@ def save_model(model, tokenizer, path: Path, cfg: DistillConfig) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if hasattr(model, "merge_and_unload") and not cfg.keep_adapter:
         model = copy.deepcopy(model).merge_and_unload()
+    generation = getattr(model, "generation_config", None)
+    if cfg.prompt_format == "chat" and generation is not None:
+        # the tokenizer (saved below with its chat template) ends a turn with its EOS, the end-of-turn token:
+        # model.generate stops there too
+        generation.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from cot2align.cache.format import prompt_format
 from cot2align.config import DistillConfig, model_family, paper_setting
+from cot2align.data.chat import resolve_prompt_format
 from cot2align.families import teacher_family_source
 from cot2align.logs import silent
 from cot2align.modeling import dtype_name, resolve_dtype
@@ -51,6 +53,20 @@ def default_out(cfg: DistillConfig) -> str:
     return str(Path("runs") / tag)
 
 
+def default_prompt_format(cfg: DistillConfig, cache) -> str:
+    """--prompt-format, else the format the cache's prompts are in, else (--data without a cache) chat for
+    conversational data and paper for instruction data (data/chat.py)."""
+    if cfg.prompt_format is not None:
+        return cfg.prompt_format
+    if cache is not None:
+        return prompt_format(cache.manifest)
+    from cot2align.data.readers import load_records
+
+    records, _ = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None, data_config=cfg.data_config,
+                              data_split=cfg.data_split)
+    return resolve_prompt_format(None, records)
+
+
 def resume_state(asked: bool, out: Path) -> bool:
     """--resume of an empty directory (a run killed before its first write) starts afresh: not a resume. A missing
     --out stays asked for, so that setup refuses it ('no run to resume')."""
@@ -76,6 +92,7 @@ def resolve_distill_config(cfg: DistillConfig, cache, say=silent) -> DistillConf
     device = torch.device(filled.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = filled.out or default_out(filled)
     return dataclasses.replace(
-        filled, device=str(device), dtype=dtype_name(resolve_dtype(filled.dtype, device)),
+        filled, prompt_format=default_prompt_format(filled, cache), device=str(device),
+        dtype=dtype_name(resolve_dtype(filled.dtype, device)),
         num_workers=filled.num_workers if filled.num_workers is not None else (2 if device.type == "cuda" else 0),
         out=out, resume=resume_state(filled.resume, Path(out)))

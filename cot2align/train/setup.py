@@ -40,7 +40,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from cot2align.cache import open_cache
 from cot2align.config import ConfigError, DistillConfig, config_to_dict, fields_of_kind
-from cot2align.data import load_records, standard_prompt
+from cot2align.data import load_records
+from cot2align.data.chat import use_chat_template, view_prompt
 from cot2align.locks import writer_lock
 from cot2align.logs import reporter, silent
 from cot2align.model_limits import check_student
@@ -189,6 +190,8 @@ def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: Exit
 
 def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.prompt_format == "chat":      # the student's own template; its end-of-turn token ends every response
+        use_chat_template(tokenizer, cfg.chat_template, cfg.student)
     if (registered(cfg.method).same_tokenizer and cache is not None
             and tokenizer_hash(tokenizer) != cache.manifest["tokenizer"]["vocab_hash"]):
         raise ConfigError(f"--method {cfg.method}: the student tokenizer ({cfg.student}) differs from the teacher's "
@@ -229,12 +232,12 @@ def _setup_data(cfg: DistillConfig, cache, arrays: tuple[str, ...], tokenizer, d
     views = ("std", "cot") if cfg.cot2align else ("std",)
     if cache is not None:
         student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), cfg.max_length,
-                                     registered(cfg.method).alignment, log=say)
+                                     registered(cfg.method).alignment, log=say, prompt_format=cfg.prompt_format)
         n_examples = len(cache) if cfg.limit is None else min(cfg.limit, len(cache))
     else:
         student_ids = records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
-    indices, val_records = split_validation(cfg, cache, list(range(n_examples)))
+    indices, val_records = split_validation(cfg, cache, list(range(n_examples)), tokenizer)
     loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
                         pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world)
     return loader, val_records, views
@@ -367,7 +370,8 @@ def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    # prompt_format resolves to a value; a run recorded before it existed trained on the paper's prompts
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | {"prompt_format": "paper"}
     old = {name: old.get(name, defaults.get(name)) for name in RUN_IDENTITY} | old
     changed = [name for name in RUN_IDENTITY if old[name] != now[name]]
     if changed:
@@ -435,14 +439,15 @@ def whole_model(model, cfg: DistillConfig, is_main: bool):
 
 
 def records_as_student_ids(cfg: DistillConfig, tokenizer) -> dict[str, np.ndarray]:
-    """--method sft from plain data: the standard view of every record, tokenised for the student."""
+    """--method sft from plain data: the standard view of every record (in --prompt-format), tokenised for the
+    student."""
     records, _ = load_records(cfg.data, cfg.split, cfg.data_root, cfg.field_map or None,
                               data_config=cfg.data_config, data_split=cfg.data_split)
     if cfg.limit is not None:
         records = records[:cfg.limit]
     ids_all, offsets, prompt_lens = [], [0], []
     for rec in records:
-        ids, prompt_len = student_view_ids(tokenizer, standard_prompt(rec["instruction"], rec.get("input", "")),
+        ids, prompt_len = student_view_ids(tokenizer, view_prompt(tokenizer, rec, "std", cfg.prompt_format),
                                            rec["output"], True, cfg.max_length)
         ids_all.extend(ids)
         offsets.append(len(ids_all))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from cot2align.config import DistillConfig
-from cot2align.data import DataError, group_references, load_records, standard_prompt
+from cot2align.data import DataError, group_references, load_records
+from cot2align.data.chat import render_prompt, view_prompt
 from cot2align.data.readers import DATASETS
 from cot2align.eval import generate, reference_cross_entropy, rouge_l
 
 
-def validation_records(cfg: DistillConfig, cache, held_out: list[int]) -> list[dict]:
-    """[{prompt, references}] — the dev split of the cache's dataset when available, else held-out cached examples."""
+def validation_records(cfg: DistillConfig, cache, held_out: list[int], tokenizer=None) -> list[dict]:
+    """[{prompt, references}] — the dev split of the cache's dataset when available, else held-out cached examples;
+    the prompts in the run's --prompt-format (chat: the student's `tokenizer`'s template)."""
+    prompt_format = cfg.prompt_format or "paper"
     source = cfg.val_data if cfg.val_data is not None else (
         cache.manifest["data"].get("name") if cache is not None else cfg.data)
     if source is not None and cfg.val_data is None and not (isinstance(source, str) and source in DATASETS
@@ -21,23 +24,27 @@ def validation_records(cfg: DistillConfig, cache, held_out: list[int]) -> list[d
         try:
             records, _ = load_records(source, "dev", cfg.data_root, cfg.field_map or None, data_config=cfg.data_config)
             grouped = group_references(records)
-            return [{"prompt": standard_prompt(r["instruction"], r.get("input", "")), "references": r["references"]}
+            return [{"prompt": view_prompt(tokenizer, r, "std", prompt_format), "references": r["references"]}
                     for r in grouped[:cfg.val_examples]]
         except (DataError, KeyError, ValueError):
             if cfg.val_data:
                 raise
-    texts = cache.texts() if cache is not None else None
-    return [{"prompt": texts["prompt_std"][i], "references": [texts["response_std"][i]]} for i in held_out] if texts else []
+    if cache is None or not held_out:
+        return []
+    texts = cache.texts()
+    prompts = (texts["prompt_std"] if prompt_format != "chat"
+               else {i: render_prompt(tokenizer, cache.messages("std")[i]) for i in held_out})
+    return [{"prompt": prompts[i], "references": [texts["response_std"][i]]} for i in held_out]
 
 
-def split_validation(cfg: DistillConfig, cache, indices: list[int]) -> tuple[list[int], list[dict]]:
+def split_validation(cfg: DistillConfig, cache, indices: list[int], tokenizer=None) -> tuple[list[int], list[dict]]:
     """(training indices, validation records): without a dev split, the last tenth of the examples (at most
     val_examples) is held out for validation."""
-    records = validation_records(cfg, cache, [])
+    records = validation_records(cfg, cache, [], tokenizer)
     if records or len(indices) <= 10 or cfg.val_examples <= 0:     # --val-examples 0: no validation at all
         return indices, records
     held_out = indices[len(indices) - min(cfg.val_examples, max(1, len(indices) // 10)):]
-    return indices[:len(indices) - len(held_out)], validation_records(cfg, cache, held_out)
+    return indices[:len(indices) - len(held_out)], validation_records(cfg, cache, held_out, tokenizer)
 
 
 def validate(model, tokenizer, records: list[dict], cfg: DistillConfig, synced_gpus: bool = False) -> dict:
