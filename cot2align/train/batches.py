@@ -35,6 +35,7 @@ from cot2align.methods import teacher_arrays
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
+from cot2align.train.sampling import SAMPLE_ORDERS, ChunkOrderedSampler
 
 
 def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
@@ -68,19 +69,21 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
                      max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
-                     log=None) -> torch.utils.data.DataLoader:
+                     log=None, sample_order: str = "shuffled") -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
 
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and
     attention_mask [B, L], `positions` [K] (where some example has a response token), response_mask,
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
+    `sample_order`: shuffled (batches drawn from the whole cache) or chunks (a stretch of cache neighbours at a
+    time, which share chunks: train/sampling.py).
     """
     student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, registered(method).alignment,
                                  log=log)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
                       arrays_to_read(cache, method, cot2align, teacher_dist), pad_id(tokenizer), batch_size, seed,
-                      num_workers, pin_memory, rank, world)
+                      num_workers, pin_memory, rank, world, sample_order)
 
 
 def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
@@ -102,10 +105,17 @@ def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exa
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],
                pad: int, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
-               world: int = 1) -> torch.utils.data.DataLoader:
-    """The DataLoader over tokenised examples (from a cache, or plain records for SFT without one)."""
+               world: int = 1, sample_order: str = "shuffled") -> torch.utils.data.DataLoader:
+    """The DataLoader over tokenised examples (from a cache, or plain records for SFT without one), in
+    `sample_order` (train/sampling.py: chunks, or shuffled)."""
     dataset = DistillDataset(student_ids, views_used, list(indices), cache_path, arrays)
-    sampler = LengthBucketSampler([dataset.length(k) for k in range(len(dataset))], batch_size, seed, rank, world)
+    lengths = [dataset.length(k) for k in range(len(dataset))]
+    if sample_order == "chunks":
+        sampler = ChunkOrderedSampler(lengths, dataset.indices, batch_size, seed, rank, world)
+    elif sample_order == "shuffled":
+        sampler = LengthBucketSampler(lengths, batch_size, seed, rank, world)
+    else:
+        raise ValueError(f"sample_order: expected one of {', '.join(SAMPLE_ORDERS)}, got {sample_order!r}")
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         collate_fn=lambda items: collate(items, views_used, pad), persistent_workers=num_workers > 0,
