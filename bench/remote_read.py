@@ -75,12 +75,15 @@ def examples_per_s(url: str, student: str, workers: int, batch_size: int, passes
     return rate
 
 
-def wait_share(url: str, student: str, workers: int, batch_size: int, out: Path, path: str = "after") -> dict:
+def wait_share(url: str, student: str, workers: int, batch_size: int, out: Path, path: str = "after",
+               steps: int | None = None) -> dict:
+    """The loader's wait share of step time in a real `distill` (1 epoch, or its first `steps` steps)."""
     memory, order = PATHS[path]
     os.environ["COT2ALIGN_DECODED_MEMORY_MB"] = memory
     distill(build_config(DistillConfig, cache=url, student=student, method="dskd", cot2align=True, alpha=0.5,
-                         epochs=1, batch_size=batch_size, lr=1e-3, num_workers=workers, val_examples=0, out=str(out),
-                         overwrite=True, sample_order=order), log=lambda m: None, progress=False)
+                         epochs=1, max_steps=steps, batch_size=batch_size, lr=1e-3, num_workers=workers,
+                         val_examples=0, out=str(out), overwrite=True, sample_order=order),
+            log=lambda m: None, progress=False)
     del os.environ["COT2ALIGN_DECODED_MEMORY_MB"]
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
             if '"data_wait_share"' in line][-1]
@@ -111,6 +114,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--distill-steps", type=int, default=None,
+                        help="stop each distill after this many steps (default: one epoch; on a loaded machine "
+                             "DSKD + CoT2Align steps are slow)")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -118,7 +124,8 @@ def main() -> None:
     data = records_with_rationales(work / "data.jsonl", args.n)
     settings = dict(model=args.model, data=str(data), topk=16, max_length=512, max_prompt_length=384)
     result: dict = {"model": args.model, "student": args.student, "examples": args.n, "workers": args.workers,
-                    "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d")}
+                    "batch_size": args.batch_size, "distill_steps": args.distill_steps,
+                    "date": time.strftime("%Y-%m-%d")}
     import torch
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
 
@@ -134,7 +141,9 @@ def main() -> None:
         result["cache_bytes"] = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
         read = dict(student=args.student, workers=args.workers, batch_size=args.batch_size, passes=args.passes)
         result["examples_per_s"] = rates = read_rates(local, url, work, read)
-        train = dict(student=args.student, workers=args.workers, batch_size=args.batch_size)
+        print(json.dumps(rates), flush=True)
+        (work / "remote_read.json").write_text(json.dumps(result, indent=1))      # the reads, before the runs
+        train = dict(student=args.student, workers=args.workers, batch_size=args.batch_size, steps=args.distill_steps)
         for path in PATHS:
             result[f"distill_s3_{path}"] = wait_share(url, **train, out=work / f"run_s3_{path}", path=path)
         result["distill_local_after"] = wait_share(str(local), **train, out=work / "run_local", path="after")
