@@ -267,7 +267,7 @@ class _DistillFields:
     teacher_dist: str = identity("exact")        # exact (hidden . lm_head^T) | topk (+ tail bucket): TEACHER_DISTS
     seed: int = identity(10)
     max_length: int = identity(512)              # student tokens
-    sample_order: str = identity("shuffled")     # chunks: batches from one stretch of cache neighbours at a time (they
+    sample_order: str = identity("chunks")       # chunks: batches from one stretch of cache neighbours at a time (they
                                                  # share chunks: decoded once) | shuffled: from the whole cache.
                                                  # Identity: it decides which examples share a batch and when
     device: str | None = runtime(None)

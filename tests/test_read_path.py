@@ -205,3 +205,23 @@ def test_a_chunk_ordered_run_resumed_mid_epoch_ends_bit_identical(small_chunks, 
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     other = cli("distill", *flags[:-1], "shuffled", "--out", out, "--resume")
     assert other.exit_code == 2 and "sample_order='chunks'" in other.stderr
+
+
+def test_a_run_recorded_before_sample_order_existed_resumes_only_in_the_shuffled_order(tmp_path):
+    """Runs before the field read in the shuffled order: resuming one under the new default (chunks) would read
+    other batches, so it is refused naming the order it used; with --sample-order shuffled it is the same run."""
+    import json
+
+    from cot2align.config import build_config, config_to_dict
+    from cot2align.train.setup import check_same_run
+
+    cfg = build_config(DistillConfig, cache="cache", method="dskd", alpha=0.5)
+    assert cfg.sample_order == "chunks"
+    recorded = config_to_dict(cfg)
+    del recorded["sample_order"]                       # as written by an older cot2align
+    marker = tmp_path / "run.json"
+    marker.write_text(json.dumps({"config": recorded}))
+    with pytest.raises(ConfigError, match="started with sample_order='shuffled'; this command has sample_order='chunks'"):
+        check_same_run(marker, cfg, None)
+    assert check_same_run(marker, build_config(DistillConfig, cache="cache", method="dskd", alpha=0.5,
+                                               sample_order="shuffled"), None)["sample_order"] == "shuffled"

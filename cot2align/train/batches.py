@@ -69,7 +69,7 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
                      max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
-                     log=None, sample_order: str = "shuffled") -> torch.utils.data.DataLoader:
+                     log=None, sample_order: str = "chunks") -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
 
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and
@@ -105,7 +105,7 @@ def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exa
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],
                pad: int, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
-               world: int = 1, sample_order: str = "shuffled") -> torch.utils.data.DataLoader:
+               world: int = 1, sample_order: str = "chunks") -> torch.utils.data.DataLoader:
     """The DataLoader over tokenised examples (from a cache, or plain records for SFT without one), in
     `sample_order` (train/sampling.py: chunks, or shuffled)."""
     dataset = DistillDataset(student_ids, views_used, list(indices), cache_path, arrays)

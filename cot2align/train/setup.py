@@ -352,13 +352,17 @@ def finished_summary(cfg: DistillConfig, cache) -> dict | None:
 
 # What makes a run the same run: every identity field of DistillConfig (config.py), the cache by its content.
 RUN_IDENTITY = tuple(name for name in fields_of_kind(DistillConfig, "identity") if name != "cache")
+# What a run recorded before a field existed used, where that is not the field's default: runs before
+# --sample-order read in the shuffled order (a resume under the new default would read other batches).
+BEFORE_THE_FIELD = {"sample_order": "shuffled"}
 
 
 def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     """Refuse, in one line naming every difference, to continue a run under other identity fields than it was
     started with, or on a cache of other content; the recorded config when it is the same run. A run recorded
     before a field existed is compared with that field's default: the value the run used, since every field added
-    since (ot_weight, a method's new knob, ...) defaults to what the code did before it existed."""
+    since (ot_weight, a method's new knob, ...) defaults to what the code did before it existed — except those of
+    BEFORE_THE_FIELD, compared with the value runs used then."""
     try:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -367,7 +371,7 @@ def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | BEFORE_THE_FIELD
     old = {name: old.get(name, defaults.get(name)) for name in RUN_IDENTITY} | old
     changed = [name for name in RUN_IDENTITY if old[name] != now[name]]
     if changed:
