@@ -1,13 +1,16 @@
-"""Reading a teacher cache from object storage: does the loader keep up?
+"""Reading a teacher cache from local disk and from object storage: does the loader keep up?
 
 Prints, measured in one run on the same cache, written once to local disk and once to a real S3-compatible
-server on 127.0.0.1 (SeaweedFS, bench/s3server.py):
-  * examples/s streaming every batch of the cache through the trainer's loader (`cache_dataloader`, the
-    arrays DSKD + CoT2Align reads, same workers and batch size) from S3, from S3 through the local chunk cache
-    (COT2ALIGN_CHUNK_CACHE, its second pass), and from local disk; the ratio S3 / local (target >= 0.8);
-  * the loader's wait share of step time in a real `distill` from the S3 cache and from the local one
-    (target < 2%);
-  * the teacher pass writing to S3 vs to local disk (seconds).
+server on 127.0.0.1 (SeaweedFS, bench/s3server.py), each read two ways back to back:
+  * before: the read path before the decoded-chunk cache and the chunk order (COT2ALIGN_DECODED_MEMORY_MB=0:
+    every example read fetches, crc32c-checks and decompresses the chunks holding its rows; --sample-order
+    shuffled);
+  * after: the reader's decoded chunks (cache/decoded.py) and --sample-order chunks (train/sampling.py);
+and for each: examples/s streaming every batch of the cache through the trainer's loader (`cache_dataloader`, the
+arrays DSKD + CoT2Align reads, same workers and batch size) from local disk, from S3, and from S3 through the
+local chunk copy (COT2ALIGN_CHUNK_CACHE, its second pass); the ratios after / before (target local >= 2) and
+S3 / local (target >= 0.9 without the chunk copy); the loader's wait share of step time in a real `distill`
+from the S3 cache and from the local one (target < 2%); the teacher pass writing to S3 vs to local disk.
 
 CPU:  python bench/remote_read.py --work /tmp/remote_read
 GPU:  python bench/remote_read.py --work W --model random:tinyllama-1.1b --student random:gpt2-30m --n 300
@@ -51,26 +54,55 @@ def records_with_rationales(path: Path, n: int) -> Path:
     return path
 
 
-def examples_per_s(url: str, student: str, workers: int, batch_size: int, passes: int) -> float:
-    """Every batch of the cache, `passes` times, through the trainer's loader; tokenisation (memoised, done
-    when the loader is built) is outside the clock."""
+# The two read paths compared: (decoded chunks kept per worker in MiB, the sampler's order).
+PATHS = {"before": ("0", "shuffled"), "after": ("256", "chunks")}
+
+
+def examples_per_s(url: str, student: str, workers: int, batch_size: int, passes: int, path: str = "after") -> float:
+    """Every batch of the cache, `passes` times, through the trainer's loader read the `path` way (PATHS);
+    tokenisation (memoised, done when the loader is built) is outside the clock."""
+    memory, order = PATHS[path]
+    os.environ["COT2ALIGN_DECODED_MEMORY_MB"] = memory        # read by each worker when it opens the cache
     cache = open_cache(url)
     loader = cache_dataloader(cache, load_tokenizer(student), method="dskd", cot2align=True, batch_size=batch_size,
-                              num_workers=workers, log=lambda m: None)
+                              num_workers=workers, log=lambda m: None, sample_order=order)
     started, seen = time.perf_counter(), 0
     for _ in range(passes):
         for batch in loader:
             seen += len(batch["index"])
-    return seen / (time.perf_counter() - started)
+    rate = seen / (time.perf_counter() - started)
+    del os.environ["COT2ALIGN_DECODED_MEMORY_MB"]
+    return rate
 
 
-def wait_share(url: str, student: str, workers: int, batch_size: int, out: Path) -> dict:
+def wait_share(url: str, student: str, workers: int, batch_size: int, out: Path, path: str = "after",
+               steps: int | None = None) -> dict:
+    """The loader's wait share of step time in a real `distill` (1 epoch, or its first `steps` steps)."""
+    memory, order = PATHS[path]
+    os.environ["COT2ALIGN_DECODED_MEMORY_MB"] = memory
     distill(build_config(DistillConfig, cache=url, student=student, method="dskd", cot2align=True, alpha=0.5,
-                         epochs=1, batch_size=batch_size, lr=1e-3, num_workers=workers, val_examples=0, out=str(out),
-                         overwrite=True), log=lambda m: None, progress=False)
+                         epochs=1, max_steps=steps, batch_size=batch_size, lr=1e-3, num_workers=workers,
+                         val_examples=0, out=str(out), overwrite=True, sample_order=order),
+            log=lambda m: None, progress=False)
+    del os.environ["COT2ALIGN_DECODED_MEMORY_MB"]
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
             if '"data_wait_share"' in line][-1]
     return {"data_wait_share": last["data_wait_share"], "tokens_per_s": last["tokens_per_s"]}
+
+
+def read_rates(local: Path, url: str, work: Path, read: dict) -> dict:
+    """examples/s of each source read each way (PATHS), before and after back to back per source."""
+    rates = {}
+    for path in PATHS:
+        rates[f"local_{path}"] = examples_per_s(str(local), **read, path=path)
+    for path in PATHS:
+        rates[f"s3_{path}"] = examples_per_s(url, **read, path=path)
+    for path in PATHS:
+        os.environ["COT2ALIGN_CHUNK_CACHE"] = str(work / f"chunk_cache_{path}")
+        examples_per_s(url, **dict(read, passes=1), path=path)                  # fills the local chunk copy
+        rates[f"s3_chunk_copy_{path}"] = examples_per_s(url, **read, path=path)
+        del os.environ["COT2ALIGN_CHUNK_CACHE"]
+    return rates
 
 
 def main() -> None:
@@ -82,6 +114,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--distill-steps", type=int, default=None,
+                        help="stop each distill after this many steps (default: one epoch; on a loaded machine "
+                             "DSKD + CoT2Align steps are slow)")
     args = parser.parse_args()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -89,7 +124,8 @@ def main() -> None:
     data = records_with_rationales(work / "data.jsonl", args.n)
     settings = dict(model=args.model, data=str(data), topk=16, max_length=512, max_prompt_length=384)
     result: dict = {"model": args.model, "student": args.student, "examples": args.n, "workers": args.workers,
-                    "batch_size": args.batch_size, "date": time.strftime("%Y-%m-%d")}
+                    "batch_size": args.batch_size, "distill_steps": args.distill_steps,
+                    "date": time.strftime("%Y-%m-%d")}
     import torch
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
 
@@ -104,24 +140,31 @@ def main() -> None:
         result["write_s3_s"] = time.perf_counter() - t0
         result["cache_bytes"] = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
         read = dict(student=args.student, workers=args.workers, batch_size=args.batch_size, passes=args.passes)
-        result["local_examples_per_s"] = examples_per_s(str(local), **read)
-        result["s3_examples_per_s"] = examples_per_s(url, **read)
-        os.environ["COT2ALIGN_CHUNK_CACHE"] = str(work / "chunk_cache")
-        examples_per_s(url, **dict(read, passes=1))                   # fills the local chunk cache
-        result["s3_chunk_cache_examples_per_s"] = examples_per_s(url, **read)
-        del os.environ["COT2ALIGN_CHUNK_CACHE"]
-        train = dict(student=args.student, workers=args.workers, batch_size=args.batch_size)
-        result["distill_s3"] = wait_share(url, **train, out=work / "run_s3")
-        result["distill_local"] = wait_share(str(local), **train, out=work / "run_local")
-    result["ratio_s3_over_local"] = result["s3_examples_per_s"] / result["local_examples_per_s"]
-    result["ratio_s3_chunk_cache_over_local"] = result["s3_chunk_cache_examples_per_s"] / result["local_examples_per_s"]
+        result["examples_per_s"] = rates = read_rates(local, url, work, read)
+        print(json.dumps(rates), flush=True)
+        (work / "remote_read.json").write_text(json.dumps(result, indent=1))      # the reads, before the runs
+        train = dict(student=args.student, workers=args.workers, batch_size=args.batch_size, steps=args.distill_steps)
+        for path in PATHS:
+            result[f"distill_s3_{path}"] = wait_share(url, **train, out=work / f"run_s3_{path}", path=path)
+        result["distill_local_after"] = wait_share(str(local), **train, out=work / "run_local", path="after")
+    result["ratios"] = ratios = {
+        "local_after_over_before": rates["local_after"] / rates["local_before"],
+        "s3_after_over_before": rates["s3_after"] / rates["s3_before"],
+        "s3_over_local_before": rates["s3_before"] / rates["local_before"],
+        "s3_over_local_after": rates["s3_after"] / rates["local_after"],
+        "s3_chunk_copy_over_local_before": rates["s3_chunk_copy_before"] / rates["local_before"],
+        "s3_chunk_copy_over_local_after": rates["s3_chunk_copy_after"] / rates["local_after"]}
     print(f"[{result['device']}] streaming {args.n} examples x {args.passes} passes, {args.workers} workers, "
-          f"batch {args.batch_size}: local {result['local_examples_per_s']:.1f} ex/s, S3 "
-          f"{result['s3_examples_per_s']:.1f} ex/s (ratio {result['ratio_s3_over_local']:.2f}), S3 + chunk cache "
-          f"{result['s3_chunk_cache_examples_per_s']:.1f} ex/s (ratio {result['ratio_s3_chunk_cache_over_local']:.2f})")
-    print(f"distill loader wait share: S3 {100 * result['distill_s3']['data_wait_share']:.2f}%, local "
-          f"{100 * result['distill_local']['data_wait_share']:.2f}%; teacher pass to S3 {result['write_s3_s']:.1f} s, "
-          f"to local disk {result['write_local_s']:.1f} s")
+          f"batch {args.batch_size}, examples/s before -> after:")
+    for source in ("local", "s3", "s3_chunk_copy"):
+        print(f"  {source:14s} {rates[f'{source}_before']:8.1f} -> {rates[f'{source}_after']:8.1f}  "
+              f"({rates[f'{source}_after'] / rates[f'{source}_before']:.2f}x)")
+    print(f"  S3 / local: before {ratios['s3_over_local_before']:.2f}, after {ratios['s3_over_local_after']:.2f} "
+          f"(target >= 0.9); local after / before {ratios['local_after_over_before']:.2f} (target >= 2)")
+    print(f"distill loader wait share: S3 before {100 * result['distill_s3_before']['data_wait_share']:.2f}%, after "
+          f"{100 * result['distill_s3_after']['data_wait_share']:.2f}% (target < 2%), local after "
+          f"{100 * result['distill_local_after']['data_wait_share']:.2f}%; teacher pass to S3 "
+          f"{result['write_s3_s']:.1f} s, to local disk {result['write_local_s']:.1f} s")
     (work / "remote_read.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, PROMPT_FORMATS, SELECT_BY,
-                              CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config)
+from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, PROMPT_FORMATS,
+                              SAMPLE_ORDERS, SELECT_BY, CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config)
 from cot2align.data.records import FIELD_MAP_KEYS
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
@@ -281,6 +281,8 @@ _TRAINING_OPTIONS = [
     _field(D, "lora_targets", help="Module names, comma-separated."),
     _field(D, "keep_adapter", help="Save the LoRA adapter, not merged weights."),
     _field(D, "seed"),
+    _field(D, "sample_order", type=click.Choice(SAMPLE_ORDERS),
+           help="Batches from one stretch of cache neighbours at a time (chunks: read faster) or the whole cache."),
     _field(D, "max_length", help="Student tokens per sequence."),
     _field(D, "device", default_text="cuda if available, else cpu"),
     _field(D, "num_workers", help="DataLoader workers.", default_text="2 on GPU, 0 on CPU"),

@@ -229,6 +229,7 @@ PAPER_SETTINGS: dict[str, dict] = {
 
 
 SELECT_BY = ("rougeL", "ce", "last")           # which epoch's model a run keeps
+SAMPLE_ORDERS = ("chunks", "shuffled")         # the order an epoch reads the cache in (train/sampling.py)
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,9 @@ class _DistillFields:
     teacher_dist: str = identity("exact")        # exact (hidden . lm_head^T) | topk (+ tail bucket): TEACHER_DISTS
     seed: int = identity(10)
     max_length: int = identity(512)              # student tokens
+    sample_order: str = identity("chunks")       # chunks: batches from one stretch of cache neighbours at a time (they
+                                                 # share chunks: decoded once) | shuffled: from the whole cache.
+                                                 # Identity: it decides which examples share a batch and when
     device: str | None = runtime(None)
     num_workers: int | None = runtime(None)      # DataLoader workers (default 2 on GPU, 0 on CPU)
     fsdp: bool = runtime(False)                  # under torchrun/accelerate: shard the student (FSDP2) instead of DDP
@@ -316,7 +320,7 @@ class _DistillFields:
             raise ConfigError(f"alpha: expected a value in [0, 1], got {self.alpha}")
         report_targets(self.report_to)
         choices = {"teacher_dist": TEACHER_DISTS, "ot_grad": OT_GRADS, "select_by": SELECT_BY,
-                   "ot_epsilon_scale": OT_EPSILON_SCALES}
+                   "sample_order": SAMPLE_ORDERS, "ot_epsilon_scale": OT_EPSILON_SCALES}
         choices.update({s.name: s.check for s in all_settings().values() if isinstance(s.check, tuple)})
         for name, allowed in choices.items():
             value = getattr(self, name)

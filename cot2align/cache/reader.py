@@ -27,6 +27,7 @@ import zarr
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from cot2align.cache.decoded import DecodedChunks, decoded_memory
 from cot2align.cache.chunk_index import ChunkIndex, ChunkProblem, CheckingStore, chunk_of, chunk_place
 from cot2align.cache.format import (CHUNK_INDEX_SINCE, VIEWS, prompt_format, text_fields, CacheError, check_format,
                                     check_teacher_files, manifest_checksum, read_manifest)
@@ -55,6 +56,7 @@ class TeacherCache:
         self._part_starts = [p.examples[0] for p in self.parts]
         self._n = n if self.complete else readable_prefix(self.parts)
         self._texts = None
+        self.decoded = DecodedChunks(decoded_memory())
         if check_tokenizer:
             check_tokenizer_files(manifest, self.teacher_dir(), self.url)
 
@@ -145,9 +147,26 @@ class TeacherCache:
         for name, arr in part.arrays[view].items():
             if names is not None and name not in names:
                 continue
-            out[name] = (self._read(arr, slice(local, local + b - a), f"example {i}", self._examples_of(part, view))
+            out[name] = (self._rows(arr, local, local + b - a, f"example {i}", self._examples_of(part, view))
                          if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
         return out
+
+    def _rows(self, arr, a: int, b: int, what: str, examples_of) -> np.ndarray:
+        """arr[a:b] of a per-row array, through this reader's decoded chunks: each chunk the rows touch is read
+        (fetched, crc32c-checked, decompressed) once while it stays in `self.decoded`, not once per example. The
+        rows come back read-only when they are a slice of one kept chunk (a writer would change the kept copy)."""
+        if not self.decoded.capacity:
+            return self._read(arr, slice(a, b), what, examples_of)
+        per_chunk = arr.chunks[0]
+        pieces = []
+        for c in range(a // per_chunk, (b - 1) // per_chunk + 1):
+            start = c * per_chunk
+            chunk = self.decoded.get((arr.path, c))
+            if chunk is None:
+                chunk = self.decoded.put((arr.path, c), self._read(arr, slice(start, min(start + per_chunk,
+                                                                                        arr.shape[0])), what, examples_of))
+            pieces.append(chunk[max(a - start, 0):b - start])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _examples_of(self, part, view: str):
         return lambda row_a, row_b: part.examples_of(view, self.views[view]["offsets"], row_a, row_b)

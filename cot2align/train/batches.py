@@ -37,6 +37,7 @@ from cot2align.modeling import tokenizer_hash
 from cot2align.cache.format import prompt_format as cache_prompt_format
 from cot2align.data.chat import use_chat_template
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
+from cot2align.train.sampling import SAMPLE_ORDERS, ChunkOrderedSampler
 
 
 def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch.dtype | None = None,
@@ -70,7 +71,8 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
                      max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
-                     log=None, transport: bool = True, prompt_format: str | None = None) -> torch.utils.data.DataLoader:
+                     log=None, transport: bool = True, prompt_format: str | None = None,
+                     sample_order: str = "chunks") -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
 
     `prompt_format` (default: the cache's): chat renders the cached turns in the student tokenizer's chat template
@@ -79,6 +81,8 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and
     attention_mask [B, L], `positions` [K] (where some example has a response token), response_mask,
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
+    `sample_order`: shuffled (batches drawn from the whole cache) or chunks (a stretch of cache neighbours at a
+    time, which share chunks: train/sampling.py).
     """
     prompt_format = prompt_format or cache_prompt_format(cache.manifest)
     if prompt_format == "chat":
@@ -88,7 +92,7 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
                       range(len(cache)) if indices is None else indices, cache.url,
                       arrays_to_read(cache, method, cot2align, teacher_dist, transport), pad_id(tokenizer), batch_size, seed,
-                      num_workers, pin_memory, rank, world)
+                      num_workers, pin_memory, rank, world, sample_order)
 
 
 def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact",
@@ -111,10 +115,17 @@ def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exa
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],
                pad: int, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
-               world: int = 1) -> torch.utils.data.DataLoader:
-    """The DataLoader over tokenised examples (from a cache, or plain records for SFT without one)."""
+               world: int = 1, sample_order: str = "chunks") -> torch.utils.data.DataLoader:
+    """The DataLoader over tokenised examples (from a cache, or plain records for SFT without one), in
+    `sample_order` (train/sampling.py: chunks, or shuffled)."""
     dataset = DistillDataset(student_ids, views_used, list(indices), cache_path, arrays)
-    sampler = LengthBucketSampler([dataset.length(k) for k in range(len(dataset))], batch_size, seed, rank, world)
+    lengths = [dataset.length(k) for k in range(len(dataset))]
+    if sample_order == "chunks":
+        sampler = ChunkOrderedSampler(lengths, dataset.indices, batch_size, seed, rank, world)
+    elif sample_order == "shuffled":
+        sampler = LengthBucketSampler(lengths, batch_size, seed, rank, world)
+    else:
+        raise ValueError(f"sample_order: expected one of {', '.join(SAMPLE_ORDERS)}, got {sample_order!r}")
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         collate_fn=lambda items: collate(items, views_used, pad), persistent_workers=num_workers > 0,

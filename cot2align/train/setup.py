@@ -239,7 +239,8 @@ def _setup_data(cfg: DistillConfig, cache, arrays: tuple[str, ...], tokenizer, d
         n_examples = len(student_ids["std_prompt_len"])
     indices, val_records = split_validation(cfg, cache, list(range(n_examples)), tokenizer)
     loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
-                        pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world)
+                        pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world,
+                        cfg.sample_order)
     return loader, val_records, views
 
 
@@ -355,13 +356,18 @@ def finished_summary(cfg: DistillConfig, cache) -> dict | None:
 
 # What makes a run the same run: every identity field of DistillConfig (config.py), the cache by its content.
 RUN_IDENTITY = tuple(name for name in fields_of_kind(DistillConfig, "identity") if name != "cache")
+# What a run recorded before a field existed used, where that is not the field's default: runs before
+# --sample-order read in the shuffled order (a resume under the new default would read other batches); runs
+# before --prompt-format (which resolves to a value) trained on the paper's prompts.
+BEFORE_THE_FIELD = {"sample_order": "shuffled", "prompt_format": "paper"}
 
 
 def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     """Refuse, in one line naming every difference, to continue a run under other identity fields than it was
     started with, or on a cache of other content; the recorded config when it is the same run. A run recorded
     before a field existed is compared with that field's default: the value the run used, since every field added
-    since (ot_weight, a method's new knob, ...) defaults to what the code did before it existed."""
+    since (ot_weight, a method's new knob, ...) defaults to what the code did before it existed — except those of
+    BEFORE_THE_FIELD, compared with the value runs used then."""
     try:
         recorded = json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -370,8 +376,7 @@ def check_same_run(marker: Path, cfg: DistillConfig, cache) -> dict:
     if "cache_identity" in recorded and recorded["cache_identity"] != cache_identity(cache):
         raise ConfigError(f"--resume {marker.parent}: the run was started on another teacher cache (recorded "
                           f"{old.get('cache')!r}, now {cfg.cache!r}: different content); resume with the same cache")
-    # prompt_format resolves to a value; a run recorded before it existed trained on the paper's prompts
-    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | {"prompt_format": "paper"}
+    defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)} | BEFORE_THE_FIELD
     old = {name: old.get(name, defaults.get(name)) for name in RUN_IDENTITY} | old
     changed = [name for name in RUN_IDENTITY if old[name] != now[name]]
     if changed:
