@@ -54,12 +54,12 @@ from pipeline import Stages, device_label, fit_dialogue  # noqa: E402  (bench/ h
 TEACHER = "smollm2-135m-instruct"
 STUDENT = "random:gpt2-transfer"     # GPT-2 architecture, 2 layers x 128, the GPT-2 tokenizer (config.RANDOM_PRESETS)
 
-# Row name -> the distill settings that make it (alpha 0.5 unless the row says otherwise). The first eight are the
-# rows of every table; the methods after them rank on DialogSum with the fine-tuned teacher (RANKING_PAIR) in both
 # Every row reads its batches in the order the first rows of this benchmark were trained in (before the chunk-ordered
 # sampler became distill's default), so that rows trained across sessions compare.
 SAMPLE_ORDER = "shuffled"
 
+# Row name -> the distill settings that make it (alpha 0.5 unless the row says otherwise). The first eight are the
+# rows of every table; the methods after them rank on DialogSum with the fine-tuned teacher (RANKING_PAIR) in both
 # regimes. A row whose method is not registered, or whose settings name a DistillConfig field that does not exist,
 # stops the run before it starts (usable_rows).
 ROWS = {
