@@ -27,11 +27,10 @@ import inspect
 import torch
 
 from cot2align.align.vocab import vocab_map as build_vocab_map
-from cot2align.cache.format import has_array
+from cot2align.cache.profiles import default_teacher_dist, plan_reads, refusal
 from cot2align.errors import ConfigError
 from cot2align.losses.objective import Heads, StudentView, TeacherView
 from cot2align.methods import method as registered
-from cot2align.methods import teacher_arrays
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
@@ -66,7 +65,7 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 
 
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
-                     max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
+                     max_length: int = 512, teacher_dist: str | None = None, seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
                      log=None) -> torch.utils.data.DataLoader:
     """Length-bucketed batches of cached examples (`indices`, default all) for `method` (± CoT2Align).
@@ -74,6 +73,7 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     Each batch is {"index": [B], "std": {...}[, "cot": {...}]}: per view the student's input_ids and
     attention_mask [B, L], `positions` [K] (where some example has a response token), response_mask,
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
+    `teacher_dist` None: exact when the cache stores hidden states, else topk (cache/profiles.py).
     """
     student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, registered(method).alignment,
                                  log=log)
@@ -83,21 +83,18 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
                       num_workers, pin_memory, rank, world)
 
 
-def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact") -> tuple[str, ...]:
-    """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays), where the cache
-    may be older than an array: without `target_logprob` (written before it was added) the teacher's log-probs of
-    the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead. Under
-    --teacher-dist topk that is refused in one line when the run reads no hidden states, or when the method's
-    distribution is the top-k itself (GOLD: the top-k cannot stand in for a realised token outside it)."""
-    names = teacher_arrays(method, cot2align, teacher_dist)
-    if "target_logprob" not in names or has_array(cache.manifest, "target_logprob"):
-        return names
-    if teacher_dist == "topk" and ("hidden" not in names or registered(method).teacher_dist):
-        raise ConfigError(f"--method {method} --teacher-dist topk: the cache {cache.url} has no per-row array "
-                          "target_logprob (written before it was added), which the top-k cannot stand in for; use "
-                          "--teacher-dist exact (recomputed from the hidden states), or rebuild the cache with "
-                          "cot2align cache-teacher")
-    return tuple(dict.fromkeys((*names, "hidden")))
+def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str | None = None) -> tuple[str, ...]:
+    """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays, planned against
+    what the cache stores by cache/profiles.py `plan_reads`); `teacher_dist` None: the cache's default (exact with
+    hidden states, topk without). The one place a run the cache cannot serve is refused, in one line naming the
+    missing arrays and what would provide them: a `--store logits` cache under DSKD, CoT2Align's OT or the exact
+    distribution (`--store full`), or a cache older than `target_logprob` under --teacher-dist topk (whose
+    hidden states otherwise stand in for it: hidden · lm_headᵀ)."""
+    teacher_dist = teacher_dist or default_teacher_dist(cache.manifest)
+    why = refusal(cache.manifest, cache.url, method, cot2align, teacher_dist)
+    if why is not None:
+        raise ConfigError(why)
+    return plan_reads(cache.manifest, method, cot2align, teacher_dist)[0]
 
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],
