@@ -89,6 +89,7 @@ def _distill(cache, out, **kw):
     return distill(build_config(DistillConfig, **settings), log=lambda m: None, progress=False)
 
 
+@pytest.mark.slow      # one short run per method (like test_train's KD short runs)
 @pytest.mark.parametrize("method", ["sft", "kl", "uld", "mined", "alm", "gold", "xtoken"])
 def test_a_logits_cache_trains_every_method_it_serves(caches, tmp_path, method):
     student = TEACHER if method == "kl" else STUDENT          # kl: one shared vocabulary
