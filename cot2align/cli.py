@@ -9,13 +9,13 @@ import sys
 
 import click
 
-from cot2align.config import (ATTN_IMPLEMENTATIONS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, PROMPT_FORMATS,
+from cot2align.config import (ATTN_IMPLEMENTATIONS, DEVICE_MAPS, DTYPES, OT_EPSILON_SCALES, OT_GRADS, PROMPT_FORMATS,
                               SAMPLE_ORDERS, SELECT_BY, CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config)
 from cot2align.data.records import FIELD_MAP_KEYS
 from cot2align.errors import CacheError, ConfigError, DataError, TrainingError
 from cot2align.hub import HubError
 from cot2align.logs import configure as configure_logging
-from cot2align.methods import METHODS, TEACHER_DISTS, all_settings
+from cot2align.methods import METHODS, STORE_PROFILES, TEACHER_DISTS, all_settings
 
 
 USER_ERRORS = (CacheError, ConfigError, DataError, HubError, TrainingError)
@@ -179,6 +179,15 @@ C = CacheTeacherConfig
 @_field(C, "prompt_format", type=click.Choice(PROMPT_FORMATS), help=PROMPT_FORMAT_HELP,
         default_text=PROMPT_FORMAT_DEFAULT)
 @_field(C, "chat_template", help=CHAT_TEMPLATE_HELP)
+@_field(C, "store", type=click.Choice(STORE_PROFILES),
+        help="What the cache keeps: full, or logits (token ids, top-k + tail, realised-token log-probs; no hidden "
+             "states: serves kl, uld, mined, alm, gold, xtoken with --teacher-dist topk, and CoT2Align's CoT view "
+             "with --ot-weight 0; not DSKD or the OT term).")
+@_field(C, "device_map", type=click.Choice(DEVICE_MAPS),
+        help="Spread a teacher too large for one GPU over the node's GPUs, then CPU, then disk (accelerate).")
+@_field(C, "max_memory", metavar="DEVICE=SIZE,...", help="With --device-map: memory per device, e.g. 0=70GiB,cpu=200GiB.")
+@_field(C, "offload_folder", help="With --device-map: where layers offloaded to disk go.",
+        default_text="a temporary directory")
 def cache_teacher_cmd(config_file, print_config, field_map, **flags):
     """Run the teacher once over the std and CoT views of a dataset and write the Zarr cache."""
     cfg = build_config(CacheTeacherConfig, config_file, field_map=_field_map(field_map), **flags)
@@ -360,7 +369,8 @@ def _method_settings(command):
 @_field(D, "ot_iters", help="Sinkhorn iterations.")
 @_field(D, "ot_grad", type=click.Choice(OT_GRADS), help="OT gradient.")
 @_field(D, "ot_compile", help="torch.compile the Sinkhorn loop.")
-@_field(D, "teacher_dist", type=click.Choice(TEACHER_DISTS), help="Teacher distribution.")
+@_field(D, "teacher_dist", type=click.Choice(TEACHER_DISTS), help="Teacher distribution.",
+        default_text="exact when the cache stores hidden states, else topk")
 @_training_options
 def distill_cmd(config_file, print_config, **flags):
     """Train a student from a teacher cache (DSKD + CoT2Align by default)."""

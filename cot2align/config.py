@@ -20,7 +20,7 @@ import yaml
 from cot2align.data.chat import PROMPT_FORMATS, check_prompt_format  # noqa: F401  (PROMPT_FORMATS: the CLI's)
 from cot2align.data.hf import describe, is_dataset_object as _is_dataset
 from cot2align.errors import ConfigError  # noqa: F401  (re-exported: raised here)
-from cot2align.methods import METHODS, OT_EPSILON_SCALES, OT_GRADS, TEACHER_DISTS, all_settings
+from cot2align.methods import METHODS, OT_EPSILON_SCALES, OT_GRADS, STORE_PROFILES, TEACHER_DISTS, all_settings
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,11 +191,21 @@ class CacheTeacherConfig:
     attn_implementation: str | None = runtime(None)   # sdpa | eager | flash_attention_2 [default: sdpa]
     prompt_format: str | None = identity(None)   # paper | chat [default: chat for conversational data, else paper]
     chat_template: str | None = identity(None)   # a Jinja file replacing the teacher's chat template
+    store: str = identity("full")                # what the cache keeps: full (hidden states too) | logits (token ids,
+                                                 # top-k + tail, realised-token log-probs): format.STORE_PROFILES
+    device_map: str | None = runtime(None)       # auto | balanced | balanced_low_0 | sequential: the teacher's layers
+                                                 # spread over the node's GPUs (then CPU, then disk) by accelerate
+    max_memory: str | None = runtime(None)       # with device_map: DEVICE=SIZE,... e.g. 0=70GiB,1=70GiB,cpu=200GiB
+    offload_folder: str | None = runtime(None)   # with device_map: where layers offloaded to disk go [default: a
+                                                 # temporary directory]
 
     def validate(self) -> None:
         check_dtype(self.dtype)
         check_attn_implementation(self.attn_implementation)
         check_prompt_format(self.prompt_format)
+        check_device_map(self.device_map, self.max_memory, self.offload_folder)
+        if self.store not in STORE_PROFILES:
+            raise ConfigError(f"store: expected one of {', '.join(STORE_PROFILES)}, got {self.store!r}")
         if self.topk < 1:
             raise ConfigError(f"topk: expected a positive integer, got {self.topk}")
         if self.hidden_dtype not in ("bf16", "int8"):
@@ -273,7 +283,8 @@ class _DistillFields:
     ot_iters: int = identity(100)
     ot_grad: str = identity("envelope")
     ot_compile: bool = runtime(False)            # the same Sinkhorn loop, compiled
-    teacher_dist: str = identity("exact")        # exact (hidden . lm_head^T) | topk (+ tail bucket): TEACHER_DISTS
+    teacher_dist: str | None = identity(None)    # exact (hidden . lm_head^T) | topk (+ tail bucket): TEACHER_DISTS
+                                                 # [resolved: exact when the cache stores hidden states, else topk]
     seed: int = identity(10)
     max_length: int = identity(512)              # student tokens
     sample_order: str = identity("chunks")       # chunks: batches from one stretch of cache neighbours at a time (they
@@ -430,6 +441,37 @@ def report_targets(report_to: str) -> list[str]:
 
 
 DTYPES = ("bf16", "fp16", "fp32")     # --dtype of every command that runs a model
+
+# --device-map of cache-teacher: accelerate's placements of a model too large for one device
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | None, max_memory: str | None, offload_folder: str | None) -> None:
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ConfigError(f"{'max_memory' if max_memory is not None else 'offload_folder'}: only with --device-map")
+        return
+    if device_map not in DEVICE_MAPS:
+        raise ConfigError(f"device_map: expected one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    parse_max_memory(max_memory)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """--max-memory DEVICE=SIZE,... as accelerate's max_memory: a GPU by its index (0, 1, …) or cpu; SIZE as
+    accelerate reads it (70GiB, 500MB) or a number of bytes. None when not given."""
+    if text is None:
+        return None
+    out: dict = {}
+    for item in str(text).split(","):
+        device, _, size = item.strip().partition("=")
+        device, size = device.strip(), size.strip()
+        if not size or not (device == "cpu" or device.isdigit()):
+            raise ConfigError(f"max_memory: expected DEVICE=SIZE,... with DEVICE a GPU index or cpu (e.g. "
+                              f"0=70GiB,cpu=200GiB), got {item.strip()!r}")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size, flags=re.IGNORECASE):
+            raise ConfigError(f"max_memory: {device}={size}: expected a size such as 70GiB, 500MB or a number of bytes")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out
 
 
 def check_dtype(value: str | None) -> None:

@@ -30,6 +30,8 @@ from functools import lru_cache
 # the loss.
 KL_VARIANTS = ("forward", "reverse", "skewed_forward", "skewed_reverse", "js", "adaptive")
 TEACHER_DISTS = ("exact", "topk")          # hidden · lm_headᵀ recomputed from the cache | the stored top-k + tail
+STORE_PROFILES = ("full", "logits")        # what cache-teacher --store keeps: every array | no hidden states
+                                           # (cache/format.py lays them out; cache/profiles.py: what each serves)
 ALIGNMENTS = ("mined", "chunks")           # align/mined.py's teacher row per student row | align/chunks.py's spans
 # CoT2Align's OT term (losses/ot.py), shared by every method
 OT_GRADS = ("envelope", "unrolled")            # the OT plan's gradient: envelope theorem (ours) | through Sinkhorn

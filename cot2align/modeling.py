@@ -283,11 +283,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                seed: int = 0, adapter: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, placement: dict | None = None):
     """Load a causal LM in eval mode; LoRA adapters are merged into the base weights. `revision`: the hub
     repository's commit, branch or tag (refused for a model that has none); `attn_implementation`: sdpa (the
-    default), eager or flash_attention_2 (config.check_attn_implementation)."""
+    default), eager or flash_attention_2 (config.check_attn_implementation). `placement`: accelerate's big-model
+    placement instead of `device` — {"device_map", "max_memory", "offload_folder"} as from_pretrained takes them
+    (a model from a hub id or a local directory: see `load_placed`)."""
     check_attn_implementation(attn_implementation)
+    if placement is not None:
+        return load_placed(name_or_path, dtype, placement, adapter, trust_remote_code, revision, attn_implementation)
     if name_or_path in TINY_PRESETS or name_or_path in RANDOM_PRESETS:
         _no_revision(name_or_path, revision, "a built-in preset")
     if name_or_path in TINY_PRESETS:
@@ -330,6 +334,55 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     return model
 
 
+def load_placed(name_or_path: str, dtype: torch.dtype, placement: dict, adapter: str | None, trust_remote_code: bool,
+                revision: str | None, attn_implementation: str | None):
+    """A model too large for one device, placed by accelerate as from_pretrained does it (`device_map`): its
+    layers spread over the GPUs in `max_memory`, then the CPU, then `offload_folder` on disk, each layer's
+    weights brought to its execution device by a hook when it runs. Only what from_pretrained loads can be
+    placed this way: a hub id or a local directory, without a separate --adapter (merge it first)."""
+    where = f"--device-map {placement['device_map']}"
+    if name_or_path in TINY_PRESETS or name_or_path in RANDOM_PRESETS or "gguf_package" in MODEL_ALIASES.get(
+            name_or_path, {}):
+        raise ConfigError(f"{where}: --model {name_or_path} is built in memory, not loaded from weight files; save it "
+                          "with save_pretrained and pass its directory, or leave out --device-map")
+    path = Path(name_or_path)
+    if adapter is not None or (path / "adapter_config.json").exists():
+        raise ConfigError(f"{where}: --model {name_or_path} needs a LoRA adapter merged; merge it first (peft "
+                          "merge_and_unload, then save_pretrained) and pass the merged directory")
+    _check_local(name_or_path)
+    hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
+    if not path.exists() and "/" not in hub:
+        raise ConfigError(_unknown_model_message(name_or_path))
+    if path.exists():
+        _no_revision(name_or_path, revision, "a local path")
+    model = _from_hub(AutoModelForCausalLM, hub, dtype=dtype, use_safetensors=True,
+                      attn_implementation=attn_implementation or "sdpa", trust_remote_code=trust_remote_code,
+                      revision=revision, **placement)
+    model.eval()
+    return model
+
+
+def offloaded_state_dict(model) -> dict:
+    """The model's state dict with every tensor's values on the CPU, also for a model placed by accelerate whose
+    offloaded weights sit on the `meta` device between uses (brought in module by module)."""
+    state = model.state_dict()
+    if not any(t.device.type == "meta" for t in state.values()):
+        return state
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    values = get_state_dict_offloaded_model(model)
+    return {name: values.get(name, tensor) for name, tensor in state.items()}
+
+
+def module_weights(module) -> dict[str, torch.Tensor]:
+    """A module's own parameters as CPU tensors (the teacher's embedding and LM head for the cache's head file),
+    also when accelerate offloaded them to the CPU or disk."""
+    from accelerate.utils.modeling import align_module_device
+
+    with align_module_device(module, "cpu"):
+        return {name: p.detach().to("cpu").clone() for name, p in module.named_parameters(recurse=False)}
+
+
 def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
     """The commit a hub model (an alias's hub id, or owner/name) at `revision` was loaded from, read from the local
     hub cache that loading filled; None for anything else (a preset, a local path) or when unknown."""
@@ -358,7 +411,9 @@ def weights_fingerprint(model) -> str:
     """sha256 over parameter names, shapes and bytes (tiny models) or names and shapes (large ones)."""
     h = hashlib.sha256()
     total = sum(p.numel() for p in model.parameters())
-    for name, p in model.state_dict().items():
+    # a model placed by accelerate (--device-map) has the same fingerprint as the same weights in one place
+    state = offloaded_state_dict(model) if total <= 50_000_000 else model.state_dict()
+    for name, p in state.items():
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         if total <= 50_000_000:

@@ -135,9 +135,9 @@ def test_gold_from_the_top_k_of_a_cache_without_target_logprob_is_refused_in_one
     the top-k are unknown, so the run is refused before anything is trained (exact still works: see the loss's
     fallback, checked by the cache-fed = online test, whose online side has no target_logprob)."""
     from cot2align.config import ConfigError
-    from cot2align.train import batches
+    from cot2align.cache import profiles
 
-    monkeypatch.setattr(batches, "has_array", lambda manifest, name: name != "target_logprob")
+    monkeypatch.setattr(profiles, "has_array", lambda manifest, name: name != "target_logprob")
     refusal = r"--method gold --teacher-dist topk: .* target_logprob .* --teacher-dist exact"
     with pytest.raises(ConfigError, match=refusal):
         _run(cache_dir, tmp_path / "run", teacher_dist="topk", max_steps=1)

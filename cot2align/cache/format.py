@@ -56,6 +56,12 @@ An array added within a version is optional to its readers: `target_logprob` joi
 change (a cache may or may not hold it: the manifest's store.dtypes says which; `has_array` reads that), and a
 reader that does not know it reads the rest unchanged.
 
+Store profiles (`cache-teacher --store`, the manifest's store.profile; a cache without the field is `full`):
+`full` stores every array above; `logits` stores what the methods that read only the teacher's distribution need
+— input_ids, target_ids, topk_ids, topk_logprobs, tail_logprob, target_logprob — and no hidden, hidden_scale or
+embeds (about 1/10 of a full row at D = 4096, k = 64). The profile is part of the cache's identity; which runs a
+cache can serve is decided from the arrays it stores (cache/profiles.py).
+
 Version 4 adds the chunk index above, and writes every chunk (Zarr would leave out a chunk that holds only the
 fill value, so an all-zero chunk and a deleted one looked alike): a chunk is trusted when it exists, ends in the
 crc32c the index recorded for its position, and decodes.
@@ -71,6 +77,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from cot2align.errors import CacheError  # noqa: F401  (re-exported: raised here)
+from cot2align.methods import STORE_PROFILES
 
 FORMAT = "cot2align-cache"
 FORMAT_VERSION = 4
@@ -123,10 +130,20 @@ REQUIRED_FIELDS = {
     "status": _STR, "data": _DICT, "data.n_examples": _INT, "teacher": _DICT, "teacher.name_or_path": _STR,
     "teacher.hidden_size": _INT, "teacher.vocab_size": _INT, "teacher.embed_kind": _STR, "tokenizer": _DICT,
     "tokenizer.name_or_path": _STR, "tokenizer.vocab_hash": _STR, "tokenizer.eos_id": _INT, "store": _DICT,
-    "store.topk": _INT, "store.dtypes.hidden": _STR, "store.dtypes.topk_ids": _STR, "settings": _DICT,
+    "store.topk": _INT, "store.dtypes.topk_ids": _STR, "settings": _DICT,
     "settings.batch_tokens": _INT, "progress": _DICT,
 }
 REQUIRED_SINCE_V2 = {"progress.blocks": _LIST, "store.parts": _LIST}
+REQUIRED_WITH_HIDDEN = {"store.dtypes.hidden": _STR}     # every profile but `logits`
+
+# The per-row arrays each store profile of `cache-teacher --store` (methods.STORE_PROFILES) leaves out.
+HIDDEN_ARRAYS = ("hidden", "hidden_scale", "embeds")
+PROFILE_LEAVES_OUT = {"full": (), "logits": HIDDEN_ARRAYS}
+
+
+def store_profile(manifest: dict) -> str:
+    """The cache's store profile; caches written before profiles existed stored everything: `full`."""
+    return manifest.get("store", {}).get("profile", "full")
 
 
 def _field(manifest: dict, dotted: str):
@@ -145,7 +162,8 @@ _JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an
 def check_fields(manifest: dict, where) -> None:
     """Every field the readers use is present with its JSON type (bool is not taken for an integer); each part of
     a version-2+ store has its example, block and row ranges as pairs of integers."""
-    required = dict(REQUIRED_FIELDS, **(REQUIRED_SINCE_V2 if manifest["format_version"] >= 2 else {}))
+    required = dict(REQUIRED_FIELDS, **(REQUIRED_SINCE_V2 if manifest["format_version"] >= 2 else {}),
+                    **(REQUIRED_WITH_HIDDEN if _field(manifest, "store.profile") != "logits" else {}))
     for dotted, types in required.items():
         value = _field(manifest, dotted)
         if value is KeyError:
@@ -263,8 +281,10 @@ def has_array(manifest: dict, name: str) -> bool:
 
 
 def view_array_specs(hidden_size: int, topk: int, vocab_size: int, hidden_dtype: str, store_embeds: bool,
-                     hidden_codec: str) -> dict[str, dict]:
-    """name -> {dtype, trailing shape, chunk rows, codec kind} of the per-row arrays of a view."""
+                     hidden_codec: str, profile: str = "full") -> dict[str, dict]:
+    """name -> {dtype, trailing shape, chunk rows, codec kind} of the per-row arrays of a view that the store
+    `profile` keeps (STORE_PROFILES). The chunk rows of the top-k arrays follow the hidden state's in every
+    profile, so that a `logits` cache chunks them as its `full` twin does."""
     rows = hidden_chunk_rows(hidden_size)
     specs = {
         "input_ids": dict(dtype=np.int32, trailing=(), chunk=ROW_CHUNK_1D, codec="topk"),
@@ -280,4 +300,6 @@ def view_array_specs(hidden_size: int, topk: int, vocab_size: int, hidden_dtype:
         specs["hidden_scale"] = dict(dtype=np.float16, trailing=(), chunk=ROW_CHUNK_1D, codec="topk")
     if store_embeds:
         specs["embeds"] = dict(dtype=np.uint16, trailing=(hidden_size,), chunk=rows, codec=hidden_codec)
-    return specs
+    if profile not in PROFILE_LEAVES_OUT:
+        raise ValueError(f"store profile: expected one of {', '.join(STORE_PROFILES)}, got {profile!r}")
+    return {name: spec for name, spec in specs.items() if name not in PROFILE_LEAVES_OUT[profile]}

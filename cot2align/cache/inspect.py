@@ -10,8 +10,10 @@ import numpy as np
 import zarr
 
 from cot2align.cache.chunk_index import ChunkProblem, chunk_place
-from cot2align.cache.format import text_fields, VIEWS, CacheError, check_teacher_files, has_array, read_manifest
+from cot2align.cache.format import (VIEWS, CacheError, check_teacher_files, has_array, read_manifest, store_profile,
+                                    text_fields)
 from cot2align.cache.parts import read_parts
+from cot2align.cache.profiles import servable
 from cot2align.cache.reader import TeacherCache, check_opens, check_tokenizer_files, open_arrays
 from cot2align.cache.storage import Location
 from cot2align.logs import reporter
@@ -40,8 +42,8 @@ def refusal(location: Location) -> str | None:
 
 
 def cache_info(path: str | Path) -> dict:
-    """Manifest summary, rows per view, bytes per row by array, compression ratios, throughput, and why the cache
-    would be refused when it would be."""
+    """Manifest summary, rows per view, the store profile, bytes per row by array, compression ratios, which runs
+    of each method the cache can serve, throughput, and why the cache would be refused when it would be."""
     location, manifest = _open(path)
     root = zarr.open_group(store=location.zarr_store(read_only=True), mode="r")    # sizes only: no chunk is read
     parts = read_parts(manifest, root, location.url)
@@ -70,6 +72,8 @@ def cache_info(path: str | Path) -> dict:
         "parts": len(parts),
         "rows": rows,
         "topk": manifest["store"]["topk"],
+        "profile": store_profile(manifest),
+        "serves": servable(manifest),
         "hidden_codec": manifest["store"].get("hidden_codec"),
         "arrays": arrays,
         "bytes_per_row": per_row_total,
@@ -92,7 +96,7 @@ def format_info(info: dict) -> str:
         f"({d.get('path') or d.get('hub') or d.get('dataset')}{split})",
         f"truncated    prompts {d['truncated']['prompt']}  responses {d['truncated']['response']}",
         f"rows         std {info['rows']['std']:,}  cot {info['rows']['cot']:,}   top-k {info['topk']}  "
-        f"hidden codec {info['hidden_codec']}   parts {info['parts']}",
+        f"hidden codec {info['hidden_codec']}   parts {info['parts']}   store {info['profile']}",
         "array            bytes/row    ratio",
     ]
     for name, e in sorted(info["arrays"].items()):
@@ -102,10 +106,20 @@ def format_info(info: dict) -> str:
                      "under --teacher-dist exact and refuses --teacher-dist topk")
     lines.append(f"  {'total':<14} {info['bytes_per_row']:>10.1f}   = {info['bytes_per_row_vs_bf16_hidden']:.3f} x "
                  f"the bf16 hidden state   ({info['total_bytes'] / 2**20:.1f} MiB on disk)")
+    lines += _format_serves(info["serves"])
     if p:
         lines.append(f"pass         {p.get('seconds', 0):.1f} s on {p.get('device')}: {p.get('tokens_per_s', 0):,.0f} "
                      f"teacher tokens/s, {p.get('rows_per_s', 0):,.0f} rows/s, {p.get('examples_per_s', 0):,.1f} examples/s")
     return "\n".join(lines)
+
+
+def _format_serves(serves: dict[str, list[str]]) -> list[str]:
+    """`cache info`'s lines on what the cache can serve: each method with the runs of it the cache's arrays serve
+    (teacher distribution, ± CoT2Align), and the methods it cannot serve with what would provide them."""
+    lines = ["serves       method: runs (--teacher-dist, +cot2align)"]
+    for name, runs in serves.items():
+        lines.append(f"  {name:<14} {', '.join(runs) if runs else 'none: rebuild with cache-teacher --store full'}")
+    return lines
 
 
 def verify_cache(path: str | Path, log=None) -> list[str]:
@@ -227,10 +241,11 @@ def _verify_shapes(g, view: str, manifest: dict, rows: int) -> list[str]:
     D, k = manifest["teacher"]["hidden_size"], manifest["store"]["topk"]
     expected = {"input_ids": ((rows,), "int32"), "target_ids": ((rows,), "int32"),
                 "topk_logprobs": ((rows, k), "float16"), "tail_logprob": ((rows,), "float32"),
-                "hidden": ((rows, D), manifest["store"]["dtypes"]["hidden"]),
                 "topk_ids": ((rows, k), manifest["store"]["dtypes"]["topk_ids"])}
-    if manifest["teacher"]["embed_kind"] == "stored":
-        expected["embeds"] = ((rows, D), "uint16")
+    if store_profile(manifest) != "logits":            # the profiles with hidden states (format.py)
+        expected["hidden"] = ((rows, D), manifest["store"]["dtypes"]["hidden"])
+        if manifest["teacher"]["embed_kind"] == "stored":
+            expected["embeds"] = ((rows, D), "uint16")
     if has_array(manifest, "target_logprob"):          # caches written before it was added lack it
         expected["target_logprob"] = ((rows,), "float32")
     problems = []

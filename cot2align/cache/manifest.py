@@ -21,10 +21,12 @@ from cot2align.cache.storage import Location
 
 def build_manifest(*, teacher: dict, tokenizer: dict, data: dict, settings: dict, fingerprint: dict, specs: dict,
                    topk: int, hidden_dtype: str, hidden_codec: str, parts: list[dict], block_starts: list[int],
-                   software: dict) -> dict:
+                   software: dict, profile: str = "full") -> dict:
     """A new cache's manifest. `teacher`, `tokenizer`, `data`, `settings` and `fingerprint` describe the pass's
     inputs (the caller knows the model); the format's own fields, the store's layout from the per-row array
-    `specs` (format.view_array_specs) and the progress record are filled in here."""
+    `specs` (format.view_array_specs) and the progress record are filled in here. `profile`: what the cache stores
+    (format.STORE_PROFILES); a profile without hidden states records no hidden dtype or codec."""
+    hidden = "hidden" in specs
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -35,10 +37,11 @@ def build_manifest(*, teacher: dict, tokenizer: dict, data: dict, settings: dict
         "tokenizer": tokenizer,
         "data": data,
         "store": {
-            "views": list(VIEWS), "rows": "response", "topk": topk, "hidden_dtype": hidden_dtype,
+            "views": list(VIEWS), "rows": "response", "profile": profile, "topk": topk,
+            "hidden_dtype": hidden_dtype if hidden else None,
             "dtypes": {k: np.dtype(v["dtype"]).name for k, v in specs.items()},
             "chunk_rows": {k: v["chunk"] for k, v in specs.items()},
-            "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": hidden_codec,
+            "codecs": {k: v["codec"] for k, v in specs.items()}, "hidden_codec": hidden_codec if hidden else None,
             "checksum": "crc32c", "parts": parts,
         },
         "settings": settings,

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from cot2align.cache import open_cache
+from cot2align.cache.profiles import default_teacher_dist
 from cot2align.config import DistillConfig, build_config
 from cot2align.errors import ConfigError
 from cot2align.losses.objective import build_projectors, distillation_loss
@@ -66,7 +67,8 @@ class CacheCollator:
     student's padded ids and response positions and the teacher's decoded rows (train/data.collate)."""
 
     def __init__(self, cache, tokenizer, method: str = "dskd", cot2align: bool = True, max_length: int = 512,
-                 teacher_dist: str = "exact", transport: bool = True):
+                 teacher_dist: str | None = None, transport: bool = True):
+        teacher_dist = teacher_dist or default_teacher_dist(cache.manifest)
         loader = cache_dataloader(cache, tokenizer, method=method, cot2align=cot2align, batch_size=1,
                                   max_length=max_length, teacher_dist=teacher_dist, transport=transport)
         self.examples = loader.dataset          # every cached example; item k is example k
@@ -102,7 +104,9 @@ class Cot2AlignTrainer(SFTTrainer):
         cache = open_cache(cache) if isinstance(cache, (str, Path)) else cache
         # the loss settings, checked as `cot2align distill` checks its flags; kl_variant as for a bare distill run
         self.distill_config = build_config(DistillConfig, cache=cache.url, method=method, cot2align=cot2align,
-                                           alpha=alpha, **{"kl_variant": "forward", **(settings or {})})
+                                           alpha=alpha, **{"kl_variant": "forward",
+                                                           "teacher_dist": default_teacher_dist(cache.manifest),
+                                                           **(settings or {})})
         cfg, spec = self.distill_config, registered(method)
         if spec.same_tokenizer and tokenizer_hash(processing_class) != cache.manifest["tokenizer"]["vocab_hash"]:
             raise ConfigError(f"method {method}: the student's tokenizer differs from the teacher's in {cache.url}; it "

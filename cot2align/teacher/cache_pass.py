@@ -36,10 +36,11 @@ from cot2align.data.readers import load_records
 from cot2align.logs import progress_disabled, reporter, silent
 from cot2align.data.templates import load_templates
 from cot2align.model_limits import check_teacher
-from cot2align.modeling import (hub_commit, load_model, load_tokenizer, model_files_fingerprint, resolve_dtype, tokenizer_hash,
-                                weights_fingerprint)
+from cot2align.modeling import (hub_commit, load_model, load_tokenizer, model_files_fingerprint, module_weights,
+                                resolve_dtype, tokenizer_hash, weights_fingerprint)
 from cot2align.teacher.batching import plan_batches, plan_blocks
-from cot2align.teacher.forward import probe_head, teacher_batch
+from cot2align.teacher.forward import input_device, probe_head, teacher_batch
+from cot2align.teacher.placement import placement
 from cot2align.teacher.sequences import build_sequences
 from cot2align.write_errors import io_failure, reported
 
@@ -68,7 +69,9 @@ def _inputs_fingerprint(cfg: CacheTeacherConfig, data_source: dict, tok_hash: st
         "data": {"sha256": data_source["sha256"], "split": cfg.split, "limit": cfg.limit, "field_map": cfg.field_map},
         "templates": _sha(load_templates()),
         "settings": {"topk": cfg.topk, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                     "hidden_dtype": cfg.hidden_dtype, "hidden_codec": hidden_codec},
+                     "hidden_dtype": cfg.hidden_dtype, "hidden_codec": hidden_codec,
+                     # only when not `full`: the caches written before --store existed keep their fingerprint
+                     **({"store": cfg.store} if cfg.store != "full" else {})},
         # chat format only: a paper-format cache keeps the fingerprint it had before chat prompts existed
         **({"prompt": chat} if chat is not None else {}),
     }
@@ -96,8 +99,10 @@ def cache_teacher(cfg: CacheTeacherConfig, log=None, model=None) -> dict:
 
     Under torchrun / accelerate launch every rank runs this: the examples are split into contiguous parts of
     whole blocks, balanced by rows (from the data alone, never from timing); rank r writes part r and resumes
-    it on its own; rank 0 creates the store first and completes it last. `model` lets a caller (a benchmark,
-    a notebook) pass the already-loaded teacher of `cfg.model`.
+    it on its own; rank 0 creates the store first and completes it last. With --device-map each rank spreads
+    its own teacher over its node's GPUs (teacher/placement.py): one rank per node, or the node's GPUs shared
+    out between its ranks. `model` lets a caller (a benchmark, a notebook) pass the already-loaded teacher of
+    `cfg.model`.
     """
     cfg.validate()
     rank, world, device, own_group = _distributed(cfg)
@@ -106,15 +111,17 @@ def cache_teacher(cfg: CacheTeacherConfig, log=None, model=None) -> dict:
     dtype = resolve_dtype(cfg.dtype, device)                            # --dtype; default bf16 on CUDA, fp32 on CPU
     try:
         # one writer per output: a second job on the same --out is refused at once (storage.Location.writer_lock)
-        with location.writer_lock(CacheError, f"--out {location}", rank, say):
-            return _build(cfg, location, rank, world, device, dtype, say, model)
+        with location.writer_lock(CacheError, f"--out {location}", rank, say), placement(cfg) as placed:
+            return _build(cfg, location, rank, world, device, dtype, say, model, placed)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
 
 
-def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, device, dtype, say, model) -> dict:
-    """The pass itself, under the writer lock; `dtype`: the teacher's compute dtype."""
+def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, device, dtype, say, model,
+           placed: dict | None = None) -> dict:
+    """The pass itself, under the writer lock; `dtype`: the teacher's compute dtype; `placed`: from_pretrained's
+    device_map, max_memory and offload_folder under --device-map (None: the whole teacher on `device`)."""
     plan = _plan_inputs(cfg)                                        # 1. data, tokenizer, fingerprint
     _remove_leftovers(location, rank, say)
     existing = existing_cache(location, plan.fingerprint, world, say)   # 2. what is already at --out
@@ -127,7 +134,7 @@ def _build(cfg: CacheTeacherConfig, location: Location, rank: int, world: int, d
     torch.manual_seed(cfg.seed)                                     # 3. the teacher and the store
     if model is None:
         model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, adapter=cfg.adapter,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, placement=placed)
     writer, info, specs = _open_store(cfg, location, plan, model, existing, dtype, rank, world)
     stats = _run_pass(cfg, writer, plan, model, info, specs, rank)  # 4. this rank's part
     stats["prepare_seconds"] = stats.get("prepare_seconds", 0.0) + stats.pop("started_at") - t_start
@@ -158,7 +165,7 @@ def _distributed(cfg: CacheTeacherConfig) -> tuple[int, int, torch.device, bool]
         torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1 and device.index is None:
+    if device.type == "cuda" and world > 1 and device.index is None and cfg.device_map is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     return rank, world, device, own
@@ -245,7 +252,7 @@ def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model,
     if cfg.topk > vocab_size:      # checked before anything is written: such a cache could never be finished
         raise CacheError(f"--topk {cfg.topk}: expected at most the teacher's vocabulary size ({vocab_size})")
     specs = view_array_specs(hidden_size, cfg.topk, vocab_size, cfg.hidden_dtype, info.embed_kind == "stored",
-                             plan.hidden_codec)
+                             plan.hidden_codec, profile=cfg.store)
     if existing is not None and existing.get("status") == "writing":
         if existing["fingerprint"]["weights"] != weights:
             raise CacheError(f"{location}: the teacher weights differ from those the cache was started with; "
@@ -258,7 +265,7 @@ def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model,
         parts = split_parts(block_starts, plan.offsets, world)
         manifest = build_manifest(**_describe_inputs(cfg, model, plan, weights, info, block_max_rows, dtype), specs=specs,
                                   topk=cfg.topk, hidden_dtype=cfg.hidden_dtype, hidden_codec=plan.hidden_codec,
-                                  parts=parts, block_starts=block_starts)
+                                  parts=parts, block_starts=block_starts, profile=cfg.store)
         with reported(CacheError, f"{location}: cannot create the cache",
                       "nothing of it is used yet; rerun the same command to create it again"):
             _create(location, manifest, plan, model, specs, head_in, head_out)
@@ -267,9 +274,10 @@ def _open_store(cfg: CacheTeacherConfig, location: Location, plan: _Plan, model,
 
 
 def _create(location: Location, manifest: dict, plan: _Plan, model, specs: dict, head_in, head_out) -> CacheWriter:
-    head = {"embed_tokens": head_in.weight, "lm_head": head_out.weight}
-    if getattr(head_out, "bias", None) is not None:
-        head["lm_head_bias"] = head_out.bias
+    inputs, outputs = module_weights(head_in), module_weights(head_out)    # on the CPU, also when offloaded
+    head = {"embed_tokens": inputs["weight"], "lm_head": outputs["weight"]}
+    if outputs.get("bias") is not None:
+        head["lm_head_bias"] = outputs["bias"]
     texts = {"id": [s.id for s in plan.sequences]}
     for view in VIEWS:
         texts[f"prompt_{view}"] = [s.views[view].prompt for s in plan.sequences]
@@ -292,7 +300,7 @@ def _run_pass(cfg: CacheTeacherConfig, writer: CacheWriter, plan: _Plan, model, 
     batch_tokens = writer.manifest["settings"]["batch_tokens"]
     first_block, end_block = writer.manifest["store"]["parts"][part]["blocks"]
     done = writer.blocks_done(part)
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
     counts = {"tokens": 0, "rows": 0, "forward_seconds": 0.0}
     bar = tqdm(total=block_starts[end_block] - block_starts[first_block],
@@ -342,8 +350,8 @@ def _run_block(cfg, plan: _Plan, model, info, block_starts, block, batch_tokens,
         seqs = [plan.sequences[ex].views[view] for ex, view in batch]
         t0 = time.perf_counter()
         result = teacher_batch(model, info, [s.input_ids for s in seqs], [s.prompt_len for s in seqs],
-                               cfg.topk, cfg.hidden_dtype, pad_id)
-        host, event = _to_host(result, device)
+                               cfg.topk, cfg.hidden_dtype, pad_id, keep_hidden="hidden" in background.specs)
+        host, event = _to_host(result)
         counts["forward_seconds"] += time.perf_counter() - t0
         placements = [(ex, view, s.n_rows) for (ex, view), s in zip(batch, seqs)]
         background.put(("batch", block, (event, host, placements)))
@@ -372,23 +380,39 @@ def _pass_stats(previous: dict, seconds: float, counts: dict, write_seconds: flo
     return stats
 
 
-def _to_host(result: dict, device: torch.device):
-    """Start copying a batch's stored rows to pinned host memory; return (tensors, event)."""
-    host = {}
+def _to_host(result: dict):
+    """Start copying a batch's stored rows to pinned host memory; return (tensors, what to wait on or None). A
+    teacher placed over several GPUs leaves its rows on more than one: each device's copies get their event."""
+    host, devices = {}, []
     for name, tensor in result.items():
         if name == "topk_ids":
             tensor = tensor.to(torch.int32)
-        if device.type == "cuda":
+        if tensor.device.type == "cuda":
             buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             buf.copy_(tensor, non_blocking=True)
             host[name] = buf
+            devices.append(tensor.device) if tensor.device not in devices else None
         else:
             host[name] = tensor.contiguous()
-    event = None
-    if device.type == "cuda":
+    if not devices:
+        return host, None
+    events = []
+    for device in devices:
         event = torch.cuda.Event()
-        event.record()
-    return host, event
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    return host, _Events(events)
+
+
+class _Events:
+    """The copies of one batch on each device it touched, waited on together (BlockWriter calls synchronize)."""
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def synchronize(self) -> None:
+        for event in self.events:
+            event.synchronize()
 
 
 def _describe_inputs(cfg, model, plan: _Plan, weights, info, block_max_rows, dtype) -> dict:

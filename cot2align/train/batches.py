@@ -27,11 +27,10 @@ import inspect
 import torch
 
 from cot2align.align.vocab import vocab_map as build_vocab_map
-from cot2align.cache.format import has_array
+from cot2align.cache.profiles import default_teacher_dist, plan_reads, refusal
 from cot2align.errors import ConfigError
 from cot2align.losses.objective import Heads, StudentView, TeacherView
 from cot2align.methods import method as registered
-from cot2align.methods import teacher_arrays
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
 from cot2align.cache.format import prompt_format as cache_prompt_format
@@ -69,7 +68,7 @@ def load_heads(cache, student, student_tokenizer=None, device=None, dtype: torch
 
 
 def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = True, batch_size: int = 8,
-                     max_length: int = 512, teacher_dist: str = "exact", seed: int = 0, indices=None,
+                     max_length: int = 512, teacher_dist: str | None = None, seed: int = 0, indices=None,
                      num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
                      log=None, transport: bool = True, prompt_format: str | None = None,
                      sample_order: str = "chunks") -> torch.utils.data.DataLoader:
@@ -83,6 +82,7 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     target_ids and MinED's rows [B, K], and the teacher's decoded rows [B, M, ...] with their mask.
     `sample_order`: shuffled (batches drawn from the whole cache) or chunks (a stretch of cache neighbours at a
     time, which share chunks: train/sampling.py).
+    `teacher_dist` None: exact when the cache stores hidden states, else topk (cache/profiles.py).
     """
     prompt_format = prompt_format or cache_prompt_format(cache.manifest)
     if prompt_format == "chat":
@@ -95,22 +95,19 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
                       num_workers, pin_memory, rank, world, sample_order)
 
 
-def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str = "exact",
+def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str | None = None,
                    transport: bool = True) -> tuple[str, ...]:
-    """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays), where the cache
-    may be older than an array: without `target_logprob` (written before it was added) the teacher's log-probs of
-    the realised tokens are recomputed from the hidden states (hidden · lm_headᵀ, exact) — read them instead. Under
-    --teacher-dist topk that is refused in one line when the run reads no hidden states, or when the method's
-    distribution is the top-k itself (GOLD: the top-k cannot stand in for a realised token outside it)."""
-    names = teacher_arrays(method, cot2align, teacher_dist, transport)
-    if "target_logprob" not in names or has_array(cache.manifest, "target_logprob"):
-        return names
-    if teacher_dist == "topk" and ("hidden" not in names or registered(method).teacher_dist):
-        raise ConfigError(f"--method {method} --teacher-dist topk: the cache {cache.url} has no per-row array "
-                          "target_logprob (written before it was added), which the top-k cannot stand in for; use "
-                          "--teacher-dist exact (recomputed from the hidden states), or rebuild the cache with "
-                          "cot2align cache-teacher")
-    return tuple(dict.fromkeys((*names, "hidden")))
+    """The cached teacher arrays a run of `method` reads from this cache (methods.teacher_arrays, planned against
+    what the cache stores by cache/profiles.py `plan_reads`); `teacher_dist` None: the cache's default (exact with
+    hidden states, topk without); `transport` False: --ot-weight 0. The one place a run the cache cannot serve is
+    refused, in one line naming the missing arrays and what would provide them: a `--store logits` cache under
+    DSKD, CoT2Align's OT or the exact distribution (`--store full`), or a cache older than `target_logprob` under
+    --teacher-dist topk (whose hidden states otherwise stand in for it: hidden · lm_headᵀ)."""
+    teacher_dist = teacher_dist or default_teacher_dist(cache.manifest)
+    why = refusal(cache.manifest, cache.url, method, cot2align, teacher_dist, transport)
+    if why is not None:
+        raise ConfigError(why)
+    return plan_reads(cache.manifest, method, cot2align, teacher_dist, transport)[0]
 
 
 def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],

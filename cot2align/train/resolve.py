@@ -3,7 +3,8 @@
     resolve_distill_config(flags + YAML, cache) -> the config the run trains under and records
 
 It fills every value a run would otherwise derive on its way: the accelerate launcher's settings, the paper's
-setting for the cache's teacher (config.py, DistillConfig.with_defaults), the device, the dtype that device
+setting for the cache's teacher (config.py, DistillConfig.with_defaults), the teacher's distribution the cache
+serves by default (exact with hidden states, topk from a `--store logits` cache: cache/profiles.py), the device, the dtype that device
 implies, the DataLoader workers, the output directory and the resume state. The result is a new frozen
 DistillConfig that nothing changes afterwards: `--print-config` prints it, the finished-run check, setup and the
 --resume check read it, and config.yaml records it.
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cot2align.cache.format import prompt_format
+from cot2align.cache.profiles import default_teacher_dist
 from cot2align.config import DistillConfig, model_family, paper_setting
 from cot2align.data.chat import resolve_prompt_format
 from cot2align.families import teacher_family_source
@@ -94,5 +96,6 @@ def resolve_distill_config(cfg: DistillConfig, cache, say=silent) -> DistillConf
     return dataclasses.replace(
         filled, prompt_format=default_prompt_format(filled, cache), device=str(device),
         dtype=dtype_name(resolve_dtype(filled.dtype, device)),
+        teacher_dist=filled.teacher_dist or default_teacher_dist(cache.manifest if cache is not None else None),
         num_workers=filled.num_workers if filled.num_workers is not None else (2 if device.type == "cuda" else 0),
         out=out, resume=resume_state(filled.resume, Path(out)))
