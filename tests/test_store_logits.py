@@ -73,8 +73,9 @@ def test_cache_info_shows_bytes_per_row_and_what_the_cache_serves(caches):
     full, logits = cache_info(caches["full"]), cache_info(caches["logits"])
     assert logits["profile"] == "logits" and set(logits["arrays"]) == set(HIDDEN_FREE)
     assert logits["bytes_per_row"] < full["bytes_per_row"] / 2
-    assert logits["serves"] == {"sft": ["-"], "kl": ["topk"], "uld": ["topk"], "mined": ["topk"], "dskd": [],
-                                "alm": ["-"], "gold": ["topk"], "xtoken": ["topk"]}
+    cot_view = "+cot2align(ot-weight 0)"                          # CoT2Align without its OT term reads no hidden
+    assert logits["serves"] == {"sft": ["-", "cot2align(ot-weight 0)"], "dskd": [], "alm": ["-", "cot2align(ot-weight 0)"],
+                                **{m: ["topk", "topk" + cot_view] for m in ("kl", "uld", "mined", "gold", "xtoken")}}
     assert full["serves"]["dskd"] == ["exact", "topk", "exact+cot2align", "topk+cot2align"]
     assert full["serves"]["sft"] == ["-", "cot2align"]
     text = format_info(logits)
@@ -103,6 +104,15 @@ def test_a_logits_cache_trains_every_method_it_serves(caches, tmp_path, method):
         assert any(k.startswith("kd/") and np.isfinite(v) and v != 0 for k, v in steps[0].items()), steps[0]
 
 
+def test_a_logits_cache_trains_cot2align_s_cot_view_without_its_ot_term(caches, tmp_path):
+    """--ot-weight 0 reads no hidden states: MinED + CoT2Align's CoT view trains from a logits cache."""
+    _distill(caches["logits"], tmp_path / "run", method="mined", cot2align=True, ot_weight=0.0)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in line]
+    assert len(steps) == 1 and np.isfinite(steps[0]["ce"]) and np.isfinite(steps[0]["kd"])
+    assert not any(k.startswith("ot") or k == "ccot" for k in steps[0])
+
+
 def test_a_full_cache_resolves_to_the_exact_distribution(caches):
     from cot2align.cache import open_cache as opened
     from cot2align.train.resolve import resolve_distill_config
@@ -118,8 +128,8 @@ def test_a_full_cache_resolves_to_the_exact_distribution(caches):
 @pytest.mark.parametrize("method, flags, missing, instead", [
     ("dskd", dict(), "hidden", None),
     ("dskd", dict(teacher_dist="exact", cot2align=True), "hidden", None),
-    ("mined", dict(cot2align=True), "hidden", "--method mined --no-cot2align --teacher-dist topk"),
-    ("sft", dict(cot2align=True), "hidden", "--method sft --no-cot2align"),
+    ("mined", dict(cot2align=True), "hidden", "--method mined --teacher-dist topk --ot-weight 0"),
+    ("sft", dict(cot2align=True), "hidden", "--method sft --ot-weight 0"),
     ("uld", dict(teacher_dist="exact"), "hidden", "--method uld --no-cot2align --teacher-dist topk"),
     ("gold", dict(teacher_dist="exact"), "hidden", "--method gold --no-cot2align --teacher-dist topk"),
 ])
@@ -146,4 +156,6 @@ def test_servable_follows_the_registry():
     for name in METHODS:
         reads_hidden = "hidden" in teacher_arrays(name, False, "topk")
         assert (serves[name] == []) == reads_hidden, name
-        assert not any("cot2align" in run or run == "exact" for run in serves[name])
+        assert not any(("cot2align" in run and "ot-weight 0" not in run) or run == "exact" for run in serves[name])
+        if not reads_hidden:                                      # the CoT view without the OT term: served
+            assert any(run.endswith("cot2align(ot-weight 0)") for run in serves[name]), name
