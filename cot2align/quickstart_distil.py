@@ -108,17 +108,18 @@ def run_distil_quickstart(out: str, teacher: str = TEACHER, student: str = STUDE
         f"({SLICE.parent / 'README.md'} says which)")
     stages = stage_settings(out, teacher, student, limit, seed, full, sizes)
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}      # CPU seconds of each stage (all its threads): its cost on a busy machine too
     with quiet_libraries():     # the libraries' own bars and notices would drown the walkthrough
         for name, (command, settings) in stages.items():
             log(f"$ {command_line(command, settings)}")
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             note = _run_stage(command, settings)
-            times[name] = time.perf_counter() - started
+            times[name], cpu[name] = time.perf_counter() - started, time.process_time() - started_cpu
             log(f"  ({times[name]:.1f} s{'; ' + note if note else ''})")
     ce = {name: _held_out_ce(root / "runs" / name) for name in (FULL_RUNS if full else RUNS)}
     distilled = "mined_cot2align" if full else "mined"
-    result = {"ce": ce, "distilled": distilled, "difference": ce[distilled] - ce["sft"], "times": times, "seed": seed,
-              "teacher": teacher, "student": student}
+    result = {"ce": ce, "distilled": distilled, "difference": ce[distilled] - ce["sft"], "times": times,
+              "cpu_times": cpu, "seed": seed, "teacher": teacher, "student": student}
     (root / "result.json").write_text(json.dumps(result, indent=1))
     result["text"] = result_text(result)
     return result
