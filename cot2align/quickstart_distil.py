@@ -166,8 +166,8 @@ def result_text(result: dict) -> str:
     """The comparison as printed: both held-out CEs, their difference, and the stage times."""
     ce, difference = result["ce"], result["difference"]
     width = max(len(NAMES[name]) for name in ce) + 1
-    lines = [f"held-out cross-entropy of the gold summaries (sample test split: 40 DialogSum dialogues x 3 "
-             f"references; nats per GPT-2 token, lower is better), seed {result['seed']}:"]
+    lines = [f"held-out cross-entropy, nats per GPT-2 token (lower is better; the gold summaries of 40 DialogSum test "
+             f"dialogues x 3), seed {result['seed']}:"]
     lines += [f"  {NAMES[name] + ':':<{width}} {ce[name]:.3f}" for name in ce]
     verdict = "the distilled student is better" if difference < 0 else "no gain over SFT in this run"
     lines.append(f"  {'difference:':<{width}} {difference:+.3f} nats/token ({difference / ce['sft']:+.1%}): {verdict}")

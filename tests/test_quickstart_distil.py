@@ -118,3 +118,22 @@ def test_the_readme_shows_the_commands_the_quickstart_prints():
     shown = re.search(r"```\n(.*?)```", section, re.S).group(1).splitlines()
     assert shown == [f"$ {command_line(c, s)}" for c, s in stage_settings("quickstart").values()]
     assert "```bash\ncot2align quickstart\n```" in readme            # the set-up: the install line, then this
+
+
+@pytest.mark.slow
+def test_full_runs_the_teacher_chain_with_a_tiny_teacher(tmp_path, monkeypatch):
+    """--full: sft of the teacher -> augment-cot -> cache-teacher of the fine-tuned teacher over both views ->
+    SFT and MinED + CoT2Align students (a random tiny teacher stands in for SmolLM2, so its rationales are dropped
+    and the CoT view is empty: this checks the chain, not the gain)."""
+    for key, value in dict(epochs=1, batch_size=4, val_examples=2, val_max_new_tokens=4, cot_tokens=8).items():
+        monkeypatch.setitem(quickstart_distil.SIZES, key, value)
+    messages: list[str] = []
+    result = quickstart_distil.run_distil_quickstart(str(tmp_path / "qs"), teacher="tiny-qwen2", limit=6, full=True,
+                                                     log=messages.append)
+    shown = "\n".join(messages)
+    for command in ("$ cot2align sft --model tiny-qwen2", "$ cot2align augment-cot --model", "$ cot2align cache-teacher "
+                    f"--model {tmp_path / 'qs' / 'teacher'} --data {tmp_path / 'qs' / 'data' / 'cot.jsonl'}",
+                    "--method mined --cot2align"):
+        assert command in shown, command
+    assert set(result["ce"]) == {"sft", "mined_cot2align"} and "distilled (MinED + CoT2Align)" in result["text"]
+    assert len((tmp_path / "qs" / "data" / "cot.jsonl").read_text().splitlines()) == 6
