@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 
 ROOT = "cot2align"
 
@@ -146,3 +147,15 @@ def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", ena
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=progress_disabled(enabled), dynamic_ncols=True, **kwargs)
+
+
+@contextmanager
+def quiet_libraries():
+    """The libraries' own progress bars, notices and warnings silenced for a block (as under -q), then put back: for
+    a walkthrough such as the quickstart, whose stages show cot2align's bars, one per long stage."""
+    was_quiet = _before_quiet is not None
+    _quiet_libraries(True)
+    try:
+        yield
+    finally:
+        _quiet_libraries(was_quiet)

@@ -6,6 +6,8 @@ the caller passes it explicitly.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -136,6 +138,21 @@ def resolve_gguf(alias: str) -> Path:
     if not path.exists():
         raise ConfigError(f"--model {alias}: {spec['gguf_file']} not found inside package {pkg}")
     return path
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF loader shows its "de-quantizing" bar with a bare tqdm that ignores its own progress-bar
+    switch (the one -q turns off, logs.py): while it loads, that tqdm gets the switch's state."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as transformers_logging
+
+    bare = gguf_loading.tqdm
+    gguf_loading.tqdm = functools.partial(bare, disable=not transformers_logging.is_progress_bar_enabled())
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bare
 
 
 def is_known_model(name: str) -> bool:
@@ -301,9 +318,10 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     elif name_or_path in MODEL_ALIASES and "gguf_package" in MODEL_ALIASES[name_or_path]:
         _no_revision(name_or_path, revision, "a packaged model")
         gguf = resolve_gguf(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                                     **({"attn_implementation": attn_implementation}
-                                                        if attn_implementation else {}))
+        with _gguf_bar_follows_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                         **({"attn_implementation": attn_implementation}
+                                                            if attn_implementation else {}))
         # transformers dequantises GGUF weights to ordinary float tensors but keeps marking the model as
         # quantized, which makes save_pretrained refuse it; nothing quantized is left, so drop the marks
         # (a fine-tuned copy is then saved as plain safetensors)

@@ -1,7 +1,8 @@
-"""`cot2align quickstart`: the whole pipeline on the shipped sample, with a teacher and a student that use
-different real tokenizers (default: tiny-qwen2 teacher, Qwen2.5 tokenizer; tiny-gpt2 student, GPT-2
-tokenizer; both random-initialised, so the scores only show that the pipeline runs). Each stage prints the
-command that does the same thing, so a user can rerun any stage on their own models:
+"""`cot2align quickstart --tiny`: the 2-minute connectivity check — the whole pipeline on the shipped sample, with a
+teacher and a student that use different real tokenizers (default: tiny-qwen2 teacher, Qwen2.5 tokenizer; tiny-gpt2
+student, GPT-2 tokenizer; both random-initialised, so the scores only show that the pipeline runs; the default
+`cot2align quickstart`, quickstart_distil.py, shows a real teacher's gain). Each stage prints the command that does
+the same thing, so a user can rerun any stage on their own models:
 
     sft (teacher) -> augment-cot -> cache-teacher -> distill (sft, dskd, dskd + cot2align) -> evaluate -> report
 
@@ -83,7 +84,8 @@ def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-g
     log(f"  {kept.get('kept', 0)} rationales kept, degenerate: {kept.get('degenerate') or 'none'}")
     if not kept.get("kept"):
         log("every rationale was dropped, so the CoT view is empty and the CoT2Align run below trains on "
-            "the standard view alone (expected from a random tiny teacher; try --teacher smollm2-135m-instruct)",
+            "the standard view alone (expected from a random tiny teacher; `cot2align quickstart` without --tiny "
+            "distils the real SmolLM2 teacher)",
             logging.WARNING)
     stage("cache-teacher", lambda s: cache_teacher(build_config(CacheTeacherConfig, **s), log=quiet))
     runs = root / "runs"

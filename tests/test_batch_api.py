@@ -20,7 +20,7 @@ def readme_example() -> str:
 
 def test_readme_batch_api_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # what `cot2align quickstart` leaves at quickstart/cache: a tiny-qwen2 teacher's cache of sample records
+    # a stand-in for the quickstart/cache `cot2align quickstart` leaves (SmolLM2's, the same format): a tiny-qwen2 cache
     cache_teacher(build_config(CacheTeacherConfig, model="tiny-qwen2", data="sample", limit=8, topk=16,
                                out="quickstart/cache"), log=lambda m: None)
     namespace: dict = {}

@@ -111,7 +111,8 @@ def test_report_table_keeps_greedy_apart_and_shows_the_gain_over_the_best_baseli
 @pytest.mark.slow
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "cot2align.cli", "quickstart", "--out", str(tmp_path / "qs"), "--limit", "24"],
+    result = subprocess.run([sys.executable, "-m", "cot2align.cli", "quickstart", "--tiny", "--out", str(tmp_path / "qs"),
+                             "--limit", "24"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     for command in ("cot2align sft", "cot2align augment-cot", "cot2align cache-teacher", "cot2align distill",

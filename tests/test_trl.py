@@ -28,7 +28,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """What `cot2align quickstart` leaves at quickstart/cache: a tiny-qwen2 teacher's cache of sample records."""
+    """A stand-in for the quickstart/cache `cot2align quickstart` leaves (SmolLM2's, the same format): a tiny-qwen2
+    teacher's cache of sample records."""
     root = tmp_path_factory.mktemp("trl")
     cache_teacher(build_config(CacheTeacherConfig, model="tiny-qwen2", data="sample", limit=8, topk=16,
                                out=str(root / "quickstart" / "cache")), log=lambda m: None)
