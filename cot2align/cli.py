@@ -87,7 +87,7 @@ def main():
 DATA_HELP = ("Dataset: alias (dolly, alpaca, sni, dialogsum, sample), JSON/JSONL/Parquet/CSV file, save_to_disk "
              "directory, or hub id (owner/name).")
 DATA_CONFIG_HELP = "The hub dataset's configuration (--data owner/name)."
-DATA_SPLIT_HELP = "The dataset's split to read [default: the one --split means: train, validation|dev, test]."
+DATA_SPLIT_HELP = "The dataset's split [default: as --split: train, validation|dev, test]."
 REVISION_HELP = "The hub model's commit, branch or tag. [default: main]"
 PROMPT_FORMAT_HELP = "Prompts: the paper's templates, or the model's chat template."
 PROMPT_FORMAT_DEFAULT = "chat for messages data"
@@ -290,8 +290,8 @@ _TRAINING_OPTIONS = [
     _field(D, "lora_targets", help="Module names, comma-separated."),
     _field(D, "keep_adapter", help="Save the LoRA adapter, not merged weights."),
     _field(D, "seed"),
-    _field(D, "sample_order", type=click.Choice(SAMPLE_ORDERS),
-           help="Batches from one stretch of cache neighbours at a time (chunks: read faster) or the whole cache."),
+    _field(D, "sample_order", type=click.Choice(SAMPLE_ORDERS), metavar="ORDER",
+           help="chunks (batches of cache neighbours: faster reads) or shuffled."),
     _field(D, "max_length", help="Student tokens per sequence."),
     _field(D, "device", default_text="cuda if available, else cpu"),
     _field(D, "num_workers", help="DataLoader workers.", default_text="2 on GPU, 0 on CPU"),
