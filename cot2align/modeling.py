@@ -352,8 +352,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     return model
 
 
-def load_placed(name_or_path: str, dtype: torch.dtype, placement: dict, adapter: str | None, trust_remote_code: bool,
-                revision: str | None, attn_implementation: str | None):
+def load_placed(name_or_path: str, dtype: torch.dtype, placement: dict, adapter: str | None,
+                trust_remote_code: bool = False, revision: str | None = None, attn_implementation: str | None = None):
     """A model too large for one device, placed by accelerate as from_pretrained does it (`device_map`): its
     layers spread over the GPUs in `max_memory`, then the CPU, then `offload_folder` on disk, each layer's
     weights brought to its execution device by a hook when it runs. Only what from_pretrained loads can be

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ NOT_FIELDS = {"config", "print_config", "quiet"}
 @pytest.mark.parametrize("full", [False, True])
 def test_each_printed_command_builds_the_config_the_quickstart_runs(tmp_path, full):
     stages = stage_settings(str(tmp_path / "qs"), full=full)
+    (tmp_path / "qs" / "data").mkdir(parents=True)
+    shutil.copyfile(SLICE, tmp_path / "qs" / "data" / "train.jsonl")   # as the quickstart does before its stages
     distilled = "mined_cot2align" if full else "mined"
     assert list(stages)[-4:] == ["distill sft", f"distill {distilled}", "evaluate sft", f"evaluate {distilled}"]
     assert ("sft teacher" in stages) == full and ("augment-cot" in stages) == full
