@@ -336,12 +336,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
             return load_model(_adapter_base(path), dtype=dtype, device=device, seed=seed, adapter=str(path),
                               trust_remote_code=trust_remote_code, revision=revision,
                               attn_implementation=attn_implementation)
-        hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
-        if not path.exists() and "/" not in hub:
-            raise ConfigError(_unknown_model_message(name_or_path))
-        if path.exists():
-            _no_revision(name_or_path, revision, "a local path")
-        model = _from_hub(AutoModelForCausalLM, hub, dtype=dtype, use_safetensors=True,
+        model = _from_hub(AutoModelForCausalLM, _weights_source(name_or_path, revision), dtype=dtype, use_safetensors=True,
                           attn_implementation=attn_implementation or "sdpa", trust_remote_code=trust_remote_code,
                           revision=revision)
     if adapter is not None:
@@ -350,6 +345,17 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     model = model.to(device=device, dtype=dtype)
     model.eval()
     return model
+
+
+def _weights_source(name_or_path: str, revision: str | None) -> str:
+    """What from_pretrained reads for a local directory, an alias (its hub id) or a hub id; an unknown bare name,
+    or a --revision for a local path, is refused in one line."""
+    hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
+    if not Path(name_or_path).exists() and "/" not in hub:
+        raise ConfigError(_unknown_model_message(name_or_path))
+    if Path(name_or_path).exists():
+        _no_revision(name_or_path, revision, "a local path")
+    return hub
 
 
 def load_placed(name_or_path: str, dtype: torch.dtype, placement: dict, adapter: str | None,
@@ -368,12 +374,7 @@ def load_placed(name_or_path: str, dtype: torch.dtype, placement: dict, adapter:
         raise ConfigError(f"{where}: --model {name_or_path} needs a LoRA adapter merged; merge it first (peft "
                           "merge_and_unload, then save_pretrained) and pass the merged directory")
     _check_local(name_or_path)
-    hub = MODEL_ALIASES.get(name_or_path, {}).get("hub", name_or_path)
-    if not path.exists() and "/" not in hub:
-        raise ConfigError(_unknown_model_message(name_or_path))
-    if path.exists():
-        _no_revision(name_or_path, revision, "a local path")
-    model = _from_hub(AutoModelForCausalLM, hub, dtype=dtype, use_safetensors=True,
+    model = _from_hub(AutoModelForCausalLM, _weights_source(name_or_path, revision), dtype=dtype, use_safetensors=True,
                       attn_implementation=attn_implementation or "sdpa", trust_remote_code=trust_remote_code,
                       revision=revision, **placement)
     model.eval()

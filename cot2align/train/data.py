@@ -331,7 +331,13 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         self.skip = 0
 
     def batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+        """This rank's batches of `epoch`: (seed, epoch) fix them, so a resumed run reads the same ones."""
+        batches = self._epoch_batches(random.Random(self.seed * 1_000_003 + epoch))
+        usable = (len(batches) // self.world) * self.world if self.world > 1 else len(batches)
+        return batches[:usable][self.rank::self.world]
+
+    def _epoch_batches(self, rng: random.Random) -> list[list[int]]:
+        """Every rank's batches of one epoch, in order."""
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         span = self.batch_size * self.window
@@ -340,8 +346,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
             window = sorted(order[start:start + span], key=lambda k: self.lengths[k])
             batches.extend(window[j:j + self.batch_size] for j in range(0, len(window), self.batch_size))
         rng.shuffle(batches)
-        usable = (len(batches) // self.world) * self.world if self.world > 1 else len(batches)
-        return batches[:usable][self.rank::self.world]
+        return batches
 
     def __iter__(self):
         yield from self.batches(self.epoch)[self.skip:]

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from cot2align.config import SAMPLE_ORDERS  # noqa: F401  (the choices, kept where the CLI reads them torch-free)
+from cot2align.train.data import LengthBucketSampler
+
 STRETCH_BATCHES = 8      # batches per stretch: a few chunks of neighbours, small enough to stay decoded in memory
 
 
-class ChunkOrderedSampler(torch.utils.data.Sampler):
+class ChunkOrderedSampler(LengthBucketSampler):
     """Batches (lists of dataset positions) of similar length, one stretch of cache neighbours at a time (above).
 
     `lengths[k]`: item k's tokens (for length bucketing); `cache_index[k]`: its example number in the cache (the
@@ -46,16 +46,14 @@ class ChunkOrderedSampler(torch.utils.data.Sampler):
                  world: int = 1, window: int = STRETCH_BATCHES):
         if len(lengths) != len(cache_index):
             raise ValueError(f"ChunkOrderedSampler: {len(lengths)} lengths for {len(cache_index)} cache indices")
-        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
-        self.rank, self.world = rank, world
+        super().__init__(lengths, batch_size, seed, rank, world, window)
         in_cache_order = sorted(range(len(lengths)), key=lambda k: cache_index[k])
         span = batch_size * window
         self.stretches = [in_cache_order[s:s + span] for s in range(0, len(in_cache_order), span)]
-        self.epoch = 0
-        self.skip = 0
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
+    def _epoch_batches(self, rng: random.Random) -> list[list[int]]:
+        """Every rank's batches of one epoch: the stretches in a random order, each cut into length-sorted batches in
+        a random order (the rank's share, `epoch` and `skip` are LengthBucketSampler's)."""
         stretches = [list(s) for s in self.stretches]
         rng.shuffle(stretches)
         batches = []
@@ -65,11 +63,4 @@ class ChunkOrderedSampler(torch.utils.data.Sampler):
             cut = [stretch[j:j + self.batch_size] for j in range(0, len(stretch), self.batch_size)]
             rng.shuffle(cut)
             batches.extend(cut)
-        usable = (len(batches) // self.world) * self.world if self.world > 1 else len(batches)
-        return batches[:usable][self.rank::self.world]
-
-    def __iter__(self):
-        yield from self.batches(self.epoch)[self.skip:]
-
-    def __len__(self) -> int:
-        return max(len(self.batches(self.epoch)) - self.skip, 0)
+        return batches
