@@ -136,3 +136,39 @@ def online_teacher_views(teacher, teacher_tokenizer, cache, examples: list[int],
                                      [r["n_rows"] > 0 and int(r["target_ids"][-1]) == eos for r in rows], "cpu",
                                      **({"mined_rows": mined_rows[v]} if mined_rows else {}))
     return out
+
+
+def assert_printed_command_builds_what_ran(command: str, settings: dict, name: str = "") -> str:
+    """The `cot2align ...` line a pipeline prints for a stage's `settings`, parsed by the CLI, builds exactly the
+    config the pipeline ran (a quickstart's stages, each printed before it runs). Returns the line."""
+    import dataclasses
+    import shlex
+
+    import yaml
+    from click.testing import CliRunner
+
+    from cot2align.cli import main
+    from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
+    from cot2align.data.augment import AugmentConfig
+    from cot2align.quickstart import _sft, command_line
+    from cot2align.train.resolve import resolve_distill_config
+
+    configs = {"cache-teacher": CacheTeacherConfig, "augment-cot": AugmentConfig, "evaluate": EvaluateConfig,
+               "distill": DistillConfig, "sft": DistillConfig}
+    line = command_line(command, settings)
+    args = shlex.split(line)[2:]
+    ran = build_config(configs[command], **(_sft(settings) if command == "sft" else settings))
+    if command == "distill":         # --print-config would resolve against a cache that does not exist yet
+        params = main.commands["distill"].make_context("distill", args).params
+        params["field_map"] = dict(params["field_map"]) or None      # the command turns () into None
+        printed = dataclasses.asdict(build_config(DistillConfig, **{k: v for k, v in params.items()
+                                                                    if k not in {"config_file", "config",
+                                                                                 "print_config", "quiet"}}))
+    else:
+        result = CliRunner().invoke(main, [command, *args, "--print-config"])
+        assert result.exit_code == 0, (line, result.output)
+        printed = yaml.safe_load(result.stdout)
+    if command == "sft":              # --print-config of a training run prints it resolved (train/resolve.py)
+        ran = resolve_distill_config(ran, None)
+    assert printed == dataclasses.asdict(ran), (name, line)
+    return line

@@ -84,28 +84,9 @@ def test_help_names_defaults_fits_a_screen_and_starts_without_torch():
 
 def test_the_quickstart_prints_commands_equivalent_to_what_it_runs(tmp_path):
     """Each printed `cot2align ...` line, parsed by the CLI, builds exactly the config the quickstart ran."""
-    import shlex
+    from conftest import assert_printed_command_builds_what_ran
 
-    from cot2align.config import build_config
-    from cot2align.quickstart import _sft, command_line, stage_settings
+    from cot2align.quickstart import stage_settings
 
-    configs = {"cache-teacher": CacheTeacherConfig, "augment-cot": AugmentConfig, "evaluate": EvaluateConfig,
-               "distill": DistillConfig, "sft": DistillConfig}
     for name, (command, settings) in stage_settings(str(tmp_path / "qs"), "tiny-qwen2", "tiny-gpt2", 24).items():
-        line = command_line(command, settings)
-        args = shlex.split(line)[2:]
-        ran = build_config(configs[command], **(_sft(settings) if command == "sft" else settings))
-        if command == "distill":         # --print-config would resolve against a cache that does not exist yet
-            params = main.commands["distill"].make_context("distill", args).params
-            params["field_map"] = dict(params["field_map"]) or None      # the command turns () into None
-            printed = dataclasses.asdict(build_config(DistillConfig, **{k: v for k, v in params.items()
-                                                                        if k not in NOT_FIELDS}))
-        else:
-            result = CliRunner().invoke(main, [command, *args, "--print-config"])
-            assert result.exit_code == 0, (line, result.output)
-            printed = yaml.safe_load(result.stdout)
-        if command == "sft":              # --print-config of a training run prints it resolved (train/resolve.py)
-            from cot2align.train.resolve import resolve_distill_config
-
-            ran = resolve_distill_config(ran, None)
-        assert printed == dataclasses.asdict(ran), (name, line)
+        assert_printed_command_builds_what_ran(command, settings, name)

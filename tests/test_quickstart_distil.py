@@ -4,29 +4,22 @@ shipped DialogSum slice, beside SFT, compared by held-out cross-entropy (cot2ali
 The full-size run and its figures are in BENCHMARKS.md ("Quickstart"); here: the printed commands are the configs
 it runs, the shipped slice is what its README says, and the whole path runs with its sizes cut."""
 
-import dataclasses
 import importlib.util
 import json
 import re
-import shlex
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import assert_printed_command_builds_what_ran
 from click.testing import CliRunner
 
 from cot2align import quickstart_distil
 from cot2align.cli import main
-from cot2align.config import CacheTeacherConfig, DistillConfig, EvaluateConfig, build_config
-from cot2align.data.augment import AugmentConfig
 from cot2align.errors import ConfigError
-from cot2align.quickstart import _sft, command_line
+from cot2align.quickstart import command_line
 from cot2align.quickstart_distil import SLICE, stage_settings
 
-CONFIGS = {"cache-teacher": CacheTeacherConfig, "augment-cot": AugmentConfig, "evaluate": EvaluateConfig,
-           "distill": DistillConfig, "sft": DistillConfig}
-NOT_FIELDS = {"config", "print_config", "quiet"}
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -38,23 +31,7 @@ def test_each_printed_command_builds_the_config_the_quickstart_runs(tmp_path, fu
     assert list(stages)[-4:] == ["distill sft", f"distill {distilled}", "evaluate sft", f"evaluate {distilled}"]
     assert ("sft teacher" in stages) == full and ("augment-cot" in stages) == full
     for name, (command, settings) in stages.items():
-        line = command_line(command, settings)
-        args = shlex.split(line)[2:]
-        ran = build_config(CONFIGS[command], **(_sft(settings) if command == "sft" else settings))
-        if command == "distill":          # --print-config would resolve against a cache that does not exist yet
-            params = main.commands["distill"].make_context("distill", args).params
-            params["field_map"] = dict(params["field_map"]) or None
-            printed = dataclasses.asdict(build_config(DistillConfig, **{k: v for k, v in params.items()
-                                                                        if k not in NOT_FIELDS}))
-        else:
-            result = CliRunner().invoke(main, [command, *args, "--print-config"])
-            assert result.exit_code == 0, (line, result.output)
-            printed = yaml.safe_load(result.stdout)
-        if command == "sft":
-            from cot2align.train.resolve import resolve_distill_config
-
-            ran = resolve_distill_config(ran, None)
-        assert printed == dataclasses.asdict(ran), (name, line)
+        assert_printed_command_builds_what_ran(command, settings, name)
     # the two students differ only in what distils: same student, data, steps, lr, seed, output selection
     sft, other = stages["distill sft"][1], stages[f"distill {distilled}"][1]
     assert {k for k in sft if sft[k] != other[k]} == {"method", "out"} | ({"cot2align"} if full else set())
