@@ -97,7 +97,7 @@ def main():
     tok = load_tokenizer(args.student)
     ids = tokenize_cache(cache, tok, tokenizer_hash(tok), cfg.max_length)
     views = ("std", "cot")
-    dataset = DistillDataset(ids, views, list(range(len(cache))), str(cache_path),
+    dataset = DistillDataset(ids, views, list(range(len(cache))), cache.opened(),
                              ("input_ids", "target_ids", "hidden", "embeds"))
     sampler = LengthBucketSampler([dataset.length(k) for k in range(len(dataset))], args.batch_size, 0)
     batches = [collate([dataset[k] for k in b], views, tok.eos_token_id) for b in sampler.batches(0)[:args.steps]]

@@ -220,7 +220,7 @@ def _alm_both_ways(cache_path, cot2align: bool):
     arrays = arrays_to_read(cache, "alm", cot2align)
     assert "target_logprob" in arrays and ("hidden" in arrays) == cot2align
     examples = [0, 1, 2, 3]
-    dataset = DistillDataset(ids, views, examples, cache.url, arrays)
+    dataset = DistillDataset(ids, views, examples, cache.opened(), arrays)
     batch = collate([dataset[k] for k in range(len(examples))], views, student_tok.eos_token_id)
     head = cache.head()
     heads = Heads(student_embed_tokens=student.get_input_embeddings().weight,

@@ -224,7 +224,7 @@ def test_cache_fed_losses_equal_online_ones_with_chat_prompts(chat_cache, method
     student, teacher = load_model(STUDENT), load_model(TEACHER)
     views, examples = ("std", "cot"), [0, 2]           # examples with a rationale: both views have rows
     ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, prompt_format="chat")
-    dataset = DistillDataset(ids, views, examples, cache.url, ("input_ids", "target_ids", "hidden", "embeds"))
+    dataset = DistillDataset(ids, views, examples, cache.opened(), ("input_ids", "target_ids", "hidden", "embeds"))
     batch = collate([dataset[k] for k in range(len(examples))], views, student_tok.pad_token_id or 0)
     head = cache.head()
     heads = Heads(student_embed_tokens=student.get_input_embeddings().weight,

@@ -47,7 +47,7 @@ def both_ways(cache_dir):
     student, teacher = load_model(STUDENT), load_model(TEACHER)
     ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, "chunks")
     views = ("std", "cot")
-    dataset = DistillDataset(ids, views, [0, 1, 2], cache.url, teacher_arrays("gold", True, "exact"))
+    dataset = DistillDataset(ids, views, [0, 1, 2], cache.opened(), teacher_arrays("gold", True, "exact"))
     batch = collate([dataset[k] for k in range(3)], views, student_tok.eos_token_id)
     head = cache.head()
     exact = exact_token_map(teacher_tok, student_tok)

@@ -225,3 +225,45 @@ def test_a_run_recorded_before_sample_order_existed_resumes_only_in_the_shuffled
         check_same_run(marker, cfg, None)
     assert check_same_run(marker, build_config(DistillConfig, cache="cache", method="dskd", alpha=0.5,
                                                sample_order="shuffled"), None)["sample_order"] == "shuffled"
+
+
+def test_a_worker_opens_the_cache_from_what_the_trainer_read_and_still_checks_each_chunk(small_chunks, tmp_path):
+    """The trainer's open records what it read (TeacherCache.opened()); a DataLoader worker opens the cache from
+    those bytes, making no request for them (over S3, ~60 sequential ones per worker): here they are deleted from
+    the cache after the trainer's open, and the worker still reads every example as the trainer does. Each chunk
+    it reads is still checked against the chunk index."""
+    import pickle
+    import shutil
+
+    from cot2align.cache import CacheError
+    from cot2align.cache.chunk_index import ROOT_INDEX
+
+    copy = tmp_path / "cache"
+    shutil.copytree(small_chunks, copy)
+    trainer = open_cache(copy)
+    opened = pickle.loads(pickle.dumps(trainer.opened()))        # a spawned worker gets it pickled
+    assert "files/zarr.json" in opened.objects and f"files/{ROOT_INDEX}" in opened.objects
+    assert any(key.endswith("/offsets/zarr.json") for key in opened.objects)
+    assert not any(key.startswith("store/examples/") and "/c/" in key for key in opened.objects)    # texts: lazy
+    recorded = {copy / key.split("/", 1)[1] for key, data in opened.objects.items() if data is not None}
+    assert any("/offsets/c/" in path.as_posix() for path in recorded)
+    for path in recorded:
+        path.unlink()
+    worker = open_cache(opened)
+    assert len(worker) == len(trainer) == 24
+    names = ("target_ids", "topk_ids", "topk_logprobs", "tail_logprob", "hidden")
+    for i in range(len(worker)):
+        for view in ("std", "cot"):
+            got, want = worker.teacher_rows(i, view, names), trainer.teacher_rows(i, view, names)
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in got), (i, view)
+    assert worker._texts is None                                    # a worker never loads the texts
+    # a flipped byte in a chunk the worker has not read yet is named, as in a worker that opened from the store
+    fresh = open_cache(opened)
+    chunk = sorted((copy / "parts" / "0" / "std" / "hidden" / "c").rglob("*"))[-1]
+    blob = bytearray(chunk.read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    chunk.write_bytes(bytes(blob))
+    with pytest.raises(CacheError, match="parts/0/std/hidden: unreadable chunk holding example"):
+        for i in range(len(fresh)):                 # its chunks and the ids' chunks beside them read together
+            fresh.teacher_rows(i, "std", ("target_ids", "hidden"))

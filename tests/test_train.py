@@ -55,7 +55,7 @@ def _objective_both_ways(cache_path, student_name, method, cot2align):
         vocab_map = build_map(cache.tokenizer(), student_tok)
     ids = tokenize_cache(cache, student_tok, tokenizer_hash(student_tok), 512, "mined" if method == "mined" else None)
     views = ("std", "cot") if cot2align else ("std",)
-    dataset = DistillDataset(ids, views, [0, 1, 2], cache.url, ("input_ids", "target_ids", "hidden", "embeds"))
+    dataset = DistillDataset(ids, views, [0, 1, 2], cache.opened(), ("input_ids", "target_ids", "hidden", "embeds"))
     batch = collate([dataset[k] for k in range(3)], views, student_tok.eos_token_id)
     head = cache.head()
     heads = Heads(student_embed_tokens=student.get_input_embeddings().weight, student_lm_head=student.get_output_embeddings().weight,

@@ -17,8 +17,10 @@ touches zarr or a storage dtype.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
+from zarr.core.sync import sync as zarr_sync
 
 from cot2align.cache.decoded import DecodedChunks, decoded_memory
 from cot2align.cache.chunk_index import ChunkIndex, ChunkProblem, CheckingStore, chunk_of, chunk_place
@@ -36,20 +39,39 @@ from cot2align.cache.storage import Location
 from cot2align.modeling import cot2align_home, tokenizer_hash
 
 
+@dataclass(frozen=True)
+class OpenedCache:
+    """What opening a cache read (storage.Location.known: the manifest, the chunk index, each array's zarr.json,
+    the offsets), handed to each DataLoader worker so that it opens the same cache without a request
+    (`open_cache(opened)`); picklable, so it crosses a spawn as well as a fork."""
+
+    url: str
+    objects: dict
+    allow_incomplete: bool
+
+
 class TeacherCache:
-    def __init__(self, where, allow_incomplete: bool = False, check_tokenizer: bool = True):
+    def __init__(self, where, allow_incomplete: bool = False, check_tokenizer: bool = True,
+                 known: dict | None = None):
         self.location = where if isinstance(where, Location) else Location(where)
         self.url = self.location.url
-        self.manifest = manifest = read_manifest(self.location)
-        check_opens(self.location, manifest, allow_incomplete)
-        self.complete = manifest["status"] == "complete"
-        self.group, self.index = open_arrays(self.location, manifest)
-        n = manifest["data"]["n_examples"]
-        self.views = {view: {"offsets": self._read(self.group[view]["offsets"], slice(None), "the offsets"),
-                             "prompt_len": (self._read(self.group[view]["prompt_len"], slice(None), "the prompt lengths")
-                                            if n else np.zeros(0, np.int32))}
-                      for view in VIEWS}
-        self.parts = read_parts(manifest, self.group, self.url)
+        self.allow_incomplete = allow_incomplete
+        if known is not None:
+            self.location.known.update(known)
+        self.location.record(known is None)        # what the open reads, for `opened()`
+        try:
+            self.manifest = manifest = read_manifest(self.location)
+            check_opens(self.location, manifest, allow_incomplete)
+            self.complete = manifest["status"] == "complete"
+            self.group, self.index = open_arrays(self.location, manifest)
+            n = manifest["data"]["n_examples"]
+            self.views = {view: {"offsets": self._read(self.group[view]["offsets"], slice(None), "the offsets"),
+                                 "prompt_len": (self._read(self.group[view]["prompt_len"], slice(None),
+                                                           "the prompt lengths") if n else np.zeros(0, np.int32))}
+                          for view in VIEWS}
+            self.parts = read_parts(manifest, self.group, self.url)
+        finally:
+            self.location.record(False)
         if self.index is not None:          # where each part's chunk index entries are (one file per block)
             for part in self.parts:
                 self.index.add_part(part, {v: self.views[v]["offsets"] for v in VIEWS}, manifest["progress"]["blocks"])
@@ -59,6 +81,10 @@ class TeacherCache:
         self.decoded = DecodedChunks(decoded_memory())
         if check_tokenizer:
             check_tokenizer_files(manifest, self.teacher_dir(), self.url)
+
+    def opened(self) -> OpenedCache:
+        """This cache as a DataLoader worker opens it: from the objects this open read, without a request."""
+        return OpenedCache(self.url, dict(self.location.known), self.allow_incomplete)
 
     # ------------------------------------------------------------------ basics
 
@@ -136,37 +162,57 @@ class TeacherCache:
         return out
 
     def view(self, i: int, view: str, names=None) -> dict:
-        """One example's view; `names` limits which per-row arrays are read (and decoded)."""
+        """One example's view; `names` limits which per-row arrays are read (and decoded), and leaves out its
+        texts (a trainer's worker never reads them: the texts of a million examples would fill its memory)."""
         v = self.views[view]
         a, b = int(v["offsets"][i]), int(v["offsets"][i + 1])
         part = self.parts[bisect.bisect_right(self._part_starts, i) - 1]
         local = a - part.row_start[view]
-        texts = self.texts(i)
-        out = {"prompt_len": int(v["prompt_len"][i]), "n_rows": b - a,
-               "prompt": texts[f"prompt_{view}"], "response": texts[f"response_{view}"]}
-        for name, arr in part.arrays[view].items():
-            if names is not None and name not in names:
-                continue
-            out[name] = (self._rows(arr, local, local + b - a, f"example {i}", self._examples_of(part, view))
-                         if b > a else np.zeros((0, *arr.shape[1:]), dtype=arr.dtype))
+        out = {"prompt_len": int(v["prompt_len"][i]), "n_rows": b - a}
+        if names is None:
+            texts = self.texts(i)
+            out.update(prompt=texts[f"prompt_{view}"], response=texts[f"response_{view}"])
+        wanted = {name: arr for name, arr in part.arrays[view].items() if names is None or name in names}
+        out.update(self._rows(wanted, local, local + b - a, f"example {i}", self._examples_of(part, view)))
         return out
 
-    def _rows(self, arr, a: int, b: int, what: str, examples_of) -> np.ndarray:
-        """arr[a:b] of a per-row array, through this reader's decoded chunks: each chunk the rows touch is read
-        (fetched, crc32c-checked, decompressed) once while it stays in `self.decoded`, not once per example. The
-        rows come back read-only when they are a slice of one kept chunk (a writer would change the kept copy)."""
+    def _rows(self, arrays: dict, a: int, b: int, what: str, examples_of) -> dict[str, np.ndarray]:
+        """arr[a:b] of each per-row array of `arrays` (name -> array of one part and view), through this reader's
+        decoded chunks: each chunk the rows touch is read (fetched, crc32c-checked, decompressed) once while it stays
+        in `self.decoded`, not once per example, and the chunks missing from it are read concurrently (one round of
+        requests to an object store rather than one per array). The rows come back read-only when they are a slice
+        of one kept chunk (a writer would change the kept copy)."""
+        if b <= a:
+            return {name: np.zeros((0, *arr.shape[1:]), dtype=arr.dtype) for name, arr in arrays.items()}
         if not self.decoded.capacity:
-            return self._read(arr, slice(a, b), what, examples_of)
-        per_chunk = arr.chunks[0]
-        pieces = []
-        for c in range(a // per_chunk, (b - 1) // per_chunk + 1):
-            start = c * per_chunk
-            chunk = self.decoded.get((arr.path, c))
-            if chunk is None:
-                chunk = self.decoded.put((arr.path, c), self._read(arr, slice(start, min(start + per_chunk,
-                                                                                        arr.shape[0])), what, examples_of))
-            pieces.append(chunk[max(a - start, 0):b - start])
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            return {name: self._read(arr, slice(a, b), what, examples_of) for name, arr in arrays.items()}
+        spans = {name: range(a // arr.chunks[0], (b - 1) // arr.chunks[0] + 1) for name, arr in arrays.items()}
+        chunks = {(name, c): self.decoded.get((arr.path, c)) for name, arr in arrays.items() for c in spans[name]}
+        missing = [key for key, chunk in chunks.items() if chunk is None]
+        reads = [(arrays[name], _chunk_rows(arrays[name], c)) for name, c in missing]
+        for (name, c), rows in zip(missing, self._read_together(reads, what, examples_of)):
+            chunks[(name, c)] = self.decoded.put((arrays[name].path, c), rows)
+        out = {}
+        for name, arr in arrays.items():
+            per_chunk = arr.chunks[0]
+            pieces = [chunks[(name, c)][max(a - c * per_chunk, 0):b - c * per_chunk] for c in spans[name]]
+            out[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return out
+
+    def _read_together(self, reads: list, what: str, examples_of) -> list[np.ndarray]:
+        """arr[rows] for each (arr, rows) of `reads`, fetched concurrently on Zarr's event loop; a failure is named
+        as `_read` names it."""
+        if len(reads) <= 1:
+            return [self._read(arr, rows, what, examples_of) for arr, rows in reads]
+
+        async def fetch_all():
+            return await asyncio.gather(*(arr.async_array.getitem(rows) for arr, rows in reads), return_exceptions=True)
+
+        results = zarr_sync(fetch_all())
+        for (arr, _), result in zip(reads, results):
+            if isinstance(result, BaseException):
+                self._unreadable(arr, result, what, examples_of)
+        return results
 
     def _examples_of(self, part, view: str):
         return lambda row_a, row_b: part.examples_of(view, self.views[view]["offsets"], row_a, row_b)
@@ -177,14 +223,20 @@ class TeacherCache:
         examples of the array's rows (default: row i is example i, as in the per-example arrays)."""
         try:
             return arr[rows]
-        except ChunkProblem as e:
+        except Exception as e:
+            self._unreadable(arr, e, what, examples_of)
+
+    def _unreadable(self, arr, e: BaseException, what: str, examples_of=None):
+        """Raise the CacheError naming what a read of `arr` ran into (see `_read`)."""
+        if isinstance(e, ChunkProblem):
             place = chunk_place(arr, chunk_of(e.key)[1], examples_of or (lambda a, b: (a, b)))
             raise CacheError(f"{e.named(self.url, place)}; run `cot2align cache verify {self.url}` to list every "
                              "damaged chunk") from None
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else ""
-            raise CacheError(f"{self.url}/{arr.path}: unreadable chunk holding {what} ({type(e).__name__}: {reason}); "
-                             f"run `cot2align cache verify {self.url}` to list every damaged chunk") from None
+        if not isinstance(e, Exception):
+            raise e
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise CacheError(f"{self.url}/{arr.path}: unreadable chunk holding {what} ({type(e).__name__}: {reason}); "
+                         f"run `cot2align cache verify {self.url}` to list every damaged chunk") from None
 
     # ------------------------------------------------------------------ local places kept for this cache
 
@@ -230,6 +282,11 @@ class TeacherCache:
         return gather_embeddings(head["embed_tokens"], ids)
 
 
+def _chunk_rows(arr, c: int) -> slice:
+    """The rows of chunk c of a per-row array."""
+    return slice(c * arr.chunks[0], min((c + 1) * arr.chunks[0], arr.shape[0]))
+
+
 def _bf16(bits: np.ndarray) -> torch.Tensor:
     """uint16 bf16 bits -> a bfloat16 tensor (a reinterpretation, no rounding)."""
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16).copy()).view(torch.bfloat16)
@@ -273,8 +330,13 @@ def gather_embeddings(embed_tokens: torch.Tensor, ids) -> torch.Tensor:
     return embed_tokens[ids.to(embed_tokens.device)]
 
 
-def open_cache(path: str | Path, allow_incomplete: bool = False, check_tokenizer: bool = True) -> TeacherCache:
-    """Open a complete cache for reading (README 'Methods'): a local directory or an fsspec URL (s3://, gs://, …)."""
+def open_cache(path: str | Path | OpenedCache, allow_incomplete: bool = False, check_tokenizer: bool = True) -> TeacherCache:
+    """Open a complete cache for reading (README 'Methods'): a local directory or an fsspec URL (s3://, gs://, …),
+    or again, in a DataLoader worker, from what the trainer's open read (`TeacherCache.opened()`; the tokenizer
+    was checked there)."""
+    if isinstance(path, OpenedCache):
+        return TeacherCache(path.url, allow_incomplete=path.allow_incomplete, check_tokenizer=False,
+                            known=path.objects)
     return TeacherCache(path, allow_incomplete=allow_incomplete, check_tokenizer=check_tokenizer)
 
 

@@ -34,6 +34,7 @@ from cot2align.methods import method as registered
 from cot2align.losses.teacher import HeadTeacher, TopKTeacher
 from cot2align.modeling import tokenizer_hash
 from cot2align.cache.format import prompt_format as cache_prompt_format
+from cot2align.cache.reader import OpenedCache
 from cot2align.data.chat import use_chat_template
 from cot2align.train.data import DistillDataset, LengthBucketSampler, collate, tokenize_cache
 from cot2align.train.sampling import SAMPLE_ORDERS, ChunkOrderedSampler
@@ -90,7 +91,7 @@ def cache_dataloader(cache, tokenizer, method: str = "dskd", cot2align: bool = T
     student_ids = tokenize_cache(cache, tokenizer, tokenizer_hash(tokenizer), max_length, registered(method).alignment,
                                  log=log, prompt_format=prompt_format)
     return dataloader(student_ids, ("std", "cot") if cot2align else ("std",),
-                      range(len(cache)) if indices is None else indices, cache.url,
+                      range(len(cache)) if indices is None else indices, cache.opened(),
                       arrays_to_read(cache, method, cot2align, teacher_dist, transport), pad_id(tokenizer), batch_size, seed,
                       num_workers, pin_memory, rank, world, sample_order)
 
@@ -110,12 +111,12 @@ def arrays_to_read(cache, method: str, cot2align: bool, teacher_dist: str | None
     return plan_reads(cache.manifest, method, cot2align, teacher_dist, transport)[0]
 
 
-def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache_path: str | None, arrays: tuple[str, ...],
+def dataloader(student_ids: dict, views_used: tuple[str, ...], indices, cache: OpenedCache | None, arrays: tuple[str, ...],
                pad: int, batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
                world: int = 1, sample_order: str = "chunks") -> torch.utils.data.DataLoader:
     """The DataLoader over tokenised examples (from a cache, or plain records for SFT without one), in
     `sample_order` (train/sampling.py: chunks, or shuffled)."""
-    dataset = DistillDataset(student_ids, views_used, list(indices), cache_path, arrays)
+    dataset = DistillDataset(student_ids, views_used, list(indices), cache, arrays)
     lengths = [dataset.length(k) for k in range(len(dataset))]
     if sample_order == "chunks":
         sampler = ChunkOrderedSampler(lengths, dataset.indices, batch_size, seed, rank, world)

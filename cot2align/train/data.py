@@ -35,6 +35,7 @@ from cot2align.align.mined import VERSION as MINED_VERSION
 from cot2align.align.mined import aligned_teacher_rows
 from cot2align.align.vocab import token_strings, vocab_map
 from cot2align.cache import open_cache
+from cot2align.cache.reader import OpenedCache
 from cot2align.cache.format import VIEWS, CacheError
 from cot2align.data.chat import render_prompt, template_sha256
 from cot2align.logs import reporter
@@ -217,13 +218,14 @@ def _tokenize_view(cache, view: str, tokenizer, max_length: int, align,
 class DistillDataset(torch.utils.data.Dataset):
     """One item per example: per view the student ids and, with a cache, the teacher's rows (numpy).
 
-    The cache is opened lazily in each DataLoader worker (zarr handles are not shared across processes).
+    The cache is opened lazily in each DataLoader worker (zarr handles are not shared across processes), from
+    what the trainer's own open read (`cache`: TeacherCache.opened()), so a worker's open makes no request.
     """
 
     def __init__(self, student: dict[str, np.ndarray], views: tuple[str, ...], indices: list[int],
-                 cache_path: str | None = None, teacher_arrays: tuple[str, ...] = ()):
+                 cache: OpenedCache | None = None, teacher_arrays: tuple[str, ...] = ()):
         self.student, self.views, self.indices = student, views, list(indices)
-        self.cache_path, self.teacher_arrays = cache_path, teacher_arrays
+        self.opened_cache, self.teacher_arrays = cache, teacher_arrays
         # the token alignment's arrays memoised with the student's ids (mined_rows, student_chunks, ...)
         self.aligned_names = sorted({key[len(f"{views[0]}_"):-len("_offsets")] for key in student
                                      if key.startswith(f"{views[0]}_") and key.endswith("_offsets")} - {""})
@@ -238,8 +240,8 @@ class DistillDataset(torch.utils.data.Dataset):
         return sum(int(self.student[f"{v}_offsets"][i + 1] - self.student[f"{v}_offsets"][i]) for v in self.views)
 
     def _open(self):
-        if self._cache is None and self.cache_path is not None:
-            self._cache = open_cache(self.cache_path, check_tokenizer=False)
+        if self._cache is None and self.opened_cache is not None:
+            self._cache = open_cache(self.opened_cache)
         return self._cache
 
     def __getitem__(self, k: int) -> dict:

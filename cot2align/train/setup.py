@@ -238,7 +238,7 @@ def _setup_data(cfg: DistillConfig, cache, arrays: tuple[str, ...], tokenizer, d
         student_ids = records_as_student_ids(cfg, tokenizer)
         n_examples = len(student_ids["std_prompt_len"])
     indices, val_records = split_validation(cfg, cache, list(range(n_examples)), tokenizer)
-    loader = dataloader(student_ids, views, indices, cache.url if cache is not None else None, arrays,
+    loader = dataloader(student_ids, views, indices, cache.opened() if cache is not None else None, arrays,
                         pad_id(tokenizer), cfg.batch_size, cfg.seed, cfg.num_workers, device.type == "cuda", rank, world,
                         cfg.sample_order)
     return loader, val_records, views
