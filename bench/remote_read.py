@@ -13,6 +13,8 @@ S3 / local (target >= 0.9 without the chunk copy); the loader's wait share of st
 from the S3 cache and from the local one (target < 2%); the teacher pass writing to S3 vs to local disk.
 
 CPU:  python bench/remote_read.py --work /tmp/remote_read
+      python bench/remote_read.py --work /tmp/remote_read_2k --n 2000 --passes 1 --distill-steps 60
+      (a cache 10x larger read once: each chunk fetched once per worker, as in an epoch over a large cache)
 GPU:  python bench/remote_read.py --work W --model random:tinyllama-1.1b --student random:gpt2-30m --n 300
 
 The server runs on this machine, so the figures measure the request path (HTTP, S3 protocol, per-object
@@ -43,11 +45,15 @@ from cot2align.train.distill import distill  # noqa: E402
 
 
 def records_with_rationales(path: Path, n: int) -> Path:
-    """n real sample records, every other one with a rationale (the CoT view needs one)."""
+    """n real sample records, every other one with a rationale (the CoT view needs one); past the sample's 300
+    records they repeat, each repeat with its own id (a larger cache, whose chunks a pass reads once each)."""
     records, _ = load_records("sample", "train")
     with path.open("w") as f:
-        for i, r in enumerate(records[:n]):
+        for i in range(n):
+            r = records[i % len(records)]
             rec = {k: r[k] for k in ("id", "instruction", "input", "output")}
+            if i >= len(records):
+                rec["id"] = f"{r['id']}-repeat{i // len(records)}"
             if i % 2 == 0:
                 rec["rationale"] = "First find who speaks and what they want; then say it in one sentence."
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -58,21 +64,27 @@ def records_with_rationales(path: Path, n: int) -> Path:
 PATHS = {"before": ("0", "shuffled"), "after": ("256", "chunks")}
 
 
-def examples_per_s(url: str, student: str, workers: int, batch_size: int, passes: int, path: str = "after") -> float:
-    """Every batch of the cache, `passes` times, through the trainer's loader read the `path` way (PATHS);
-    tokenisation (memoised, done when the loader is built) is outside the clock."""
+def examples_per_s(url: str, student: str, workers: int, batch_size: int, passes: int, path: str = "after") -> dict:
+    """Every batch of the cache, `passes` times, through the trainer's loader read the `path` way (PATHS):
+    {"rate": examples/s over the whole stream, "first_batch_s": from the first `iter` (workers start, open the
+    cache) to the first batch, "later_passes_rate": examples/s of the passes after the first (0 with one pass)}.
+    Tokenisation (memoised, done when the loader is built) is outside the clock."""
     memory, order = PATHS[path]
     os.environ["COT2ALIGN_DECODED_MEMORY_MB"] = memory        # read by each worker when it opens the cache
     cache = open_cache(url)
     loader = cache_dataloader(cache, load_tokenizer(student), method="dskd", cot2align=True, batch_size=batch_size,
                               num_workers=workers, log=lambda m: None, sample_order=order)
-    started, seen = time.perf_counter(), 0
-    for _ in range(passes):
+    started, seen, first, first_pass = time.perf_counter(), 0, None, None
+    for p in range(passes):
         for batch in loader:
             seen += len(batch["index"])
-    rate = seen / (time.perf_counter() - started)
+            first = first or time.perf_counter() - started
+        if p == 0:
+            first_pass = (time.perf_counter() - started, seen)
+    elapsed = time.perf_counter() - started
     del os.environ["COT2ALIGN_DECODED_MEMORY_MB"]
-    return rate
+    later = (seen - first_pass[1]) / (elapsed - first_pass[0]) if passes > 1 else 0.0
+    return {"rate": seen / elapsed, "first_batch_s": first, "later_passes_rate": later}
 
 
 def wait_share(url: str, student: str, workers: int, batch_size: int, out: Path, path: str = "after",
@@ -110,7 +122,8 @@ def main() -> None:
     parser.add_argument("--work", required=True)
     parser.add_argument("--model", default="tiny-llama", help="teacher (a tiny or random: preset, or a path)")
     parser.add_argument("--student", default="tiny-gpt2")
-    parser.add_argument("--n", type=int, default=200, help="examples (the shipped sample has 300)")
+    parser.add_argument("--n", type=int, default=200,
+                        help="examples (the shipped sample's 300 records, repeated past that with new ids)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3)
@@ -147,20 +160,27 @@ def main() -> None:
         for path in PATHS:
             result[f"distill_s3_{path}"] = wait_share(url, **train, out=work / f"run_s3_{path}", path=path)
         result["distill_local_after"] = wait_share(str(local), **train, out=work / "run_local", path="after")
+    whole = {name: r["rate"] for name, r in rates.items()}
+    later = {name: r["later_passes_rate"] for name, r in rates.items()}
     result["ratios"] = ratios = {
-        "local_after_over_before": rates["local_after"] / rates["local_before"],
-        "s3_after_over_before": rates["s3_after"] / rates["s3_before"],
-        "s3_over_local_before": rates["s3_before"] / rates["local_before"],
-        "s3_over_local_after": rates["s3_after"] / rates["local_after"],
-        "s3_chunk_copy_over_local_before": rates["s3_chunk_copy_before"] / rates["local_before"],
-        "s3_chunk_copy_over_local_after": rates["s3_chunk_copy_after"] / rates["local_after"]}
+        "local_after_over_before": whole["local_after"] / whole["local_before"],
+        "s3_after_over_before": whole["s3_after"] / whole["s3_before"],
+        "s3_over_local_before": whole["s3_before"] / whole["local_before"],
+        "s3_over_local_after": whole["s3_after"] / whole["local_after"],
+        "s3_over_local_after_later_passes": later["s3_after"] / later["local_after"] if args.passes > 1 else None,
+        "s3_chunk_copy_over_local_before": whole["s3_chunk_copy_before"] / whole["local_before"],
+        "s3_chunk_copy_over_local_after": whole["s3_chunk_copy_after"] / whole["local_after"]}
     print(f"[{result['device']}] streaming {args.n} examples x {args.passes} passes, {args.workers} workers, "
-          f"batch {args.batch_size}, examples/s before -> after:")
+          f"batch {args.batch_size}, examples/s before -> after (first batch after, s; passes after the first):")
     for source in ("local", "s3", "s3_chunk_copy"):
-        print(f"  {source:14s} {rates[f'{source}_before']:8.1f} -> {rates[f'{source}_after']:8.1f}  "
-              f"({rates[f'{source}_after'] / rates[f'{source}_before']:.2f}x)")
+        after = rates[f"{source}_after"]
+        print(f"  {source:14s} {whole[f'{source}_before']:8.1f} -> {after['rate']:8.1f}  "
+              f"({after['rate'] / whole[f'{source}_before']:.2f}x; first batch {after['first_batch_s']:.2f} s; "
+              f"later passes {after['later_passes_rate']:.1f})")
     print(f"  S3 / local: before {ratios['s3_over_local_before']:.2f}, after {ratios['s3_over_local_after']:.2f} "
-          f"(target >= 0.9); local after / before {ratios['local_after_over_before']:.2f} (target >= 2)")
+          f"(target >= 0.9" + (f"; passes after the first {ratios['s3_over_local_after_later_passes']:.2f}"
+                                  if args.passes > 1 else "") + "); "
+          f"local after / before {ratios['local_after_over_before']:.2f} (target >= 2)")
     print(f"distill loader wait share: S3 before {100 * result['distill_s3_before']['data_wait_share']:.2f}%, after "
           f"{100 * result['distill_s3_after']['data_wait_share']:.2f}% (target < 2%), local after "
           f"{100 * result['distill_local_after']['data_wait_share']:.2f}%; teacher pass to S3 "
