@@ -234,7 +234,7 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
 
     if report_only and not (out / "summary.json").exists():
         return None
-    settings = {"alpha": 0.5, **row}
+    settings = {"alpha": 0.5, "sample_order": SAMPLE_ORDER, **row}
     source = dict(cache=str(cache)) if cache is not None else dict(data=paths["train"])
     start = start or {"model": STUDENT, "lr": s["lr"], "limit": None}
     if out.exists() and not (out / "summary.json").exists():
@@ -243,7 +243,7 @@ def student(row: dict, seed: int, cache: Path | None, paths: dict, s: dict, out:
         DistillConfig, student=start["model"], out=str(out), lr=start["lr"], limit=start["limit"], epochs=s["epochs"],
         batch_size=s["batch_size"],
         warmup_ratio=0.05, val_data=paths["dev"], val_examples=s["val"], val_max_new_tokens=s["val_new_tokens"],
-        max_length=s["max_length"], seed=seed, num_workers=0, select_by="last", sample_order=SAMPLE_ORDER,
+        max_length=s["max_length"], seed=seed, num_workers=0, select_by="last",
         **source, **settings),
         log=lambda m: None, progress=False))
     summary = json.loads((out / "summary.json").read_text())

@@ -1,0 +1,86 @@
+"""What two reading choices cost in held-out CE, on the transfer benchmark's ranking pair (DialogSum, fine-tuned
+SmolLM2 teacher, `random:gpt2-transfer` students from scratch, its settings and seeds):
+
+  * `--teacher-dist topk`: the stored top-k + tail instead of the exact distribution (hidden · lm_headᵀ). This is
+    what a `cache-teacher --store logits` cache serves: its top-k arrays are the full cache's from the same pass
+    (tests/test_store_logits.py), so a student trained here equals one trained from the logits cache.
+  * `--sample-order chunks` (distill's default): batches drawn a stretch of cache neighbours at a time, against the
+    shuffled order every row of the transfer benchmark uses.
+
+Each variant row is paired, seed by seed, with the transfer benchmark's own row that differs from it only in that
+choice (`mined` and `uld`: exact distribution, shuffled order), read from that benchmark's work directory; a seed
+whose baseline is not trained yet is left out of the pairing (run bench/transfer.py first).
+
+    python bench/cache_choices.py --work WORK_OF_TRANSFER [--seeds 1,2,3] [--data-root DIR]
+
+Writes WORK/cache_choices.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import transfer  # noqa: E402
+from pipeline import Stages  # noqa: E402
+
+# variant row -> (its settings, the transfer row it differs from)
+VARIANTS = {
+    "mined topk": (dict(method="mined", cot2align=False, teacher_dist="topk"), "mined"),
+    "uld topk": (dict(method="uld", cot2align=False, teacher_dist="topk"), "uld"),
+    "mined chunks": (dict(method="mined", cot2align=False, sample_order="chunks"), "mined"),
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", required=True, help="bench/transfer.py's working directory")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+    work, seeds = Path(args.work), [int(x) for x in args.seeds.split(",")]
+    s = transfer.FULL
+    stages = Stages(work)
+    started = time.perf_counter()
+    paths, root, tag, _, cache = transfer.pair_setup(*transfer.RANKING_PAIR, s, work, stages, args.data_root)
+    table = {}
+    for name, (row, baseline) in VARIANTS.items():
+        pairs = {}
+        for seed in seeds:
+            got = transfer.student(row, seed, cache, paths, s, root / "variants" / name.replace(" ", "_") /
+                                   f"seed{seed}", stages, f"{tag} variant {name} seed{seed}")
+            done = root / "runs" / baseline / f"seed{seed}" / "eval" / "results.json"
+            if done.exists():
+                pairs[seed] = (got["ce"], json.loads(done.read_text())["ce"]["nats_per_token"])
+        if pairs:
+            table[name] = {"baseline": baseline, "per_seed": pairs,
+                           "ce": _mean_std([v for v, _ in pairs.values()]),
+                           "baseline_ce": _mean_std([b for _, b in pairs.values()]),
+                           "delta": _mean_std([v - b for v, b in pairs.values()])}
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    lines = ["| row | vs | held-out CE | its baseline | Δ CE, paired | per seed (row − baseline) |", "|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        per = ", ".join(f"s{seed} {v - b:+.3f}" for seed, (v, b) in r["per_seed"].items())
+        lines.append(f"| {name} | {r['baseline']} | {r['ce'][0]:.3f} ± {r['ce'][1]:.3f} | "
+                     f"{r['baseline_ce'][0]:.3f} ± {r['baseline_ce'][1]:.3f} | {r['delta'][0]:+.3f} ± {r['delta'][1]:.3f} | {per} |")
+    lines.append(f"\n{device}, {time.strftime('%Y-%m-%d')}, this invocation {time.perf_counter() - started:.0f} s "
+                 f"(runs already trained are read back).")
+    (work / "cache_choices.json").write_text(json.dumps(table, indent=1))
+    (work / "cache_choices.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
