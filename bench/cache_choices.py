@@ -14,6 +14,7 @@ name, so that benchmark then reads it back rather than training it again; do not
 once).
 
     python bench/cache_choices.py --work WORK_OF_TRANSFER [--seeds 1,2,3] [--data-root DIR]
+    python bench/cache_choices.py --work WORK_OF_TRANSFER_SMOKE --smoke     tiny sizes, seed 1 (the tests)
 
 Writes WORK/cache_choices.json and .md.
 """
@@ -57,9 +58,10 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="bench/transfer.py's working directory")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--smoke", action="store_true", help="bench/transfer.py --smoke's sizes, seed 1 (the tests)")
     args = parser.parse_args()
-    work, seeds = Path(args.work), [int(x) for x in args.seeds.split(",")]
-    s = transfer.FULL
+    work, seeds = Path(args.work), [int(x) for x in ("1" if args.smoke else args.seeds).split(",")]
+    s = transfer.SMOKE if args.smoke else transfer.FULL
     stages = Stages(work)
     started = time.perf_counter()
     paths, root, tag, _, cache = transfer.pair_setup(*transfer.RANKING_PAIR, s, work, stages, args.data_root)

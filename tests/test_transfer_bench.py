@@ -53,6 +53,16 @@ def test_transfer_smoke_produces_every_row(tmp_path):
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--smoke", "--work", str(work),
                             "--data-root", str(ROOT / "tests" / "fixtures" / "data")], capture_output=True, text=True)
     assert again.returncode == 0 and "] ..." not in again.stdout
+    # bench/cache_choices.py on the same work dir: its variant rows, each paired with this benchmark's own row
+    choices = subprocess.run([sys.executable, str(ROOT / "bench" / "cache_choices.py"), "--smoke", "--work", str(work),
+                              "--data-root", str(ROOT / "tests" / "fixtures" / "data")], capture_output=True, text=True)
+    assert choices.returncode == 0, choices.stdout[-3000:] + choices.stderr[-3000:]
+    rows = json.loads((work / "cache_choices.json").read_text())
+    assert set(rows) == {"mined topk", "uld topk", "mined chunks", "mined tau1", "mined topk tau1"}
+    for name, row in rows.items():
+        value, baseline = row["per_seed"]["1"]
+        assert math.isfinite(value) and baseline == tables["dialogsum / fine-tuned teacher"][row["baseline"]]["ce"][0]
+        assert row["delta"][0] == pytest.approx(value - baseline)
 
 
 def test_transfer_prepares_alpaca_from_the_real_files(tmp_path):
