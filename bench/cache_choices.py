@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import transfer  # noqa: E402
-from pipeline import Stages  # noqa: E402
+from pipeline import Stages, device_label  # noqa: E402
 
 # variant row -> (its settings, the transfer row it differs from)
 VARIANTS = {
@@ -47,10 +46,6 @@ DIAGNOSIS = {
     "mined tau1": (dict(method="mined", cot2align=False, kd_temperature=1.0), "mined"),
     "mined topk tau1": (dict(method="mined", cot2align=False, teacher_dist="topk", kd_temperature=1.0), "mined"),
 }
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main() -> None:
@@ -76,12 +71,10 @@ def main() -> None:
             pairs[seed] = (got["ce"], base["ce"])
         if pairs:
             table[name] = {"baseline": baseline, "per_seed": pairs,
-                           "ce": _mean_std([v for v, _ in pairs.values()]),
-                           "baseline_ce": _mean_std([b for _, b in pairs.values()]),
-                           "delta": _mean_std([v - b for v, b in pairs.values()])}
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+                           "ce": transfer._mean_std([v for v, _ in pairs.values()]),
+                           "baseline_ce": transfer._mean_std([b for _, b in pairs.values()]),
+                           "delta": transfer._mean_std([v - b for v, b in pairs.values()])}
+    device = device_label()
     lines = ["| row | vs | held-out CE | its baseline | Δ CE, paired | per seed (row − baseline) |", "|---|---|---|---|---|---|"]
     for name, r in table.items():
         per = ", ".join(f"s{seed} {v - b:+.3f}" for seed, (v, b) in r["per_seed"].items())

@@ -22,6 +22,7 @@ import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -226,7 +227,7 @@ class TeacherCache:
         except Exception as e:
             self._unreadable(arr, e, what, examples_of)
 
-    def _unreadable(self, arr, e: BaseException, what: str, examples_of=None):
+    def _unreadable(self, arr, e: BaseException, what: str, examples_of=None) -> NoReturn:
         """Raise the CacheError naming what a read of `arr` ran into (see `_read`)."""
         if isinstance(e, ChunkProblem):
             place = chunk_place(arr, chunk_of(e.key)[1], examples_of or (lambda a, b: (a, b)))
