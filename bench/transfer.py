@@ -324,6 +324,8 @@ def settings(args) -> dict:
         s["seeds"] = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     if args.pairs == "ranking":       # only the pair the new rows and the pretrained regime use; the other pairs'
         s["pairs"] = (RANKING_PAIR,)  # tables stay as published (bench/results/transfer_cpu_2026-11-23)
+    if args.no_ablations:             # seeds in parallel chains: one chain runs the ablations, the others pass this
+        s["ablation_seeds"] = ()
     return s
 
 
@@ -731,6 +733,9 @@ def main() -> None:
     parser.add_argument("--seeds", help="comma-separated training seeds (default 1,2,3; smoke 1)")
     parser.add_argument("--pairs", choices=("all", "ranking"), default="all",
                         help="every teacher/dataset pair, or only the ranking pair (DialogSum, fine-tuned teacher)")
+    parser.add_argument("--no-ablations", action="store_true",
+                        help="skip the from-scratch ablations (when seeds run as parallel chains on one work dir, let "
+                             "one chain run them: two processes must never train the same run)")
     parser.add_argument("--plan-only", action="store_true", help="print the budget estimate and the plan; run nothing")
     parser.add_argument("--replan", action="store_true",
                         help="decide the budget cuts again (else WORK/plan.json keeps the first decision)")
