@@ -23,7 +23,8 @@ stops the run before it starts). There, from scratch, the ablations a reader of 
 paper asks for: the OT gradient (`envelope`, ours, vs `unrolled`, the authors'), ε ∈ {10, 1, 0.1} for
 DSKD + CoT2Align, and α ∈ {0.1, 0.5, 0.9} for DSKD (the weight of CE is 1 − α) — one seed each; and in the
 pretrained regime, every seed, the OT ablation of DSKD + CoT2Align: OT at ε = 10 (the row itself), at the
-calibrated ε, and with OT weight 0.
+calibrated ε, and with OT weight 0; beside it, one seed, why GOLD does not transfer (GOLD_DIAGNOSIS: its
+exact-match part alone, then as the forward KL).
 
 Columns: the held-out cross-entropy of the test references (nats per student token, mean ± std over the
 seeds), bits per byte, greedy ROUGE-L, and each row's paired difference from SFT (the same seed; mean ± std)
@@ -92,6 +93,15 @@ OT_ABLATION = {
     # hC's calibration (losses/ot.py): ε relative to each plan's cost std; 0.3 gave plans at ~0.82 of uniform entropy
     "dskd+cot2align ot calibrated eps": dict(method="dskd", cot2align=True, ot_epsilon_scale="relative", ot_epsilon=0.3),
     "dskd+cot2align ot weight 0": dict(method="dskd", cot2align=True, ot_weight=0.0),
+}
+# Why GOLD sits at SFT in the pretrained regime (ablation seeds only: a diagnosis beside the table, not a ranked row).
+# Its loss is w·JSD on the exact-match tokens + (1 − w)·ULD on the rest, w = shared / teacher tokens = 0.75 for
+# SmolLM2 → GPT-2. ULD alone does not transfer here and JSD (β = 0.5) is bounded where the forward KL of MinED and
+# X-Token is not: drop the ULD part, then also make the matched part the forward KL(teacher‖student).
+GOLD_DIAGNOSIS = {
+    "gold matched part only": dict(method="gold", cot2align=False, gold_weighting="fixed", gold_matched_weight=1.0),
+    "gold matched part only, forward kl": dict(method="gold", cot2align=False, gold_weighting="fixed",
+                                               gold_matched_weight=1.0, gold_beta=0.0),
 }
 RANKING_PAIR = ("dialogsum", "fine-tuned")
 
@@ -294,7 +304,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run(args) -> dict:
     """Every stage in an order that keeps the tables useful if the run is cut short: each pair's rows seed by
     seed (every row's seed 1 before any row's seed 2), the ablations right after the pair they vary; then the
-    pretrained regime (pretraining, the lr sweep, its rows seed by seed with the OT ablation).
+    pretrained regime (pretraining, the lr sweep, its rows seed by seed with the OT ablation, GOLD's diagnosis).
     With --report-only nothing is trained: the tables hold the runs that are done (a row's seeds are listed)."""
     s = settings(args)
     work = Path(args.work)
@@ -474,6 +484,11 @@ def pretrained_regime(args, s: dict, plan: dict, work: Path, stages: Stages, row
                 out, what = root / "pretrained" / variant / name.replace(" ", "_"), f"{tag} pretrained {name}"
             runs[name][seed] = student(row, seed, None if name == "sft" else cache, paths, s, out / f"seed{seed}",
                                        stages, f"{what} seed{seed}", args.report_only, start)
+    for name, row in usable_rows(GOLD_DIAGNOSIS).items():
+        runs[name] = {seed: student(row, seed, cache, paths, s, root / "pretrained" / variant /
+                                    name.replace(" ", "_").replace(",", ""), stages,
+                                    f"{tag} pretrained {name} seed{seed}", args.report_only, start)
+                      for seed in s["seeds"] if seed in s["ablation_seeds"]}
     table = pair_table(runs, teacher, cache, paths, s, root, stages, tag, args.report_only)
     untrained = work / "pretrained" / "student_test_ce" / "results.json"
     if not args.report_only or untrained.exists():
@@ -562,6 +577,9 @@ def estimate(s: dict, plan: dict, work: Path, rows: dict, ot_ablation: dict, reg
             runs = len(s["seeds"]) - (name == "sft" and SWEEP_SEED in s["seeds"])
             parts["pretrained"][0] += runs
             parts["pretrained"][1] += per_row[name] * scale * runs
+        runs = len(GOLD_DIAGNOSIS) * len([x for x in s["seeds"] if x in s["ablation_seeds"]])  # GOLD's diagnosis
+        parts["pretrained"][0] += runs
+        parts["pretrained"][1] += per_row["gold"] * scale * runs
     return parts
 
 
@@ -676,6 +694,10 @@ def markdown(summary: dict) -> str:
         lines += [f"### {title}", "", said + f"{table['cot_examples']} of the training examples kept a rationale.", ""]
         if table.get("pretrained"):
             lines += [_pretrained_said(table["pretrained"]), ""]
+            if any(name in table for name in GOLD_DIAGNOSIS):
+                lines += ["GOLD diagnosis (ablation seeds): "
+                          + "; ".join(f"`{name}`: {', '.join(f'{k}={v}' for k, v in row.items() if k not in ('method', 'cot2align'))}"
+                                      for name, row in GOLD_DIAGNOSIS.items() if name in table) + ".", ""]
             if any(name in table for name in OT_ABLATION):
                 lines += ["OT ablation (every seed): `dskd+cot2align` is OT at the paper's ε = 10; "
                           + "; ".join(f"`{name}`: {', '.join(f'{k}={v}' for k, v in row.items() if k not in ('method', 'cot2align'))}"
