@@ -262,7 +262,8 @@ def cache_align_stats_cmd(path, student, limit, as_json, revision=None, trust_re
     if limit < 1:
         raise ConfigError(f"--limit: expected a positive integer, got {limit}")
     stats = alignment_stats(open_cache(path, check_tokenizer=False),
-                            load_tokenizer(student, trust_remote_code=trust_remote_code, revision=revision), limit)
+                            load_tokenizer(student, trust_remote_code=trust_remote_code, revision=revision,
+                                           flag="--student"), limit)
     click.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
 
 

@@ -223,9 +223,10 @@ def _no_revision(name: str, revision: str | None, what: str) -> None:
                           "commit, branch or tag of a hub model")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   flag: str = "--model"):
     """The tokenizer of a model named as load_model takes it; `revision`: the hub repository's commit, branch or
-    tag (a LoRA adapter directory's: its base's)."""
+    tag (a LoRA adapter directory's: its base's); `flag`: the option that named the model, for the error."""
     for presets in (TINY_PRESETS, RANDOM_PRESETS):
         if name_or_path in presets:
             _no_revision(name_or_path, revision, "a built-in preset")
@@ -241,15 +242,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     if path.exists() and (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
         return load_tokenizer(_adapter_base(path), trust_remote_code, revision)
     if not path.exists() and "/" not in name_or_path:
-        raise ConfigError(_unknown_model_message(name_or_path))
+        raise ConfigError(_unknown_model_message(name_or_path, flag))
     if path.exists():
         _no_revision(name_or_path, revision, "a local path")
     return _from_hub(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def _unknown_model_message(name: str) -> str:
+def _unknown_model_message(name: str, flag: str = "--model") -> str:
     known = ", ".join(sorted(MODEL_ALIASES) + sorted(TINY_PRESETS) + sorted(RANDOM_PRESETS))
-    return f"--model {name}: not a local path, hub id (owner/name) or known alias ({known})"
+    return (f"{flag} {name}: not a local path, hub id with its owner (owner/name, e.g. openai-community/gpt2) or "
+            f"known alias ({known})")
 
 
 def build_tiny_model(preset: str, seed: int = 0, vocab_size: int | None = None, attn_implementation: str | None = None):

@@ -279,3 +279,18 @@ def test_format_version_1_caches_are_still_read(tmp_path, cot_jsonl):
                 assert np.array_equal(np.asarray(a[name]), np.asarray(value)), (i, view, name)
     assert verify_cache(v1) == []
     assert cache_info(v1)["parts"] == 1
+
+
+def test_an_unknown_model_name_is_refused_naming_the_option_it_came_from(tmp_path):
+    """`gpt2` (a hub id without its owner) is refused in one line that names the option the user typed it in:
+    distill's and align-stats' --student, not a --model they never passed."""
+    from cot2align.config import DistillConfig
+    from cot2align.modeling import load_tokenizer
+    from cot2align.train.setup import _setup_student
+
+    with pytest.raises(ConfigError, match=r"^--model gpt2: not a local path, hub id with its owner"):
+        load_tokenizer("gpt2")
+    cfg = build_config(DistillConfig, student="gpt2", data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "run"),
+                       method="sft", cot2align=False)
+    with pytest.raises(ConfigError, match=r"^--student gpt2: .*openai-community/gpt2"):
+        _setup_student(cfg, None, None, "cpu")

@@ -189,7 +189,8 @@ def _setup_out(cfg: DistillConfig, cache, rank: int, world: int, say, held: Exit
 
 
 def _setup_student(cfg: DistillConfig, cache, teacher_name, device):
-    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                               flag="--student")
     if cfg.prompt_format == "chat":      # the student's own template; its end-of-turn token ends every response
         use_chat_template(tokenizer, cfg.chat_template, cfg.student)
     if (registered(cfg.method).same_tokenizer and cache is not None
