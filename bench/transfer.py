@@ -23,8 +23,8 @@ stops the run before it starts). There, from scratch, the ablations a reader of 
 paper asks for: the OT gradient (`envelope`, ours, vs `unrolled`, the authors'), ε ∈ {10, 1, 0.1} for
 DSKD + CoT2Align, and α ∈ {0.1, 0.5, 0.9} for DSKD (the weight of CE is 1 − α) — one seed each; and in the
 pretrained regime, every seed, the OT ablation of DSKD + CoT2Align: OT at ε = 10 (the row itself), at the
-calibrated ε, and with OT weight 0; beside it, one seed, why GOLD does not transfer (GOLD_DIAGNOSIS: its
-exact-match part alone, then as the forward KL).
+calibrated ε, and with OT weight 0. In both regimes, every seed, why GOLD does not transfer (GOLD_DIAGNOSIS:
+its exact-match part alone, as TRL's JSD and as the forward KL).
 
 Columns: the held-out cross-entropy of the test references (nats per student token, mean ± std over the
 seeds), bits per byte, greedy ROUGE-L, and each row's paired difference from SFT (the same seed; mean ± std)
@@ -94,15 +94,27 @@ OT_ABLATION = {
     "dskd+cot2align ot calibrated eps": dict(method="dskd", cot2align=True, ot_epsilon_scale="relative", ot_epsilon=0.3),
     "dskd+cot2align ot weight 0": dict(method="dskd", cot2align=True, ot_weight=0.0),
 }
-# Why GOLD sits at SFT in the pretrained regime (ablation seeds only: a diagnosis beside the table, not a ranked row).
-# Its loss is w·JSD on the exact-match tokens + (1 − w)·ULD on the rest, w = shared / teacher tokens = 0.75 for
-# SmolLM2 → GPT-2. ULD alone does not transfer here and JSD (β = 0.5) is bounded where the forward KL of MinED and
-# X-Token is not: drop the ULD part, then also make the matched part the forward KL(teacher‖student).
+# Why GOLD sits at SFT (every seed, after the ranked rows; name -> (row, the regimes it runs in)). Its loss is
+# w·JSD on the exact-match tokens + (1 − w)·ULD on the rest, w = shared / teacher tokens = 0.75 for SmolLM2 → GPT-2.
+# ULD alone does not transfer here, and JSD (β = 0.5) is bounded where the forward KL of MinED and X-Token is not:
+# drop the ULD part, then also make the matched part the forward KL(teacher‖student).
+_GOLD_MATCHED = dict(method="gold", gold_weighting="fixed", gold_matched_weight=1.0)
 GOLD_DIAGNOSIS = {
-    "gold matched part only": dict(method="gold", cot2align=False, gold_weighting="fixed", gold_matched_weight=1.0),
-    "gold matched part only, forward kl": dict(method="gold", cot2align=False, gold_weighting="fixed",
-                                               gold_matched_weight=1.0, gold_beta=0.0),
+    "gold matched part only": ({**_GOLD_MATCHED, "cot2align": False}, ("pretrained",)),
+    "gold matched part only, forward kl": ({**_GOLD_MATCHED, "cot2align": False, "gold_beta": 0.0},
+                                           ("scratch", "pretrained")),
+    "gold matched part only, forward kl+cot2align": ({**_GOLD_MATCHED, "cot2align": True, "gold_beta": 0.0},
+                                                     ("scratch",)),
 }
+
+
+def gold_diagnosis(regime: str) -> dict:
+    return {name: row for name, (row, regimes) in GOLD_DIAGNOSIS.items() if regime in regimes}
+
+
+def run_dir(name: str) -> str:
+    """A row's directory name: its name without spaces or commas."""
+    return name.replace(" ", "_").replace(",", "")
 RANKING_PAIR = ("dialogsum", "fine-tuned")
 
 # both teachers on DialogSum (where fine-tuning matters: zero-shot SmolLM2 scores ~10 ROUGE-L there), the
@@ -386,18 +398,19 @@ def scratch_regime(args, s: dict, work: Path, stages: Stages, rows: dict) -> dic
     results = {}
     for dataset, kind in s["pairs"]:
         paths, root, tag, teacher, cache = pair_setup(dataset, kind, s, work, stages, args.data_root)
-        names = list(rows) if (dataset, kind) == RANKING_PAIR else [n for n in BASE_ROWS if n in rows]
-        runs: dict[str, dict] = {name: {} for name in names}
+        every = ({**rows, **usable_rows(gold_diagnosis("scratch"))} if (dataset, kind) == RANKING_PAIR
+                 else {n: rows[n] for n in BASE_ROWS if n in rows})
+        runs: dict[str, dict] = {name: {} for name in every}
         for seed in s["seeds"]:
-            for name in names:
+            for name in every:
                 # SFT needs no teacher: trained once per dataset from the plain records, shared by its teachers
-                out = work / dataset / "sft" if name == "sft" else root / "runs" / name
-                runs[name][seed] = student(rows[name], seed, None if name == "sft" else cache, paths, s,
+                out = work / dataset / "sft" if name == "sft" else root / "runs" / run_dir(name)
+                runs[name][seed] = student(every[name], seed, None if name == "sft" else cache, paths, s,
                                            out / f"seed{seed}", stages,
                                            f"{dataset if name == 'sft' else tag} {name} seed{seed}", args.report_only)
         if s["ablation_seeds"] and (dataset, kind) == RANKING_PAIR:
             for name, row in usable_rows(ABLATIONS).items():
-                runs[name] = {seed: student(row, seed, cache, paths, s, root / "runs" / name.replace(" ", "_") /
+                runs[name] = {seed: student(row, seed, cache, paths, s, root / "runs" / run_dir(name) /
                                             f"seed{seed}", stages, f"{tag} {name} seed{seed}", args.report_only)
                               for seed in s["ablation_seeds"]}
         results[f"{dataset} / {kind} teacher"] = pair_table(runs, teacher, cache, paths, s, root, stages, tag,
@@ -474,21 +487,16 @@ def pretrained_regime(args, s: dict, plan: dict, work: Path, stages: Stages, row
     start = {"model": str(model), "lr": lr, "limit": plan["pretrained_limit"]}
     variant = _variant(lr, plan["pretrained_limit"])
     names = [n for n in rows if s["pretrained_rows"] is None or n in s["pretrained_rows"]]
-    every = {**{n: rows[n] for n in names}, **ot_ablation}
+    every = {**{n: rows[n] for n in names}, **ot_ablation, **usable_rows(gold_diagnosis("pretrained"))}
     runs: dict[str, dict] = {name: {} for name in every}
     for seed in s["seeds"]:
         for name, row in every.items():
             if name == "sft":          # SFT needs no teacher; its sweep seed at the chosen lr is already done
                 out, what = work / dataset / "pretrained_sft" / variant, f"{dataset} pretrained sft {variant}"
             else:
-                out, what = root / "pretrained" / variant / name.replace(" ", "_"), f"{tag} pretrained {name}"
+                out, what = root / "pretrained" / variant / run_dir(name), f"{tag} pretrained {name}"
             runs[name][seed] = student(row, seed, None if name == "sft" else cache, paths, s, out / f"seed{seed}",
                                        stages, f"{what} seed{seed}", args.report_only, start)
-    for name, row in usable_rows(GOLD_DIAGNOSIS).items():
-        runs[name] = {seed: student(row, seed, cache, paths, s, root / "pretrained" / variant /
-                                    name.replace(" ", "_").replace(",", ""), stages,
-                                    f"{tag} pretrained {name} seed{seed}", args.report_only, start)
-                      for seed in s["seeds"] if seed in s["ablation_seeds"]}
     table = pair_table(runs, teacher, cache, paths, s, root, stages, tag, args.report_only)
     untrained = work / "pretrained" / "student_test_ce" / "results.json"
     if not args.report_only or untrained.exists():
@@ -560,9 +568,13 @@ def estimate(s: dict, plan: dict, work: Path, rows: dict, ot_ablation: dict, reg
                 base = work / dataset / "sft" if name == "sft" else work / dataset / kind / "runs" / name
                 for seed in s["seeds"]:
                     add("published" if name in BASE_ROWS else "scratch", name, base / f"seed{seed}")
+            for name in gold_diagnosis("scratch") if (dataset, kind) == RANKING_PAIR else ():
+                for seed in s["seeds"]:        # timed as the GOLD row with the same CoT2Align flag
+                    add("scratch", "gold+cot2align" if "cot2align" in name else "gold",
+                        work / dataset / kind / "runs" / run_dir(name) / f"seed{seed}")
             for name in ABLATIONS if s["ablation_seeds"] and (dataset, kind) == RANKING_PAIR else ():
                 for seed in s["ablation_seeds"]:
-                    add("published", name, work / dataset / kind / "runs" / name.replace(" ", "_") / f"seed{seed}")
+                    add("published", name, work / dataset / kind / "runs" / run_dir(name) / f"seed{seed}")
     if regime in ("pretrained", "both"):
         limit = plan["pretrained_limit"]
         scale = (limit or s["train"]) / s["train"]
@@ -577,9 +589,8 @@ def estimate(s: dict, plan: dict, work: Path, rows: dict, ot_ablation: dict, reg
             runs = len(s["seeds"]) - (name == "sft" and SWEEP_SEED in s["seeds"])
             parts["pretrained"][0] += runs
             parts["pretrained"][1] += per_row[name] * scale * runs
-        runs = len(GOLD_DIAGNOSIS) * len([x for x in s["seeds"] if x in s["ablation_seeds"]])  # GOLD's diagnosis
-        parts["pretrained"][0] += runs
-        parts["pretrained"][1] += per_row["gold"] * scale * runs
+        parts["pretrained"][0] += len(gold_diagnosis("pretrained")) * len(s["seeds"])
+        parts["pretrained"][1] += per_row["gold"] * scale * len(gold_diagnosis("pretrained")) * len(s["seeds"])
     return parts
 
 
@@ -694,14 +705,14 @@ def markdown(summary: dict) -> str:
         lines += [f"### {title}", "", said + f"{table['cot_examples']} of the training examples kept a rationale.", ""]
         if table.get("pretrained"):
             lines += [_pretrained_said(table["pretrained"]), ""]
-            if any(name in table for name in GOLD_DIAGNOSIS):
-                lines += ["GOLD diagnosis (ablation seeds): "
-                          + "; ".join(f"`{name}`: {', '.join(f'{k}={v}' for k, v in row.items() if k not in ('method', 'cot2align'))}"
-                                      for name, row in GOLD_DIAGNOSIS.items() if name in table) + ".", ""]
             if any(name in table for name in OT_ABLATION):
                 lines += ["OT ablation (every seed): `dskd+cot2align` is OT at the paper's ε = 10; "
                           + "; ".join(f"`{name}`: {', '.join(f'{k}={v}' for k, v in row.items() if k not in ('method', 'cot2align'))}"
                                       for name, row in OT_ABLATION.items() if name in table) + ".", ""]
+        if any(name in table for name in GOLD_DIAGNOSIS):
+            lines += ["GOLD diagnosis (every seed): "
+                      + "; ".join(f"`{name}`: {', '.join(f'{k}={v}' for k, v in row.items() if k != 'method')}"
+                                  for name, (row, _) in GOLD_DIAGNOSIS.items() if name in table) + ".", ""]
         lines += ["| row | held-out CE, nats/token | bits/byte | greedy ROUGE-L | Δ CE vs SFT, paired | "
                   "Δ ROUGE-L vs SFT, paired | per-seed CE |", "|---|---|---|---|---|---|---|"]
         lines += [_row_line(name, row) for name, row in table.items() if name not in META]

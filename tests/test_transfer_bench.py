@@ -29,8 +29,10 @@ def test_transfer_smoke_produces_every_row(tmp_path):
     tables = summary["tables"]
     assert set(tables) == {"dialogsum / fine-tuned teacher", transfer.PRETRAINED_TITLE}
     # every row trains (a row naming an unregistered method or an unknown setting stops the benchmark up front)
-    expected = {"dialogsum / fine-tuned teacher": set(transfer.usable_rows(transfer.ROWS)) | set(transfer.ABLATIONS),
-                transfer.PRETRAINED_TITLE: set(transfer.SMOKE["pretrained_rows"]) | set(transfer.GOLD_DIAGNOSIS)}
+    expected = {"dialogsum / fine-tuned teacher": (set(transfer.usable_rows(transfer.ROWS)) | set(transfer.ABLATIONS)
+                                                   | set(transfer.gold_diagnosis("scratch"))),
+                transfer.PRETRAINED_TITLE: (set(transfer.SMOKE["pretrained_rows"])
+                                            | set(transfer.gold_diagnosis("pretrained")))}
     for title, names in expected.items():
         table = tables[title]
         assert names <= set(table), names - set(table)
@@ -48,7 +50,8 @@ def test_transfer_smoke_produces_every_row(tmp_path):
     assert f"Learning rate **{pretrained['lr']:g}**" in (work / "transfer.md").read_text()
     assert "[budget] still to run:" in done.stdout
     assert (work / "transfer.md").read_text().count("| dskd+cot2align |") == 2
-    assert "GOLD diagnosis (ablation seeds): `gold matched part only`: gold_weighting=fixed" in (work / "transfer.md").read_text()
+    assert "`gold matched part only, forward kl`: gold_weighting=fixed, gold_matched_weight=1.0, cot2align=False, " \
+           "gold_beta=0.0" in (work / "transfer.md").read_text()
     assert (work / "transfer.png").stat().st_size > 0
     # resumable: a rerun finds every stage done and redoes nothing
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "transfer.py"), "--smoke", "--work", str(work),
