@@ -23,8 +23,8 @@ stops the run before it starts). There, from scratch, the ablations a reader of 
 paper asks for: the OT gradient (`envelope`, ours, vs `unrolled`, the authors'), ε ∈ {10, 1, 0.1} for
 DSKD + CoT2Align, and α ∈ {0.1, 0.5, 0.9} for DSKD (the weight of CE is 1 − α) — one seed each; and in the
 pretrained regime, every seed, the OT ablation of DSKD + CoT2Align: OT at ε = 10 (the row itself), at the
-calibrated ε, and with OT weight 0. In both regimes, every seed, why GOLD does not transfer (GOLD_DIAGNOSIS:
-its exact-match part alone, as TRL's JSD and as the forward KL).
+calibrated ε, and with OT weight 0. Every seed, why GOLD does not transfer (GOLD_DIAGNOSIS): its exact-match
+part alone as TRL's JSD (pretrained) and as the forward KL (both regimes; from scratch also with CoT2Align).
 
 Columns: the held-out cross-entropy of the test references (nats per student token, mean ± std over the
 seeds), bits per byte, greedy ROUGE-L, and each row's paired difference from SFT (the same seed; mean ± std)
@@ -130,7 +130,7 @@ FULL = dict(pairs=PAIRS, seeds=(1, 2, 3), train=128, val=8, test=50, max_prompt_
             lr_sweep=(3e-3, 1e-3, 3e-4), select_dev=50, pretrained_rows=None, budget_hours=4.0)
 # the smoke run (the test suite's) takes the one pair that exercises every stage: teacher fine-tuning, every row,
 # every ablation; the Alpaca pair differs only in its data, which the test prepares on its own. Its pretrained
-# regime: a few steps of pretraining on a few records, a two-lr sweep, and one distilled row beside SFT.
+# regime: a few steps of pretraining on a few records, a two-lr sweep, one distilled row beside SFT, GOLD's diagnosis.
 SMOKE = dict(pairs=(("dialogsum", "fine-tuned"),), seeds=(1,), train=6, val=2,
              test=3, max_prompt_tokens=160, teacher_steps=1, teacher_batch=2, teacher_lr=5e-5, cot_tokens=8, epochs=1,
              batch_size=3, lr=3e-3, max_length=320, val_new_tokens=4, test_new_tokens=4, ablation_seeds=(1,),
@@ -394,7 +394,8 @@ def pair_table(runs: dict, teacher: str, cache: Path, paths: dict, s: dict, root
 
 
 def scratch_regime(args, s: dict, work: Path, stages: Stages, rows: dict) -> dict:
-    """Random-initialised students: every pair's base rows, the ranking rows on RANKING_PAIR, the ablations."""
+    """Random-initialised students: every pair's base rows, the ranking rows and GOLD's diagnosis on RANKING_PAIR,
+    the ablations."""
     results = {}
     for dataset, kind in s["pairs"]:
         paths, root, tag, teacher, cache = pair_setup(dataset, kind, s, work, stages, args.data_root)
@@ -473,7 +474,8 @@ def choose_lr(s: dict, plan: dict, model: Path, paths: dict, select: str, work: 
 
 
 def pretrained_regime(args, s: dict, plan: dict, work: Path, stages: Stages, rows: dict, ot_ablation: dict) -> dict | None:
-    """RANKING_PAIR's rows and the OT ablation, every student starting from the pretrained one at the chosen lr."""
+    """RANKING_PAIR's rows, the OT ablation and GOLD's diagnosis, every student starting from the pretrained one at
+    the chosen lr."""
     from cot2align.eval import evaluate_model
 
     dataset, kind = RANKING_PAIR
@@ -768,7 +770,8 @@ def main() -> None:
                         help="every teacher/dataset pair, or only the ranking pair (DialogSum, fine-tuned teacher)")
     parser.add_argument("--no-ablations", action="store_true",
                         help="skip the from-scratch ablations (when seeds run as parallel chains on one work dir, let "
-                             "one chain run them: two processes must never train the same run)")
+                             "one chain run them: two processes must never train the same run; start such chains "
+                             "once the shared stages — teachers, caches, pretraining, lr sweep — are done)")
     parser.add_argument("--plan-only", action="store_true", help="print the budget estimate and the plan; run nothing")
     parser.add_argument("--replan", action="store_true",
                         help="decide the budget cuts again (else WORK/plan.json keeps the first decision)")

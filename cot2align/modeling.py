@@ -240,7 +240,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     _check_local(name_or_path)
     path = Path(name_or_path)
     if path.exists() and (path / "adapter_config.json").exists() and not (path / "tokenizer_config.json").exists():
-        return load_tokenizer(_adapter_base(path), trust_remote_code, revision)
+        return load_tokenizer(_adapter_base(path), trust_remote_code, revision, flag)
     if not path.exists() and "/" not in name_or_path:
         raise ConfigError(_unknown_model_message(name_or_path, flag))
     if path.exists():
