@@ -127,7 +127,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            settings=(
                Setting("gold_temperature", 1.0, "positive_float", "GOLD's temperature, both sides (TRL's default 1)"),
                Setting("gold_beta", 0.5, "unit_interval", "β of the generalised JSD on exact-match tokens (TRL's "
-                       "beta): 0 = KL(teacher‖student), 1 = KL(student‖teacher)"),
+                       "beta): 0 = KL(teacher‖student), 1 = KL(student‖teacher); 0 transfers far more in "
+                       "BENCHMARKS.md's ranking, TRL's 0.5 about nothing"),
                Setting("gold_weighting", "adaptive", ("adaptive", "fixed"),
                        "The exact-match part's weight: shared tokens / teacher tokens (TRL's default) or "
                        "--gold-matched-weight; the ULD part gets 1 minus it"),
