@@ -64,7 +64,7 @@ def main() -> None:
     for name, (row, baseline) in {**VARIANTS, **DIAGNOSIS}.items():
         pairs = {}
         for seed in seeds if name in VARIANTS else seeds[:1]:
-            got = transfer.student(row, seed, cache, paths, s, root / "variants" / name.replace(" ", "_") /
+            got = transfer.student(row, seed, cache, paths, s, root / "variants" / transfer.run_dir(name) /
                                    f"seed{seed}", stages, f"{tag} variant {name} seed{seed}")
             base = transfer.student(transfer.ROWS[baseline], seed, cache, paths, s, root / "runs" / baseline /
                                     f"seed{seed}", stages, f"{tag} {baseline} seed{seed}")

@@ -115,6 +115,8 @@ def gold_diagnosis(regime: str) -> dict:
 def run_dir(name: str) -> str:
     """A row's directory name: its name without spaces or commas."""
     return name.replace(" ", "_").replace(",", "")
+
+
 RANKING_PAIR = ("dialogsum", "fine-tuned")
 
 # both teachers on DialogSum (where fine-tuning matters: zero-shot SmolLM2 scores ~10 ROUGE-L there), the
