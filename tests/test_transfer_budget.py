@@ -39,5 +39,7 @@ def test_the_estimate_counts_only_what_is_not_done(tmp_path):
     assert after["scratch"][0] == before["scratch"][0] - 1 and after["scratch"][1] < before["scratch"][1]
     assert before["pretrained"][0] == 0                       # the scratch regime alone
     both = transfer.estimate(s, plan, tmp_path, transfer.ROWS, {}, "pretrained")
-    # every row x seed from the pretrained student, less SFT's sweep seed (a run of the lr sweep)
-    assert both["pretrained"][0] == len(transfer.ROWS) * len(s["seeds"]) - 1 and both["lr sweep"][0] == 3
+    # every row x seed from the pretrained student, less SFT's sweep seed (a run of the lr sweep), plus GOLD's
+    # pretrained diagnosis rows x seed
+    runs = (len(transfer.ROWS) + len(transfer.gold_diagnosis("pretrained"))) * len(s["seeds"]) - 1
+    assert both["pretrained"][0] == runs and both["lr sweep"][0] == 3
