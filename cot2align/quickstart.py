@@ -62,8 +62,18 @@ def stage_settings(out: str, teacher: str, student: str, limit: int) -> dict[str
     return stages
 
 
+def check_model_names(teacher: str, student: str) -> None:
+    """Both models' tokenizers load, before the first stage: a misspelt --student would otherwise fail only after
+    minutes of caching, its message naming the stage's own option (--model) rather than the one the user typed."""
+    from cot2align.modeling import load_tokenizer
+
+    load_tokenizer(teacher, flag="--teacher")
+    load_tokenizer(student, flag="--student")
+
+
 def run_quickstart(out: str, teacher: str = "tiny-qwen2", student: str = "tiny-gpt2", limit: int = 100, log=None) -> str:
     log = reporter(log, __name__)
+    check_model_names(teacher, student)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

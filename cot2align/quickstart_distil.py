@@ -33,7 +33,7 @@ from pathlib import Path
 from cot2align.config import CacheTeacherConfig, DistillConfig, build_config
 from cot2align.errors import ConfigError
 from cot2align.logs import quiet_libraries, reporter
-from cot2align.quickstart import _sft, command_line
+from cot2align.quickstart import _sft, check_model_names, command_line
 
 SLICE = Path(__file__).parent / "assets" / "quickstart" / "train.jsonl"
 TEACHER = "smollm2-135m-instruct"
@@ -100,6 +100,7 @@ def run_distil_quickstart(out: str, teacher: str = TEACHER, student: str = STUDE
     printed). Stage commands and times go to `log` (the `cot2align.quickstart_distil` logger by default)."""
     log = reporter(log, __name__)
     check_teacher(teacher)
+    check_model_names(teacher, student)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)

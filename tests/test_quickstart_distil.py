@@ -65,6 +65,16 @@ def test_a_missing_teacher_package_is_one_line_naming_the_install(monkeypatch):
         quickstart_distil.check_teacher("smollm2-135m-instruct")
 
 
+@pytest.mark.parametrize("tiny", [False, True])
+@pytest.mark.parametrize("option", ["--teacher", "--student"])
+def test_a_misspelt_model_is_refused_before_any_stage_naming_the_option(tmp_path, option, tiny):
+    out = tmp_path / "qs"
+    args = ["quickstart", "--out", str(out), option, "gpt2"] + (["--tiny"] if tiny else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {option} gpt2: not a local path")
+    assert len(result.stderr.splitlines()) == 1 and not out.exists()        # nothing ran, nothing was written
+
+
 @pytest.mark.slow
 def test_the_default_quickstart_runs_with_its_sizes_cut(tmp_path, monkeypatch):
     """The default path end to end with the real teacher, 8 records and 1 epoch: both students trained from one
