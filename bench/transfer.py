@@ -23,8 +23,9 @@ stops the run before it starts). There, from scratch, the ablations a reader of 
 paper asks for: the OT gradient (`envelope`, ours, vs `unrolled`, the authors'), ε ∈ {10, 1, 0.1} for
 DSKD + CoT2Align, and α ∈ {0.1, 0.5, 0.9} for DSKD (the weight of CE is 1 − α) — one seed each; and in the
 pretrained regime, every seed, the OT ablation of DSKD + CoT2Align: OT at ε = 10 (the row itself), at the
-calibrated ε, and with OT weight 0. Every seed, why GOLD does not transfer (GOLD_DIAGNOSIS): its exact-match
-part alone as TRL's JSD (pretrained) and as the forward KL (both regimes; from scratch also with CoT2Align).
+calibrated ε, and with OT weight 0. Every seed, why GOLD does not transfer (GOLD_DIAGNOSIS): GOLD with the
+forward KL in place of the JSD (both regimes); its exact-match part alone as TRL's JSD (pretrained) and as the
+forward KL (both regimes; from scratch also with CoT2Align).
 
 Columns: the held-out cross-entropy of the test references (nats per student token, mean ± std over the
 seeds), bits per byte, greedy ROUGE-L, and each row's paired difference from SFT (the same seed; mean ± std)
@@ -97,9 +98,11 @@ OT_ABLATION = {
 # Why GOLD sits at SFT (every seed, after the ranked rows; name -> (row, the regimes it runs in)). Its loss is
 # w·JSD on the exact-match tokens + (1 − w)·ULD on the rest, w = shared / teacher tokens = 0.75 for SmolLM2 → GPT-2.
 # ULD alone does not transfer here, and JSD (β = 0.5) is bounded where the forward KL of MinED and X-Token is not:
-# drop the ULD part, then also make the matched part the forward KL(teacher‖student).
+# drop the ULD part, then also make the matched part the forward KL(teacher‖student); and the forward KL with the
+# ULD part kept (TRL's weighting: what setting beta = 0 alone gives a TRL user).
 _GOLD_MATCHED = dict(method="gold", gold_weighting="fixed", gold_matched_weight=1.0)
 GOLD_DIAGNOSIS = {
+    "gold, forward kl": (dict(method="gold", cot2align=False, gold_beta=0.0), ("scratch", "pretrained")),
     "gold matched part only": ({**_GOLD_MATCHED, "cot2align": False}, ("pretrained",)),
     "gold matched part only, forward kl": ({**_GOLD_MATCHED, "cot2align": False, "gold_beta": 0.0},
                                            ("scratch", "pretrained")),
